@@ -1,0 +1,75 @@
+"""Which path a kernel call takes: the Triton kernel or the pure-torch reference.
+
+The rule (DESIGN.md, "Kernel dispatch"):
+
+* CUDA tensors run the Triton kernel.
+* CPU tensors run the Triton kernel under Triton's interpreter when ``TRITON_INTERPRET=1`` is set
+  (how the tests check the kernels without a GPU); otherwise they run the ``<op>_ref`` torch path,
+  so CPU training stays fast.
+* One override forces either path, for A/B benchmarks and debugging: the environment variable
+  ``TPL_KERNEL_BACKEND`` (``auto`` | ``triton`` | ``ref``, read at every call) or, taking
+  precedence over it, the context manager :func:`force_backend`.
+
+Forcing ``triton`` on CPU tensors without the interpreter is an error, not a silent fallback:
+Triton cannot launch a compiled kernel on CPU memory.
+
+Note that Triton reads ``TRITON_INTERPRET`` once, when ``triton`` is first imported; set it before
+importing this package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "ref")
+_ENV_VAR = "TPL_KERNEL_BACKEND"
+_forced: list[str] = []  # stack of force_backend() overrides, innermost last
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_backend() -> str:
+    """The backend in force: the innermost :func:`force_backend`, else ``$TPL_KERNEL_BACKEND``."""
+    backend = _forced[-1] if _forced else os.environ.get(_ENV_VAR, "auto").strip().lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"{_ENV_VAR}={backend!r}: expected one of {BACKENDS}")
+    return backend
+
+
+@contextlib.contextmanager
+def force_backend(backend: str) -> Iterator[None]:
+    """Run the kernels inside the ``with`` block on ``backend`` (``auto``, ``triton`` or ``ref``).
+
+    >>> with force_backend("ref"):
+    ...     out = flash_attention(q, k, v)   # the torch reference, even on CUDA
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel called on ``tensors`` (``None`` entries ignored) takes the Triton path."""
+    backend = kernel_backend()
+    if backend == "ref":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    runnable = on_cuda or interpreter_enabled()
+    if backend == "triton" and not runnable:
+        devices = sorted({str(t.device) for t in tensors if t is not None})
+        raise RuntimeError(
+            f"the Triton backend is forced but the tensors are on {devices}: Triton needs CUDA "
+            "tensors, or TRITON_INTERPRET=1 set before triton is imported to run on the CPU"
+        )
+    return runnable

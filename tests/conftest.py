@@ -1,0 +1,37 @@
+"""Test set-up shared by every test file.
+
+Kernel tests run the Triton kernels; on a machine without CUDA they do so under Triton's
+interpreter, which must be switched on before ``triton`` is first imported, so it is set here,
+at the top of the first file pytest loads. Everything else (layers, models, schedules) runs the
+fast torch reference path on the CPU unless a test forces the kernel with the ``triton`` fixture.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Layer and model tests take the torch reference path of the kernels on CPU; kernel tests
+    # opt back in with the ``triton`` fixture. Worker processes inherit this.
+    os.environ.setdefault("TPL_KERNEL_BACKEND", "ref")
+
+import pytest  # noqa: E402
+
+from kernels import force_backend  # noqa: E402
+
+
+@pytest.fixture
+def triton():
+    """Run the test body on the Triton kernels (compiled on CUDA, interpreted on CPU)."""
+    with force_backend("triton"):
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
