@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels import force_backend  # noqa: E402
+from parallel_layers.testing import WorkerPools  # noqa: E402
 
 
 @pytest.fixture
@@ -26,6 +27,20 @@ def triton():
     """Run the test body on the Triton kernels (compiled on CUDA, interpreted on CPU)."""
     with force_backend("triton"):
         yield
+
+
+@pytest.fixture(scope="session")
+def dist_run():
+    """``dist_run(world_size, fn, *args, timeout=120, **kwargs)``: run ``fn`` on every rank of a
+    gloo group of ``world_size`` CPU processes and return the ranks' results.
+
+    The worker processes are started once per world size and reused by every test; ``fn`` must
+    be a module-level function. A rank that raises fails the test with its traceback; a rank that
+    hangs fails it at ``timeout`` seconds, and the pool is restarted for the next test.
+    """
+    pools = WorkerPools()
+    yield pools.run
+    pools.close()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,18 @@
+"""Tensor-, sequence-, pipeline- and data-parallel building blocks as plain PyTorch modules.
+
+Groups and meshes are always passed in (``tp_group=...``, ``ParallelDims``); nothing here keeps
+process-group state at module level.
+"""
+
+from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
+from parallel_layers.dims import ParallelDims
+from parallel_layers.embedding import VocabParallelEmbedding
+from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+
+__all__ = [
+    "ColumnParallelLinear",
+    "ParallelDims",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy",
+]

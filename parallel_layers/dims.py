@@ -1,0 +1,155 @@
+"""``ParallelDims``: the (dp, pp, tp) layout, its DeviceMesh and the groups layers need.
+
+The mesh is ``init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))``:
+TP innermost, so the ranks of a TP group are neighbours (on one node, over NVLink), DP next, PP
+outermost. For 8 ranks at (dp, pp, tp) = (2, 2, 2)::
+
+    pp=0: dp=0 -> ranks [0, 1]   dp=1 -> ranks [2, 3]
+    pp=1: dp=0 -> ranks [4, 5]   dp=1 -> ranks [6, 7]
+
+One object per process, built once and passed to whatever needs a group: no module-level process
+group state anywhere in the package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+__all__ = ["ParallelDims"]
+
+
+def _env_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class ParallelDims:
+    """The parallel layout of a job, validated against the world size, with its mesh built.
+
+    Under ``torchrun`` it reads the usual environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT``) and initializes the default process group if nobody has:
+    nccl for CUDA (one GPU per local rank), gloo for CPU. In a process where the default group
+    already exists (tests), it uses that group.
+
+    Example::
+
+        dims = ParallelDims(dp=1, pp=2, tp=2)          # 4 processes
+        layer = ColumnParallelLinear(512, 2048, tp_group=dims.tp_group)
+    """
+
+    dp: int = 1
+    """Data-parallel degree: model replicas (or FSDP shards) each fed its own batches."""
+    pp: int = 1
+    """Pipeline-parallel degree: stages the layer sequence is split into."""
+    tp: int = 1
+    """Tensor-parallel degree: ranks each layer's weights are sharded over (innermost axis)."""
+    device_type: str | None = None
+    """``"cuda"`` or ``"cpu"``; ``None`` picks cuda when it is available."""
+    mesh: DeviceMesh = field(init=False, repr=False)
+    """The ``("pp", "dp", "tp")`` DeviceMesh over all ranks."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}={value!r}: expected a positive int")
+            if value < 1:
+                raise ValueError(f"{name}={value}: expected a positive int")
+        if self.device_type is None:
+            self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device_type not in ("cuda", "cpu"):
+            raise ValueError(f"device_type={self.device_type!r}: expected 'cuda' or 'cpu'")
+        world_size = _env_world_size()
+        if self.dp * self.pp * self.tp != world_size:
+            raise ValueError(
+                f"dp*pp*tp = {self.dp}*{self.pp}*{self.tp} = {self.dp * self.pp * self.tp} does "
+                f"not match the world size {world_size}: launch dp*pp*tp processes, or pick "
+                f"degrees whose product is {world_size}"
+            )
+        if self.device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group(backend=self.backend)
+        self.mesh = init_device_mesh(
+            self.device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp")
+        )
+
+    # -- what layers and schedules need ----------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """nccl for CUDA, gloo for CPU."""
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device: its local GPU, or the CPU."""
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("tp")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("dp")
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("pp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self.mesh.get_local_rank("tp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.get_local_rank("dp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp")
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The 1-D ``dp`` sub-mesh, for ``fully_shard`` or DDP's ``device_mesh``."""
+        return self.mesh["dp"]
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
+
+    @property
+    def pp_mesh(self) -> DeviceMesh:
+        return self.mesh["pp"]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def pp_peer(self, stage: int) -> int:
+        """The global rank of pipeline stage ``stage`` in this rank's (dp, tp) position."""
+        return dist.get_process_group_ranks(self.pp_group)[stage % self.pp]
+
+    def __str__(self) -> str:
+        return f"ParallelDims(dp={self.dp}, pp={self.pp}, tp={self.tp}, {self.device_type})"
