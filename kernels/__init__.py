@@ -4,8 +4,12 @@ Every function accepts CPU or CUDA tensors; :mod:`kernels._dispatch` says which 
 """
 
 from kernels._dispatch import force_backend, interpreter_enabled, kernel_backend, use_triton
+from kernels.conv import conv2d_bias_act, conv2d_bias_relu, conv2d_bias_relu_ref
 
 __all__ = [
+    "conv2d_bias_act",
+    "conv2d_bias_relu",
+    "conv2d_bias_relu_ref",
     "force_backend",
     "interpreter_enabled",
     "kernel_backend",

@@ -1,0 +1,596 @@
+"""Fused conv2d + bias + ReLU as an implicit-GEMM Triton kernel.
+
+``conv2d_bias_relu(x, w, b, stride, padding, dilation)`` computes
+``F.relu(F.conv2d(x, w, b, stride, padding, dilation))`` in one kernel: the convolution is a
+matrix product whose operands are gathered straight from the NCHW tensors (no im2col buffer),
+and bias and ReLU are applied to the fp32 accumulator before the single store of the output.
+
+Design trade-off
+----------------
+* Forward in Triton, backward in cuDNN. The fused forward saves a full read and write of the
+  output (bias add and ReLU are free in the epilogue). The backward is two convolutions (input
+  and weight gradient) that cuDNN already does well, so it calls
+  ``torch.ops.aten.convolution_backward`` on the ReLU-masked output gradient. The mask is taken
+  from the saved post-ReLU output (``out > 0``), so nothing beyond x, weight and out is kept.
+* One kernel for both memory formats. Tensors are read through their strides, so contiguous
+  NCHW and channels_last (NHWC in memory) both work; channels_last is the fast path because the
+  reduction loop runs with channels innermost, where channels_last is contiguous (coalesced,
+  vectorisable loads). Contiguous NCHW inputs are gathered with stride H*W along the channels.
+* Two orders of the reduction loop, chosen per call (a ``constexpr``):
+  - *tap-major* (C >= 32): for each filter tap (r, s), loop over blocks of channels. The
+    spatial index math and padding mask are per output pixel only (1-D), so the loop body is
+    little more than a strided load and a ``tl.dot``; a channel block that does not fill
+    BLOCK_K wastes the rest of the tile, which is negligible once C is a few tiles wide.
+  - *flat* (C < 32, e.g. the RGB stem or a 1-channel MNIST conv): the reduction index
+    k = (r*KW + s)*C + c runs over all C*KH*KW values in BLOCK_K steps, recovering (r, s, c)
+    per element with integer division. More index math, but no padding of C up to BLOCK_K
+    (a 3-channel 7x7 stem would otherwise waste ~80% of every tile).
+* The weight is copied once per call into (KH, KW, C, K) order (a few MB at most, against the
+  activation traffic of the convolution): the B operand then reads output channels contiguously
+  and its rows follow the same (r, s, c) order as the reduction.
+* groups=1 only. Grouped and depthwise convolutions are a different kernel (no shared
+  reduction across groups); they raise a ValueError rather than silently running slowly.
+
+Implicit-GEMM index math
+------------------------
+With x (N, C, H, W), weight (K, C, KH, KW), out (N, K, OH, OW),
+``OH = (H + 2*pad_h - dil_h*(KH-1) - 1) // stride_h + 1`` (likewise OW), the convolution is
+
+    out[n, k, oh, ow] = bias[k] + sum_{c, r, s} x[n, c, ih, iw] * weight[k, c, r, s]
+    ih = oh*stride_h - pad_h + r*dil_h,   iw = ow*stride_w - pad_w + s*dil_w
+
+(x read as 0 outside 0 <= ih < H, 0 <= iw < W: the padding). As a GEMM  A (M x Kg) @ B (Kg x K):
+
+    row     m  = (n*OH + oh)*OW + ow             M  = N*OH*OW   (one row per output pixel)
+    column  k  = output channel                  K  = out channels
+    reduce  kg = (r*KW + s)*C + c                Kg = C*KH*KW   (channels innermost)
+    A[m, kg] = x[n, c, oh*stride_h - pad_h + r*dil_h, ow*stride_w - pad_w + s*dil_w]
+    B[kg, k] = weight[k, c, r, s]
+
+Each program computes one BLOCK_M x BLOCK_N tile of out (BLOCK_M pixels x BLOCK_N channels),
+accumulating fp32 over Kg in BLOCK_K steps.
+
+Numerics: fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to the output
+dtype at the store. fp32 inputs use TF32 tensor cores exactly when PyTorch's convolutions do
+(``torch.backends.cudnn.allow_tf32``), and exact fp32 products otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels._dispatch import use_triton
+
+__all__ = [
+    "Conv2dBiasReLUFunction",
+    "conv2d_bias_act",
+    "conv2d_bias_act_ref",
+    "conv2d_bias_relu",
+    "conv2d_bias_relu_ref",
+]
+
+ACTIVATIONS = ("relu", None)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Reduction-loop order: below this many input channels the flat (r, s, c) loop is used, at or
+# above it the tap-major loop (see the trade-off above). Module-level so tests can force either.
+_FLAT_K_BELOW_CHANNELS = 32
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "pad_h", "pad_w", "GEMM_M"])
+def _conv2d_fwd_kernel(
+    x_ptr,  # input x, (N, C, H, W) in any memory format, read through the strides below
+    w_ptr,  # weight, (K, C, KH, KW), read through the strides below
+    b_ptr,  # bias, (K,); not read when HAS_BIAS is False (any pointer then)
+    out_ptr,  # output, (N, K, OH, OW) in any memory format, written through the strides below
+    C,  # input channels
+    H,  # input height
+    W,  # input width
+    K_OUT,  # output channels (the GEMM's N)
+    OH,  # output height
+    OW,  # output width
+    conv_stride_h,  # convolution stride along H
+    conv_stride_w,  # convolution stride along W
+    pad_h,  # zero padding above and below
+    pad_w,  # zero padding left and right
+    dil_h,  # dilation along H
+    dil_w,  # dilation along W
+    stride_xn,  # elements between x[n, c, h, w] and x[n+1, c, h, w] (H*W*C for either format)
+    stride_xc,  # ... and x[n, c+1, h, w]: H*W for contiguous NCHW, 1 for channels_last
+    stride_xh,  # ... and x[n, c, h+1, w]: W for NCHW, W*C for channels_last
+    stride_xw,  # ... and x[n, c, h, w+1]: 1 for NCHW, C for channels_last
+    stride_wk,  # elements between weight[k, c, r, s] and weight[k+1, c, r, s]
+    stride_wc,  # ... and weight[k, c+1, r, s]
+    stride_wr,  # ... and weight[k, c, r+1, s]
+    stride_ws,  # ... and weight[k, c, r, s+1]
+    stride_on,  # elements between out[n, k, oh, ow] and out[n+1, k, oh, ow]
+    stride_ok,  # ... and out[n, k+1, oh, ow]
+    stride_oh,  # ... and out[n, k, oh+1, ow]
+    stride_ow,  # ... and out[n, k, oh, ow+1]
+    GEMM_M,  # N*OH*OW, output pixels: the rows of the GEMM
+    GEMM_K,  # C*KH*KW, the reduction length
+    KH: tl.constexpr,  # filter height
+    KW: tl.constexpr,  # filter width
+    HAS_BIAS: tl.constexpr,  # add bias[k] in the epilogue
+    APPLY_RELU: tl.constexpr,  # clamp at 0 in the epilogue
+    FLAT_K: tl.constexpr,  # True: flat (r, s, c) reduction loop; False: tap-major loop
+    INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"; None (default) for 16-bit
+    BLOCK_M: tl.constexpr,  # output pixels per program
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row-tiles per group in the L2-friendly program order
+):
+    # ---- which output tile: programs are grouped GROUP_M row-tiles at a time, so that the
+    # programs running together share weight columns and neighbouring input rows in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
+    num_pid_n = tl.cdiv(K_OUT, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    group = pid // pids_per_group
+    first_pid_m = group * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    # ---- rows: m -> (n, oh, ow), and the top-left input pixel each output pixel reads.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m_ok = offs_m < GEMM_M
+    n_img = offs_m // (OH * OW)
+    pix = offs_m % (OH * OW)
+    oh = pix // OW
+    ow = pix % OW
+    ih0 = oh * conv_stride_h - pad_h  # [BLOCK_M] input row of filter tap r = 0
+    iw0 = ow * conv_stride_w - pad_w  # [BLOCK_M] input column of filter tap s = 0
+    # int64 image offset: N*C*H*W may exceed 2**31 at large batch; offsets within one image
+    # (C*H*W) stay int32.
+    x_img = x_ptr + n_img.to(tl.int64) * stride_xn  # [BLOCK_M] pointers to x[n, 0, 0, 0]
+
+    # ---- columns: output channels.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_ok = offs_n < K_OUT
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        num_iters = tl.cdiv(GEMM_K, BLOCK_K)
+    else:
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        num_iters = KH * KW * c_blocks
+    for it in range(num_iters):
+        if FLAT_K:
+            # kg = (r*KW + s)*C + c for BLOCK_K consecutive kg: (r, s, c) per element.
+            kg = it * BLOCK_K + offs_k  # [BLOCK_K]
+            k_ok = kg < GEMM_K
+            tap = kg // C
+            c = kg - tap * C
+            r = tap // KW
+            s = tap - r * KW
+            ih = ih0[:, None] + (r * dil_h)[None, :]  # [BLOCK_M, BLOCK_K]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            a_mask = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_img[:, None] + ih * stride_xh + iw * stride_xw + (c * stride_xc)[None, :]
+            w_row = r * stride_wr + s * stride_ws + c * stride_wc  # [BLOCK_K]
+        else:
+            # One filter tap (r, s) and one block of channels c0 .. c0+BLOCK_K per step.
+            tap = it // c_blocks
+            r = tap // KW
+            s = tap - r * KW
+            c = (it - tap * c_blocks) * BLOCK_K + offs_k  # [BLOCK_K]
+            k_ok = c < C
+            ih = ih0 + r * dil_h  # [BLOCK_M]
+            iw = iw0 + s * dil_w
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # padding, per pixel
+            a_mask = pix_ok[:, None] & k_ok[None, :]
+            a_ptrs = x_img[:, None] + (ih * stride_xh + iw * stride_xw)[:, None]
+            a_ptrs = a_ptrs + (c * stride_xc)[None, :]
+            w_row = r * stride_wr + s * stride_ws + c * stride_wc  # [BLOCK_K]
+        # A: [BLOCK_M, BLOCK_K] gathered input pixels (0 in the padding); B: [BLOCK_K, BLOCK_N]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b_ptrs = w_ptr + w_row[:, None] + (offs_n * stride_wk)[None, :]
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        # [BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N] -> [BLOCK_M, BLOCK_N], accumulated in fp32
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # ---- epilogue on the fp32 accumulator: + bias, ReLU, one rounding to the output dtype.
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if APPLY_RELU:
+        acc = tl.maximum(acc, 0.0)
+    out_row = n_img.to(tl.int64) * stride_on + oh * stride_oh + ow * stride_ow  # [BLOCK_M]
+    out_ptrs = out_ptr + out_row[:, None] + (offs_n * stride_ok)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile configurations: autotuned on CUDA, one small fixed tile under the interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return triton.Config(meta, num_stages=stages, num_warps=warps)
+
+
+_CUDA_CONFIGS = [
+    _config(128, 128, 64, 3, 8),
+    _config(128, 256, 64, 3, 8),
+    _config(256, 128, 64, 3, 8),
+    _config(128, 128, 32, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 64, 32, 4, 4),
+    _config(128, 32, 32, 4, 4),  # few output channels
+    _config(128, 32, 16, 4, 4),  # few output channels and a short reduction (1-channel 3x3)
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much wider than the problem (they only add autotuning time)."""
+    k_out, gemm_k = named_args["K_OUT"], named_args["GEMM_K"]
+    is_fp32 = named_args["x_ptr"].dtype == torch.float32
+    max_n = max(32, triton.next_power_of_2(k_out))
+    max_k = max(16, triton.next_power_of_2(gemm_k))
+    kept = [
+        cfg
+        for cfg in configs
+        if cfg.kwargs["BLOCK_N"] <= max_n
+        and cfg.kwargs["BLOCK_K"] <= max_k
+        # fp32 tiles are twice the bytes: the 256-wide tiles overflow shared memory.
+        and not (is_fp32 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 128)
+    ]
+    return kept or configs[-1:]
+
+
+_conv2d_fwd_kernel_autotuned = triton.autotune(
+    configs=_CUDA_CONFIGS,
+    key=["C", "K_OUT", "OH", "OW", "GEMM_M", "GEMM_K", "stride_xc", "conv_stride_h"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_conv2d_fwd_kernel)
+
+# The interpreter runs the kernel with numpy, one program at a time: its cost grows with the
+# number of programs and loop steps, not with the tile size, and autotuning it is slow.
+_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is laid out so (and not also plainly contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+
+
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """fp32 products as PyTorch's own convolutions do them: TF32 if cuDNN may use it."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _conv2d_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    activation: str | None,
+) -> torch.Tensor:
+    """Launch the kernel: x (N, C, H, W), weight (K, C, KH, KW), bias (K,) -> (N, K, OH, OW).
+
+    The output has x's dtype and memory format. Arguments are assumed validated.
+    """
+    if x.dtype not in _TRITON_DTYPES:
+        raise TypeError(
+            f"x.dtype={x.dtype}: the Triton conv2d kernel supports {list(_TRITON_DTYPES)}"
+        )
+    n, c, h, w = x.shape
+    k_out, _, kh, kw = weight.shape
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    out = torch.empty(
+        (n, k_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+    )
+    if out.numel() == 0:
+        return out
+    # (KH, KW, C, K) storage, viewed back as (K, C, KH, KW): B rows in (r, s, c) order, output
+    # channels contiguous.
+    w_kcrs = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    gemm_m, gemm_k = n * oh * ow, c * kh * kw
+    args = (
+        x,
+        w_kcrs,
+        bias if bias is not None else w_kcrs,  # never read without HAS_BIAS
+        out,
+        c,
+        h,
+        w,
+        k_out,
+        oh,
+        ow,
+        *stride,
+        *padding,
+        *dilation,
+        *x.stride(),
+        *w_kcrs.stride(),
+        *out.stride(),
+        gemm_m,
+        gemm_k,
+    )
+    consts = {
+        "KH": kh,
+        "KW": kw,
+        "HAS_BIAS": bias is not None,
+        "APPLY_RELU": activation == "relu",
+        "FLAT_K": c < _FLAT_K_BELOW_CHANNELS,
+        "INPUT_PRECISION": _input_precision(x.dtype),
+    }
+    if x.is_cuda:
+        grid = lambda meta: (
+            triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),
+        )
+        with torch.cuda.device(x.device):
+            _conv2d_fwd_kernel_autotuned[grid](*args, **consts)
+    else:  # CPU tensors: only reached under TRITON_INTERPRET=1 (kernels._dispatch)
+        meta = _INTERPRETER_META
+        grid = (triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),)
+        _conv2d_fwd_kernel[grid](*args, **consts, **meta)
+    return out
+
+
+def _conv2d_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None,
+    has_bias: bool,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of x, weight and bias from grad_out (N, K, OH, OW).
+
+    ``out`` is the saved post-ReLU output (None without activation): relu'(pre) = (out > 0),
+    applied by ``threshold_backward`` (what ``torch.relu`` itself uses: one fused kernel, no
+    boolean mask tensor). A pre-activation that was positive but rounded to 0 in a 16-bit
+    output gets gradient 0; it contributed 0 to the output as well.
+    """
+    if out is not None:
+        grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    # cuDNN picks its algorithms by memory format; give it the format of the forward.
+    grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+    k_out = weight.shape[0]
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out,
+        x,
+        weight,
+        [k_out] if has_bias else None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,  # transposed
+        [0, 0],  # output_padding
+        1,  # groups
+        [needs[0], needs[1], needs[2] and has_bias],
+    )
+    # grad_b = grad_out.sum over (N, OH, OW) when requested
+    return grad_x, grad_w, grad_b
+
+
+class Conv2dBiasReLUFunction(torch.autograd.Function):
+    """``act(conv2d(x, weight) + bias)`` with the Triton forward and a cuDNN backward.
+
+    Saves x, weight and (with ReLU) the output it returns; no pre-activation tensor.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        activation: str | None,
+    ) -> torch.Tensor:
+        out = _conv2d_fwd(x, weight, bias, stride, padding, dilation, activation)
+        ctx.save_for_backward(x, weight, out if activation == "relu" else None)
+        ctx.conv_args = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        needs = tuple(ctx.needs_input_grad[:3])
+        grad_x, grad_w, grad_b = _conv2d_bwd(
+            grad_out, x, weight, out, ctx.has_bias, stride, padding, dilation, needs
+        )
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks, shared by the Triton and the reference path
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(value: int | tuple[int, int], name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair."""
+    pair = (value, value) if isinstance(value, int) else value
+    if (
+        not isinstance(pair, tuple | list)
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    ):
+        raise ValueError(f"{name}={value!r}: expected an int or a pair of ints")
+    if min(pair) < minimum:
+        raise ValueError(f"{name}={value!r}: expected values >= {minimum}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    activation: str | None,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validate the arguments; return (stride, padding, dilation) as pairs."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not (t is None and name == "bias") and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
+    if groups != 1:
+        raise ValueError(f"groups={groups!r}: only groups=1 is supported")
+    if x.dim() != 4:
+        raise ValueError(f"x.shape={tuple(x.shape)}: expected 4-D (N, C, H, W)")
+    if weight.dim() != 4:
+        raise ValueError(f"weight.shape={tuple(weight.shape)}: expected 4-D (K, C, KH, KW)")
+    n, c, h, w = x.shape
+    k_out, c_w, kh, kw = weight.shape
+    if c_w != c:
+        hint = " (grouped convolution is not supported)" if c_w and c % c_w == 0 else ""
+        raise ValueError(
+            f"weight.shape={tuple(weight.shape)}: expected weight.shape[1] == "
+            f"x.shape[1] == {c} input channels{hint}"
+        )
+    if kh < 1 or kw < 1:
+        raise ValueError(f"weight.shape={tuple(weight.shape)}: expected a kernel size >= 1")
+    if bias is not None and tuple(bias.shape) != (k_out,):
+        raise ValueError(f"bias.shape={tuple(bias.shape)}: expected ({k_out},), one per channel")
+    tensors = [("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in tensors[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}.dtype={t.dtype}: expected x.dtype={x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}.device={t.device}: expected x.device={x.device}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x.dtype={x.dtype}: expected a floating-point dtype")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"x spatial size {(h, w)} with padding={padding} is smaller than the dilated kernel "
+            f"{(dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)}: output size "
+            f"{(oh, ow)} is empty; expected a larger input or more padding"
+        )
+    return stride, padding, dilation
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def conv2d_bias_act_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    activation: str | None = "relu",
+) -> torch.Tensor:
+    """Pure-torch reference of :func:`conv2d_bias_act`: ``act(F.conv2d(...))``."""
+    stride, padding, dilation = _check_args(
+        x, weight, bias, stride, padding, dilation, groups, activation
+    )
+    out = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
+    return torch.relu(out) if activation == "relu" else out
+
+
+def conv2d_bias_relu_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Pure-torch reference of :func:`conv2d_bias_relu`: ``F.relu(F.conv2d(...))``."""
+    return conv2d_bias_act_ref(x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    activation: str | None = "relu",
+) -> torch.Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation))`` in one fused kernel.
+
+    Args:
+        x: (N, C, H, W), contiguous or channels_last; fp16, bf16 or fp32 on the Triton path.
+        weight: (K, C, KH, KW), same dtype and device as x.
+        bias: (K,) or None.
+        stride, padding, dilation: an int or an (h, w) pair, as in ``F.conv2d``.
+        groups: must be 1 (grouped convolution is not supported: ValueError).
+        activation: ``"relu"`` or ``None`` (bias only).
+
+    Returns:
+        (N, K, OH, OW) in x's dtype and memory format, with
+        ``OH = (H + 2*padding - dilation*(KH-1) - 1) // stride + 1`` (likewise OW).
+        Differentiable in x, weight and bias.
+
+    Runs the Triton kernel or the torch reference as :func:`kernels._dispatch.use_triton` says.
+    """
+    stride, padding, dilation = _check_args(
+        x, weight, bias, stride, padding, dilation, groups, activation
+    )
+    if not use_triton(x, weight, bias):
+        return conv2d_bias_act_ref(
+            x, weight, bias, stride, padding, dilation, activation=activation
+        )
+    return Conv2dBiasReLUFunction.apply(x, weight, bias, stride, padding, dilation, activation)
+
+
+def conv2d_bias_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.relu(F.conv2d(x, weight, bias, stride, padding, dilation))`` in one fused kernel.
+
+    x (N, C, H, W) contiguous or channels_last, weight (K, C, KH, KW), bias (K,) or None ->
+    (N, K, OH, OW) in x's dtype and memory format. See :func:`conv2d_bias_act`.
+    """
+    return conv2d_bias_act(x, weight, bias, stride, padding, dilation, groups, activation="relu")
