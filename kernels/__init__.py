@@ -4,9 +4,19 @@ Every function accepts CPU or CUDA tensors; :mod:`kernels._dispatch` says which 
 """
 
 from kernels._dispatch import force_backend, interpreter_enabled, kernel_backend, use_triton
+from kernels.attention import (
+    attention_ref,
+    attention_ref_with_lse,
+    flash_attention,
+    flash_attention_with_lse,
+)
 from kernels.conv import conv2d_bias_act, conv2d_bias_relu, conv2d_bias_relu_ref
 
 __all__ = [
+    "attention_ref",
+    "attention_ref_with_lse",
+    "flash_attention",
+    "flash_attention_with_lse",
     "conv2d_bias_act",
     "conv2d_bias_relu",
     "conv2d_bias_relu_ref",
