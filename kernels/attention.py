@@ -777,9 +777,13 @@ def _check_inputs(
     v: torch.Tensor,
     softmax_scale: float | None,
     *,
-    check_head_dim: bool,
+    for_kernel: bool,
 ) -> float:
-    """Validate q, k, v (see :func:`flash_attention`); return the softmax scale to use."""
+    """Validate q, k, v (see :func:`flash_attention`); return the softmax scale to use.
+
+    ``for_kernel`` adds the kernel's limits (dtype fp16/bf16/fp32, head dim 16/32/64/128); the
+    reference alone takes any floating dtype (fp64 for exact checks) and any head dim.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -789,8 +793,10 @@ def _check_inputs(
             )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _SUPPORTED_DTYPES:
+    if for_kernel and q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"dtype {q.dtype} is not supported: expected one of {_SUPPORTED_DTYPES}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"dtype {q.dtype} is not supported: expected a floating-point dtype")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
@@ -807,7 +813,7 @@ def _check_inputs(
             f"the number of query heads ({num_q_heads}) must be a multiple of the number of "
             f"key/value heads ({num_kv_heads})"
         )
-    if check_head_dim and head_dim not in SUPPORTED_HEAD_DIMS:
+    if for_kernel and head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"head dim {head_dim} is not supported: expected one of {SUPPORTED_HEAD_DIMS}"
         )
@@ -833,7 +839,7 @@ def attention_ref_with_lse(
     of the sum over visible keys of ``exp(scale * q.k)``). Materializes the ``(Sq, Sk)`` scores:
     a reference, and the fast path for CPU training, not for long sequences.
     """
-    scale = _check_inputs(q, k, v, softmax_scale, check_head_dim=False)
+    scale = _check_inputs(q, k, v, softmax_scale, for_kernel=False)
     group_size = q.shape[1] // k.shape[1]
     # Query head h reads key/value head h // group_size: repeat each kv head group_size times.
     k32 = repeat(k.float(), "b h s d -> b (h g) s d", g=group_size)
@@ -877,7 +883,7 @@ def flash_attention_with_lse(
     ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2``.
     Both outputs are differentiable.
     """
-    scale = _check_inputs(q, k, v, softmax_scale, check_head_dim=True)
+    scale = _check_inputs(q, k, v, softmax_scale, for_kernel=True)
     causal = bool(causal)
     if use_triton(q, k, v):
         return FlashAttentionFunction.apply(q, k, v, causal, scale)
