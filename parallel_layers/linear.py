@@ -305,6 +305,8 @@ class RowParallelLinear(nn.Module):
                 # sum: copy_to_tp all-reduces it in backward, keeping the replicas equal.
                 out = out + copy_to_tp(self.bias, self.tp_group)
             return out
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)  # exactly nn.Linear
         out = reduce_from_tp(F.linear(x, self.weight), self.tp_group)  # (*, S, E)
         return out if self.bias is None else out + self.bias
 
