@@ -79,8 +79,7 @@ __all__ = [
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = math.log2(math.e)  # exp(x) == exp2(x * log2(e))
-_LN2 = math.log(2.0)  # log(x) == log2(x) * ln(2)
+_LOG2E = math.log2(math.e)  # exp(x) == exp2(x * log2(e)); the kernels spell out 1.4426950408889634
 
 # ------------------------------------------------------------------------------------------------
 # Block-size configurations
@@ -269,7 +268,7 @@ def _attn_fwd_kernel(
 
     # Epilogue: O = acc / l; lse (natural log) = (m + log2(l)) * ln(2), from log2 units.
     row_ok = offs_m < seq_q
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2)
     tl.store(Lse + (off_b * num_q_heads + off_h) * seq_q + offs_m, lse, mask=row_ok)
     out = acc / l_i[:, None]
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh
@@ -364,7 +363,8 @@ def _attn_bwd_dkdv_inner(
         )  # [BLOCK_M, HEAD_DIM]
         # Rows past Sq get lse = +inf, so their probabilities exp2(0 - inf) are exactly 0 and
         # they add nothing: no mask is needed for the ragged end of the queries.
-        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        lse2 = lse * 1.4426950408889634  # in log2 units: times log2(e)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # P^T = exp2(S2^T - lse2): [BLOCK_N, HEAD_DIM] @ [HEAD_DIM, BLOCK_M] -> [BLOCK_N, BLOCK_M]
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
@@ -609,7 +609,7 @@ def _attn_bwd_dq_kernel(
     )
     # Rows past Sq compute finite garbage (q = dO = lse = 0) that is never stored.
     row_base = (off_b * num_q_heads + off_h) * seq_q
-    lse2 = tl.load(Lse + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
     delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh
     v_base = V + off_b * stride_vb + off_hkv * stride_vh
