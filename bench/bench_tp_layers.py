@@ -1,0 +1,226 @@
+"""Step time of a tensor-parallel MLP block: these layers against PyTorch's DTensor tensor parallel.
+
+The block is the Megatron MLP, ``Linear(E, 4E) -> GELU -> Linear(4E, E)``, parallelized two ways
+from the same single-device module:
+
+* ours: ``ColumnParallelLinear.from_linear`` / ``RowParallelLinear.from_linear``;
+* DTensor: ``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel``.
+
+Both run in the same processes, interleaved step by step (so machine noise hits both alike), each
+step a forward, a backward and a gradient reset. Reported: the median step time of each and the
+ratio ours / DTensor (below 1 is faster). Two variants: plain TP (replicated activations) and
+sequence parallel (activations sharded along the sequence between blocks).
+
+    python bench/bench_tp_layers.py                  # TP=2 on gloo (CPU), the default grid
+    python bench/bench_tp_layers.py --tp 4 --iters 50
+
+Results: ``bench/results/tp_layers_<device>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parallel_layers import ColumnParallelLinear, ParallelDims, RowParallelLinear  # noqa: E402
+from parallel_layers.testing import run_distributed  # noqa: E402
+
+# (batch, sequence, hidden): the MLP's FFN width is 4 * hidden.
+DEFAULT_SHAPES = [(4, 64, 128), (4, 128, 256), (8, 128, 512), (4, 256, 1024)]
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, 4 * hidden)
+        self.fc2 = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _ours(mlp: MLP, group, sequence_parallel: bool) -> nn.Module:
+    par = MLP.__new__(MLP)
+    nn.Module.__init__(par)
+    par.fc1 = ColumnParallelLinear.from_linear(mlp.fc1, group, sequence_parallel=sequence_parallel)
+    par.fc2 = RowParallelLinear.from_linear(mlp.fc2, group, sequence_parallel=sequence_parallel)
+    return par
+
+
+def _dtensor(mlp: MLP, mesh, sequence_parallel: bool) -> nn.Module:
+    import copy
+
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    if sequence_parallel:
+        plan = {
+            "fc1": ColwiseParallel(input_layouts=Shard(1)),
+            "fc2": RowwiseParallel(output_layouts=Shard(1)),
+        }
+    else:
+        plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+    return parallelize_module(copy.deepcopy(mlp), mesh, plan)
+
+
+def _step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
+    start = time.perf_counter()
+    y = model(x)
+    y.backward(dy)
+    for p in model.parameters():
+        p.grad = None
+    return time.perf_counter() - start
+
+
+def _worker(shapes, iters: int, warmup: int, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    dims = ParallelDims(tp=dist.get_world_size())
+    tp, rank = dims.tp, dims.tp_rank
+    rows = []
+    for batch, seq, hidden in shapes:
+        for sequence_parallel in (False, True):
+            torch.manual_seed(0)
+            mlp = MLP(hidden)
+            ours = _ours(mlp, dims.tp_group, sequence_parallel)
+            theirs = _dtensor(mlp, dims.tp_mesh, sequence_parallel)
+            x = torch.randn(batch, seq, hidden)
+            if sequence_parallel:
+                x = x.chunk(tp, 1)[rank].contiguous()
+            x.requires_grad_()
+            dy = torch.randn_like(x)
+            # Same numbers first: a benchmark of two different computations would mean nothing.
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+            times = {"ours": [], "dtensor": []}
+            for i in range(warmup + iters):
+                for name, model in (("ours", ours), ("dtensor", theirs)):
+                    dist.barrier(dims.tp_group)
+                    t = _step(model, x, dy)
+                    if i >= warmup:
+                        times[name].append(t)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append(
+                {
+                    "batch": batch,
+                    "seq": seq,
+                    "hidden": hidden,
+                    "sequence_parallel": sequence_parallel,
+                    "ours_ms": 1e3 * med["ours"],
+                    "dtensor_ms": 1e3 * med["dtensor"],
+                    "ratio": med["ours"] / med["dtensor"],
+                }
+            )
+    return rows
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = sorted({(r["batch"], r["seq"], r["hidden"]) for r in rows})
+    width = 0.38
+    for k, sp in enumerate((False, True)):
+        ratios = [
+            next(
+                r["ratio"]
+                for r in rows
+                if (r["batch"], r["seq"], r["hidden"]) == lab and r["sequence_parallel"] == sp
+            )
+            for lab in labels
+        ]
+        xs = [i + (k - 0.5) * width for i in range(len(labels))]
+        ax.bar(xs, ratios, width, label="sequence parallel" if sp else "plain TP")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.7, color="g", lw=0.8, ls="--", label="goal 0.7")
+    ax.set_xticks(range(len(labels)), [f"B{b} S{s}\nE{e}" for b, s, e in labels])
+    ax.set_ylabel("step time, ours / DTensor")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel processes (gloo)")
+    parser.add_argument("--iters", type=int, default=30, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--shapes", type=str, default=None, help="e.g. '4x64x128,8x128x512' (BxSxE)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    shapes = (
+        [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        if args.shapes
+        else DEFAULT_SHAPES
+    )
+
+    rows = run_distributed(
+        _worker, args.tp, shapes, args.iters, args.warmup, args.threads, timeout=3600
+    )[0]
+    result = {
+        "benchmark": "tp_mlp_step",
+        "machine": machine_name(),
+        "backend": "gloo",
+        "tp": args.tp,
+        "threads_per_rank": args.threads,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "iters": args.iters,
+        "rows": rows,
+        "median_ratio": statistics.median(r["ratio"] for r in rows),
+    }
+    print(f"{result['machine']}, torch {torch.__version__}, TP={args.tp} on gloo")
+    print(f"{'B':>3} {'S':>5} {'E':>5} {'SP':>3} {'ours ms':>9} {'DTensor ms':>11} {'ratio':>7}")
+    for r in rows:
+        print(
+            f"{r['batch']:>3} {r['seq']:>5} {r['hidden']:>5} {'y' if r['sequence_parallel'] else 'n':>3} "
+            f"{r['ours_ms']:>9.3f} {r['dtensor_ms']:>11.3f} {r['ratio']:>7.3f}"
+        )
+    print(f"median ratio ours/DTensor: {result['median_ratio']:.3f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"tp_layers_{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, f"TP={args.tp} MLP fwd+bwd step, {result['machine']}", stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and .png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The TP-vs-DTensor benchmark runs end to end (tiny sizes) and writes what it claims to."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_tp_layers  # noqa: E402
+
+
+def test_smoke(tmp_path):
+    result = bench_tp_layers.main(
+        ["--iters", "2", "--warmup", "1", "--shapes", "2x8x16", "--out", str(tmp_path)]
+    )
+    saved = json.loads((tmp_path / "tp_layers_cpu.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [r["sequence_parallel"] for r in saved["rows"]] == [False, True]
+    for row in saved["rows"]:
+        assert row["ours_ms"] > 0 and row["dtensor_ms"] > 0
+        assert abs(row["ratio"] - row["ours_ms"] / row["dtensor_ms"]) < 1e-9
+    assert (tmp_path / "tp_layers_cpu.png").stat().st_size > 0
