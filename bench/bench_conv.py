@@ -25,8 +25,10 @@ Usage (from the repository root; the package need not be installed):
     python -m pytest bench/bench_conv.py -m gpu --benchmark-only # pytest-benchmark entry
 
 Results: ``<out>/conv_<device>.json`` (GPU name, torch/triton versions, date, one row per
-shape x batch x dtype x provider x mode) and one PNG per dtype x batch, ``bench/results/`` by
-default. The JSON is rewritten after every shape, so an interrupted run keeps what it measured.
+shape x batch x dtype x provider x mode, plus the weighted ResNet-50 sums, errors and cases skipped
+for time) and one PNG per dtype x batch (``<stem>.png`` when there is one), under
+``bench/results/`` by default. The JSON is rewritten after every shape, so an interrupted run
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -173,6 +175,31 @@ def time_ms(fn: Callable[[], object], grad_to_none, device: str, warmup: int, re
     return statistics.median(times)
 
 
+def time_backward_ms(forward, dy, params, device: str, rep: int) -> float:
+    """Median time of the backward alone, in ms.
+
+    Each repetition runs an untimed forward and times ``backward(dy)`` with CUDA events (a
+    retained graph cannot be replayed: torch.compile donates the backward's buffers).
+    """
+    times, deadline = [], time.perf_counter() + rep / 1e3
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        for p in params:
+            p.grad = None
+        y = forward()
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            y.backward(dy)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            y.backward(dy)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def bench_case(shape, batch, dtype, provider, device, warmup, rep) -> list[dict]:
     """Time fwd, bwd and fwd+bwd of one provider on one shape; one row per mode."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -201,13 +228,7 @@ def bench_case(shape, batch, dtype, provider, device, warmup, rep) -> list[dict]
 
     ms = {"fwd": time_ms(lambda: fn(x, w, b), params, device, warmup, rep)}
     ms["fwd+bwd"] = time_ms(lambda: fn(x, w, b).backward(dy), params, device, warmup, rep)
-    y = fn(x, w, b)
-    try:
-        ms["bwd"] = time_ms(lambda: y.backward(dy, retain_graph=True), params, device, warmup, rep)
-        bwd_derived = False
-    except RuntimeError:  # a provider whose graph cannot be replayed: fwd+bwd minus fwd
-        ms["bwd"] = max(ms["fwd+bwd"] - ms["fwd"], 1e-6)
-        bwd_derived = True
+    ms["bwd"] = time_backward_ms(lambda: fn(x, w, b), dy, params, device, rep)
 
     flops = {"fwd": shape.flops(batch), "bwd": 2 * shape.flops(batch)}
     flops["fwd+bwd"] = flops["fwd"] + flops["bwd"]
@@ -227,7 +248,6 @@ def bench_case(shape, batch, dtype, provider, device, warmup, rep) -> list[dict]
                 "ms": ms[mode],
                 "tflops": flops[mode] / (ms[mode] * 1e-3) / 1e12,
                 "first_call_s": first_call_s,
-                "bwd_derived": bwd_derived if mode == "bwd" else False,
             }
         )
     return rows
@@ -272,6 +292,18 @@ def network_sums(rows: list[dict]) -> list[dict]:
     ]
 
 
+def write_json(path: Path, meta: dict, rows: list, errors: list, skipped: list) -> dict:
+    doc = {
+        "meta": meta,
+        "results": rows,
+        "resnet50_sums": network_sums(rows),
+        "errors": errors,
+        "skipped": skipped,
+    }
+    path.write_text(json.dumps(doc, indent=1))
+    return doc
+
+
 def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
     """One PNG per (dtype, batch): TFLOP/s per shape, a panel per mode, a bar per provider."""
     import matplotlib
@@ -280,7 +312,8 @@ def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for dtype, batch in sorted({(r["dtype"], r["batch"]) for r in rows}):
+    groups = sorted({(r["dtype"], r["batch"]) for r in rows})
+    for dtype, batch in groups:
         sel = [r for r in rows if r["dtype"] == dtype and r["batch"] == batch]
         shapes = list(dict.fromkeys(r["shape"] for r in sel))
         providers = [p for p in PROVIDERS if any(r["provider"] == p for r in sel)]
@@ -302,7 +335,7 @@ def plot(rows: list[dict], out_dir: Path, stem: str) -> list[Path]:
         axes[0].legend()
         axes[0].set_title(f"relu(conv2d + bias), channels_last {dtype}, batch {batch}")
         fig.tight_layout()
-        path = out_dir / f"{stem}_{dtype}_b{batch}.png"
+        path = out_dir / (f"{stem}.png" if len(groups) == 1 else f"{stem}_{dtype}_b{batch}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -325,6 +358,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=40, help="do_bench repetition, ms")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=0,
+        help="start no new case after this many seconds (0: no limit); skipped cases are listed",
+    )
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -359,12 +398,29 @@ def main(argv: list[str] | None = None) -> Path:
     stem = args.tag or f"conv_{slug}"
     json_path = out_dir / f"{stem}.json"
     rows: list[dict] = []
+    skipped: list[dict] = []  # cases not started because the time budget was spent
+    errors: list[dict] = []
     start = time.perf_counter()
     for dtype in dtypes:
         for batch in batches:
             for shape in shapes:
                 for provider in providers:
-                    case = bench_case(shape, batch, dtype, provider, device, args.warmup, args.rep)
+                    what = {"shape": shape.name, "batch": batch, "dtype": DTYPE_NAMES[dtype]}
+                    what["provider"] = provider
+                    if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
+                        skipped.append(what)
+                        continue
+                    try:
+                        case = bench_case(
+                            shape, batch, dtype, provider, device, args.warmup, args.rep
+                        )
+                    except Exception as e:  # record and go on: one failure keeps the rest
+                        errors.append({**what, "error": f"{type(e).__name__}: {e}"[:2000]})
+                        print(f"FAILED {what}: {type(e).__name__}: {e}", flush=True)
+                        continue
+                    finally:
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
                     rows += case
                     line = "  ".join(
                         f"{r['mode']} {r['ms']:.3f} ms {r['tflops']:6.1f}" for r in case
@@ -376,11 +432,11 @@ def main(argv: list[str] | None = None) -> Path:
                         flush=True,
                     )
                 # rewrite after every shape: an interrupted run keeps what it measured
-                doc = {"meta": meta, "results": rows, "resnet50_sums": network_sums(rows)}
-                json_path.write_text(json.dumps(doc, indent=1))
+                write_json(json_path, meta, rows, errors, skipped)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
-    doc = {"meta": meta, "results": rows, "resnet50_sums": network_sums(rows)}
-    json_path.write_text(json.dumps(doc, indent=1))
+    doc = write_json(json_path, meta, rows, errors, skipped)
+    if skipped:
+        print(f"time budget spent: {len(skipped)} cases skipped (listed in the JSON)")
     for s in doc["resnet50_sums"]:
         print(f"ResNet-50 convs b{s['batch']} {s['dtype']} {s['provider']:8s} {s['mode']:8s}"
               f" {s['ms']:.2f} ms")  # fmt: skip

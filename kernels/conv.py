@@ -50,12 +50,17 @@ With x (N, C, H, W), weight (K, C, KH, KW), out (N, K, OH, OW),
 Each program computes one BLOCK_M x BLOCK_N tile of out (BLOCK_M pixels x BLOCK_N channels),
 accumulating fp32 over Kg in BLOCK_K steps.
 
+Tile sizes are autotuned per GEMM shape on CUDA (``TPL_CONV_AUTOTUNE=0``: one fixed tile per
+shape, no tuning); the interpreter uses one small fixed tile.
+
 Numerics: fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to the output
 dtype at the store. fp32 inputs use TF32 tensor cores exactly when PyTorch's convolutions do
 (``torch.backends.cudnn.allow_tf32``), and exact fp32 products otherwise.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -262,6 +267,10 @@ _conv2d_fwd_kernel_autotuned = triton.autotune(
     do_bench=_autotune_bench,
 )(_conv2d_fwd_kernel)
 
+# TPL_CONV_AUTOTUNE=0 skips tuning on CUDA: each shape runs the first tile that survives pruning
+# (one compile per kernel variant instead of one per candidate; for quick GPU tests).
+_AUTOTUNE_ENV = "TPL_CONV_AUTOTUNE"
+
 # The interpreter runs the kernel with numpy, one program at a time: its cost grows with the
 # number of programs and loop steps, not with the tile size, and autotuning it is slow.
 _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
@@ -348,16 +357,20 @@ def _conv2d_fwd(
         "FLAT_K": c < _FLAT_K_BELOW_CHANNELS,
         "INPUT_PRECISION": _input_precision(x.dtype),
     }
-    if x.is_cuda:
-        grid = lambda meta: (
-            triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),
-        )
+    grid = lambda meta: (
+        triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),
+    )
+    if not x.is_cuda:  # CPU tensors: only reached under TRITON_INTERPRET=1 (kernels._dispatch)
+        _conv2d_fwd_kernel[grid](*args, **consts, **_INTERPRETER_META)
+    elif os.environ.get(_AUTOTUNE_ENV, "1") == "0":  # one tile, no tuning: quick GPU tests
+        cfg = _prune_configs(_CUDA_CONFIGS, {"K_OUT": k_out, "GEMM_K": gemm_k, "x_ptr": x})[0]
+        with torch.cuda.device(x.device):
+            _conv2d_fwd_kernel[grid](
+                *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            )
+    else:
         with torch.cuda.device(x.device):
             _conv2d_fwd_kernel_autotuned[grid](*args, **consts)
-    else:  # CPU tensors: only reached under TRITON_INTERPRET=1 (kernels._dispatch)
-        meta = _INTERPRETER_META
-        grid = (triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),)
-        _conv2d_fwd_kernel[grid](*args, **consts, **meta)
     return out
 
 

@@ -325,6 +325,7 @@ def test_bench_smoke(tmp_path):
     json_path = bench.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads(Path(json_path).read_text())
     assert data["meta"]["torch"] == torch.__version__ and "triton" in data["meta"]
+    assert data["errors"] == [] and data["skipped"] == []
     rows = data["results"]
     assert {r["provider"] for r in rows} >= {"triton", "torch"}
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
@@ -366,6 +367,16 @@ def test_gpu_conv_nchw_and_no_act(triton, dtype):
     _check_conv(
         8, 64, 28, 30, 96, 3, 1, 1, (2, 1),
         dtype=dtype, channels_last=False, bias=False, activation=None, device="cuda",
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_gpu_conv_autotuned(triton, monkeypatch):
+    """The autotuned launch (the default; the GPU check script turns it off for the rest)."""
+    monkeypatch.setenv("TPL_CONV_AUTOTUNE", "1")
+    _check_conv(
+        8, 128, 28, 28, 256, 3, 1, 1, 1,
+        dtype=torch.float16, channels_last=True, bias=True, activation="relu", device="cuda",
     )  # fmt: skip
 
 
