@@ -19,6 +19,12 @@ reduce-scatter     ``(p - 1) / p * n``  (``n`` = the full input)
 send               ``n``
 =================  ======================================
 
+The point-to-point steps of a decomposed collective (the ring steps of
+:mod:`kernels.collective_matmul`) go through :func:`send_recv` with ``kind`` set to the collective
+they implement: ``p - 1`` ring steps of an all-gather each send one shard, those of a
+reduce-scatter one ``n / p`` chunk, so a decomposed collective and the plain one count the same
+bytes under the same kind (only the call counts differ).
+
 These live in ``kernels`` (not ``parallel_layers``) because the communication-overlapped matmul
 kernels need them and ``kernels`` imports nothing above it.
 """
@@ -41,6 +47,8 @@ __all__ = [
     "group_size",
     "record_comm",
     "reduce_scatter",
+    "send_recv",
+    "wait_all",
 ]
 
 # The collective entry points of the installed torch (names changed in 2.13).
@@ -161,3 +169,41 @@ def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 
     record("reduce_scatter", (p - 1) / p * _nbytes(full))
     _reduce_scatter_base(out, full, group=group)
     return out.movedim(0, dim).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Point-to-point
+# ---------------------------------------------------------------------------------------------
+def send_recv(
+    send: torch.Tensor,
+    dst: int,
+    recv: torch.Tensor,
+    src: int,
+    group: dist.ProcessGroup,
+    *,
+    kind: str = "send",
+) -> list[dist.Work]:
+    """Post an asynchronous exchange: ``send`` to group rank ``dst``, ``recv`` from group rank ``src``.
+
+    Both tensors must be contiguous. Returns the works to :func:`wait_all` on; until then neither
+    buffer may be touched. Both operations go in one ``batch_isend_irecv``, so on NCCL they
+    form one group and a ring of such exchanges cannot deadlock; on gloo they progress on gloo's
+    own threads while the caller computes. ``send``'s bytes are recorded under ``kind`` (see the
+    module docstring).
+    """
+    record(kind, _nbytes(send))
+    ops = [
+        dist.P2POp(dist.isend, send, dist.get_global_rank(group, dst), group),
+        dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group),
+    ]
+    return dist.batch_isend_irecv(ops)
+
+
+def wait_all(works: list[dist.Work] | None) -> None:
+    """Wait for every work in ``works`` (``None`` or empty: nothing to wait for).
+
+    On NCCL this makes the current CUDA stream wait (the host does not block); on gloo it blocks
+    until the transfer is done.
+    """
+    for work in works or ():
+        work.wait()
