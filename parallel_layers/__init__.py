@@ -4,6 +4,7 @@ Groups and meshes are always passed in (``tp_group=...``, ``ParallelDims``); not
 process-group state at module level.
 """
 
+from parallel_layers.attention import ParallelSelfAttention
 from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
 from parallel_layers.dims import ParallelDims
 from parallel_layers.embedding import VocabParallelEmbedding
@@ -12,6 +13,7 @@ from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
 __all__ = [
     "ColumnParallelLinear",
     "ParallelDims",
+    "ParallelSelfAttention",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "vocab_parallel_cross_entropy",
