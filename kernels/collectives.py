@@ -132,7 +132,7 @@ def all_reduce(
     p = group_size(group)
     if p == 1:
         return x
-    out = x.contiguous().clone()
+    out = x.clone(memory_format=torch.preserve_format)  # keeps channels_last; dense
     record("all_reduce", 2 * (p - 1) / p * _nbytes(out))
     dist.all_reduce(out, op=op, group=group)
     return out
