@@ -5,15 +5,18 @@ process-group state at module level.
 """
 
 from parallel_layers.attention import ParallelSelfAttention
+from parallel_layers.conv import ColumnParallelConv2d, RowParallelConv2d
 from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
 from parallel_layers.dims import ParallelDims
 from parallel_layers.embedding import VocabParallelEmbedding
 from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
 
 __all__ = [
+    "ColumnParallelConv2d",
     "ColumnParallelLinear",
     "ParallelDims",
     "ParallelSelfAttention",
+    "RowParallelConv2d",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "vocab_parallel_cross_entropy",

@@ -44,10 +44,11 @@ __all__ = ["ColumnParallelLinear", "RowParallelLinear", "init_linear_"]
 
 @torch.no_grad()
 def init_linear_(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``nn.Linear``'s initialization, in place: Kaiming-uniform weight, uniform(+-1/sqrt(fan_in)) bias."""
+    """``nn.Linear``'s (and ``nn.Conv2d``'s) initialization, in place: Kaiming-uniform weight,
+    uniform(+-1/sqrt(fan_in)) bias, ``fan_in`` = the weight's size per output row."""
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     if bias is not None:
-        fan_in = weight.shape[1]
+        fan_in = weight[0].numel()
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(bias, -bound, bound)
 
