@@ -34,15 +34,16 @@ from kernels.conv import conv2d_bias_act, conv2d_bias_act_ref, conv2d_bias_relu_
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def _assert_within_torch_error(ours, theirs, ref, dtype, what) -> float:
+def _assert_within_torch_error(ours, theirs, ref, dtype, what, atol=None) -> float:
     """Assert max|ours - ref| <= 2 * max|theirs - ref| + atol; return that bound."""
     scale = max(1.0, ref.abs().max().item())
+    atol = (ATOL[dtype] if atol is None else atol) * scale
     err = (ours.double() - ref).abs().max().item()
     torch_err = (theirs.double() - ref).abs().max().item()
-    bound = 2 * torch_err + ATOL[dtype] * scale
+    bound = 2 * torch_err + atol
     assert err <= bound, (
         f"{what}: max error {err:.3g} vs fp64 > 2 x PyTorch's {torch_err:.3g} + atol "
-        f"{ATOL[dtype] * scale:.3g} ({dtype})"
+        f"{atol:.3g} ({dtype})"
     )
     return bound
 
@@ -63,10 +64,14 @@ def _check_conv(
     bias: bool,
     activation: str | None,
     weight_channels_last: bool | None = None,
+    atol: float | None = None,
     device: str = "cpu",
     seed: int = 0,
 ) -> None:
-    """Forward and all gradients of conv2d_bias_act against PyTorch and an fp64 reference."""
+    """Forward and all gradients of conv2d_bias_act against PyTorch and an fp64 reference.
+
+    ``atol`` (relative to max|reference|) overrides the dtype's entry in ATOL.
+    """
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(n, c, h, w, generator=gen)
@@ -98,7 +103,7 @@ def _check_conv(
     pre_ref = F.conv2d(x64, w64, b64, stride, padding, dilation)
     assert out.shape == pre_ref.shape
     bound = _assert_within_torch_error(
-        out.detach(), act(pre_theirs).detach(), act(pre_ref).detach(), dtype, "output"
+        out.detach(), act(pre_theirs).detach(), act(pre_ref).detach(), dtype, "output", atol
     )
 
     # Gradients: all three, against PyTorch (same dtype) and fp64, with our output's mask.
@@ -115,7 +120,7 @@ def _check_conv(
     ours = [t.grad for t in (x, wt, b) if t is not None]
     for name, g_ours, g_theirs, g_ref in zip(("x", "weight", "bias"), ours, theirs, refs):
         assert g_ours is not None and g_ours.dtype == dtype, f"grad of {name}"
-        _assert_within_torch_error(g_ours, g_theirs, g_ref, dtype, f"grad of {name}")
+        _assert_within_torch_error(g_ours, g_theirs, g_ref, dtype, f"grad of {name}", atol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,11 +367,16 @@ def test_gpu_conv_resnet_shapes(triton, shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_gpu_conv_nchw_and_no_act(triton, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-tf32", "fp16"])
+def test_gpu_conv_nchw_and_no_act(triton, monkeypatch, dtype):
+    # fp32 with TF32 on (PyTorch's default for convolutions): both sides multiply 10-bit
+    # mantissas, but the tensor-core input conversion may round (cuDNN) or truncate (Triton),
+    # which can double the error; hence an atol at TF32's scale rather than fp32's.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     _check_conv(
         8, 64, 28, 30, 96, 3, 1, 1, (2, 1),
         dtype=dtype, channels_last=False, bias=False, activation=None, device="cuda",
+        atol=2e-3 if dtype == torch.float32 else None,
     )  # fmt: skip
 
 
