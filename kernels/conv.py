@@ -17,14 +17,16 @@ Design trade-off
   reduction loop runs with channels innermost, where channels_last is contiguous (coalesced,
   vectorisable loads). Contiguous NCHW inputs are gathered with stride H*W along the channels.
 * Two orders of the reduction loop, chosen per call (a ``constexpr``):
-  - *tap-major* (C >= 32): for each filter tap (r, s), loop over blocks of channels. The
-    spatial index math and padding mask are per output pixel only (1-D), so the loop body is
-    little more than a strided load and a ``tl.dot``; a channel block that does not fill
-    BLOCK_K wastes the rest of the tile, which is negligible once C is a few tiles wide.
+  - *tap-major* (C >= 32): for each filter tap (r, s), blocks of channels. The spatial index
+    math and padding mask are per output pixel only (1-D), so the loop body is little more
+    than a strided load and a ``tl.dot``; a channel block that does not fill BLOCK_K wastes the
+    rest of the tile, which is negligible once C is a few tiles wide. It is one loop over
+    (tap, channel block) pairs, not two nested loops, so that Triton's software pipelining
+    overlaps loads and MMAs across taps even when C fits in one or two blocks.
   - *flat* (C < 32, e.g. the RGB stem or a 1-channel MNIST conv): the reduction index
     k = (r*KW + s)*C + c runs over all C*KH*KW values in BLOCK_K steps, recovering (r, s, c)
     per element with integer division. More index math, but no padding of C up to BLOCK_K
-    (a 3-channel 7x7 stem would otherwise waste ~80% of every tile).
+    (a 3-channel 7x7 stem would otherwise waste 80-90% of every tile).
 * The weight is copied once per call into (KH, KW, C, K) order (a few MB at most, against the
   activation traffic of the convolution): the B operand then reads output channels contiguously
   and its rows follow the same (r, s, c) order as the reduction.
@@ -54,8 +56,8 @@ Tile sizes are autotuned per GEMM shape on CUDA (``TPL_CONV_AUTOTUNE=0``: one fi
 shape, no tuning); the interpreter uses one small fixed tile.
 
 Numerics: fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to the output
-dtype at the store. fp32 inputs use TF32 tensor cores exactly when PyTorch's convolutions do
-(``torch.backends.cudnn.allow_tf32``), and exact fp32 products otherwise.
+dtype at the store. fp32 inputs use TF32 tensor cores when PyTorch's convolutions may
+(``torch.backends.cudnn.allow_tf32``, on by default), IEEE fp32 products otherwise.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def _conv2d_fwd_kernel(
     ih0 = oh * conv_stride_h - pad_h  # [BLOCK_M] input row of filter tap r = 0
     iw0 = ow * conv_stride_w - pad_w  # [BLOCK_M] input column of filter tap s = 0
     # int64 image offset: N*C*H*W may exceed 2**31 at large batch; offsets within one image
-    # (C*H*W) stay int32.
+    # (C*H*W, likewise K*OH*OW for out) stay int32.
     x_img = x_ptr + n_img.to(tl.int64) * stride_xn  # [BLOCK_M] pointers to x[n, 0, 0, 0]
 
     # ---- columns: output channels.
@@ -197,7 +199,8 @@ def _conv2d_fwd_kernel(
             a_ptrs = x_img[:, None] + (ih * stride_xh + iw * stride_xw)[:, None]
             a_ptrs = a_ptrs + (c * stride_xc)[None, :]
             w_row = r * stride_wr + s * stride_ws + c * stride_wc  # [BLOCK_K]
-        # A: [BLOCK_M, BLOCK_K] gathered input pixels (0 in the padding); B: [BLOCK_K, BLOCK_N]
+        # A: [BLOCK_M, BLOCK_K] gathered input pixels (0 in the padding). B: [BLOCK_K, BLOCK_N]
+        # weight rows; with the (KH, KW, C, K) copy from the launcher, contiguous along n.
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         b_ptrs = w_ptr + w_row[:, None] + (offs_n * stride_wk)[None, :]
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
