@@ -17,15 +17,12 @@ from kernels.collective_matmul import (
     matmul_reduce_scatter_ref,
 )
 from kernels.conv import conv2d_bias_act, conv2d_bias_relu, conv2d_bias_relu_ref
-from kernels.matmul import matmul, matmul_ref
 
 __all__ = [
     "all_gather_matmul",
     "all_gather_matmul_ref",
-    "matmul",
     "matmul_reduce_scatter",
     "matmul_reduce_scatter_ref",
-    "matmul_ref",
     "attention_ref",
     "attention_ref_with_lse",
     "flash_attention",
