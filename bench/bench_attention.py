@@ -136,8 +136,16 @@ def _short(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def run_grid(args: argparse.Namespace, device: torch.device) -> tuple[list, list, bool]:
-    """Measure the whole grid. Returns (results, skipped, budget_exhausted)."""
+def run_grid(
+    args: argparse.Namespace,
+    device: torch.device,
+    on_point: Callable[[list, list, bool], None] | None = None,
+) -> tuple[list, list, bool]:
+    """Measure the whole grid. Returns (results, skipped, budget_exhausted).
+
+    ``on_point(results, skipped, budget_exhausted)`` runs after every grid point (the CLI saves
+    the JSON there, so a run killed from outside keeps what it measured).
+    """
     results: list[dict] = []
     skipped: list[dict] = []
     start = time.perf_counter()
@@ -159,6 +167,8 @@ def run_grid(args: argparse.Namespace, device: torch.device) -> tuple[list, list
                         skipped.append({**point, "provider": "*", "reason": "time budget spent"})
                         continue
                     _measure_point(args, device, dtype, point, results, skipped)
+                    if on_point is not None:
+                        on_point(results, skipped, exhausted)
     return results, skipped, exhausted
 
 
@@ -333,7 +343,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     started = time.perf_counter()
-    results, skipped, exhausted = run_grid(args, device)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "attention" + (f"_{args.tag}" if args.tag else "")
+    paths = {"json": args.out_dir / f"{stem}.json"}
     meta = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (cpu)",
         "device": str(device),
@@ -345,16 +357,18 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         "interpreter": interpreter_enabled(),
         "flops": "fwd 4*B*H*Sq*Sk*D (x0.5 causal); bwd 2.5x fwd; fwd_bwd 3.5x fwd",
         "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter",
-        "elapsed_s": round(time.perf_counter() - started, 1),
-        "time_budget_exhausted": exhausted,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "attention" + (f"_{args.tag}" if args.tag else "")
-    paths = {"json": args.out_dir / f"{stem}.json"}
-    paths["json"].write_text(
-        json.dumps({"meta": meta, "results": results, "skipped": skipped}, indent=1)
-    )
+
+    def save(results: list, skipped: list, exhausted: bool, complete: bool = False) -> None:
+        meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+        meta["time_budget_exhausted"] = exhausted
+        meta["complete"] = complete  # False in a file left by a run that did not finish
+        payload = {"meta": meta, "results": results, "skipped": skipped}
+        paths["json"].write_text(json.dumps(payload, indent=1))
+
+    results, skipped, exhausted = run_grid(args, device, on_point=save)
+    save(results, skipped, exhausted, complete=True)
     if not args.no_plot:
         paths["png"] = args.out_dir / f"{stem}.png"
         plot(results, paths["png"], f"flash_attention vs SDPA on {meta['gpu']} ({meta['date']})")

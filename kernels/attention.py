@@ -56,8 +56,8 @@ Dispatch (DESIGN.md): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``,
 other CPU tensors run :func:`attention_ref`; :func:`kernels.force_backend` overrides.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Triton reads the `tl.constexpr` annotations of the jitted
+# functions, which is safest with real (not stringified) annotations across Triton versions.
 import math
 import os
 
@@ -88,8 +88,10 @@ _LOG2E = math.log2(math.e)  # exp(x) == exp2(x * log2(e)); the kernels spell out
 # keyed on the head dim, the causal flag and the sequence lengths rounded up to a power of two (so
 # a training run with slightly varying lengths does not re-tune every step; the input dtype is
 # part of the key automatically). The candidates are few on purpose: every one is compiled per
-# (dtype, head dim, causal) combination. Under Triton's interpreter autotuning would re-run the
-# slow interpreted kernel per candidate, so there is exactly one small configuration; its
+# (dtype, head dim, causal) combination. fp32 inputs get their own small blocks: exact fp32 dots
+# run on the CUDA cores, take twice the shared memory and compile slowly with big tiles; they
+# exist for checking, not speed. Under Triton's interpreter autotuning would re-run the slow
+# interpreted kernel per candidate, so there is exactly one small configuration; its
 # BLOCK_M != BLOCK_N on purpose, to exercise the diagonal bookkeeping in the tests.
 # ------------------------------------------------------------------------------------------------
 
@@ -102,29 +104,48 @@ _CUDA_CONFIGS = {
     # dQ: a query block stays resident, key blocks stream through (small BLOCK_N).
     "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
+_CUDA_FP32_CONFIGS = {"fwd": [(64, 32, 4, 2)], "dkdv": [(32, 32, 4, 2)], "dq": [(32, 32, 4, 2)]}
 _INTERPRETER_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _PREPROCESS_BLOCK_M = 64
+_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "seq_q_bucket", "seq_k_bucket"]
 
 
-def _configs(kernel: str) -> list[triton.Config]:
-    """Autotuning candidates for ``kernel`` (``fwd``, ``dkdv`` or ``dq``).
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages
+    )
 
-    One fixed small config under the interpreter; only the first CUDA candidate (a safe default)
-    when ``TPL_ATTENTION_AUTOTUNE=0`` (read at import; saves compile time in quick GPU tests).
+
+def _autotune(kernel: str):
+    """``triton.autotune`` for ``kernel`` (``fwd``, ``dkdv`` or ``dq``).
+
+    The 16-bit candidates plus the fp32 ones, pruned to the input dtype's list before tuning
+    (a list of one is used without benchmarking). ``TPL_ATTENTION_AUTOTUNE=0`` (read at import)
+    keeps only the first candidate of each list, to save compile time in quick GPU tests. Under
+    the interpreter: one fixed small configuration.
     """
     if interpreter_enabled():
-        block_m, block_n = _INTERPRETER_CONFIGS[kernel]
-        return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
-    candidates = _CUDA_CONFIGS[kernel]
+        configs = [_config(*_INTERPRETER_CONFIGS[kernel], num_warps=4, num_stages=1)]
+        return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)
+    half, single = _CUDA_CONFIGS[kernel], _CUDA_FP32_CONFIGS[kernel]
     if os.environ.get("TPL_ATTENTION_AUTOTUNE", "1") == "0":
-        candidates = candidates[:1]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in candidates
-    ]
+        half, single = half[:1], single[:1]
+    fp32_set = set(single)
 
+    def for_dtype(configs, named_args, **kwargs):
+        fp32 = named_args["Q"].dtype == torch.float32
+        return [
+            c
+            for c in configs
+            if ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in fp32_set)
+            == fp32
+        ]
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "seq_q_bucket", "seq_k_bucket"]
+    return triton.autotune(
+        configs=[_config(*c) for c in half + single],
+        key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": for_dtype},
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,7 +209,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=_AUTOTUNE_KEY)
+@_autotune("fwd")
 @triton.jit
 def _attn_fwd_kernel(
     Q,  # pointer to q (B, Hq, Sq, HEAD_DIM)
@@ -383,7 +404,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_configs("dkdv"), key=_AUTOTUNE_KEY)
+@_autotune("dkdv")
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,  # pointer to q (B, Hq, Sq, HEAD_DIM)
@@ -541,7 +562,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(configs=_configs("dq"), key=_AUTOTUNE_KEY)
+@_autotune("dq")
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,  # pointer to q (B, Hq, Sq, HEAD_DIM)

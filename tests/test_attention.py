@@ -348,6 +348,7 @@ def test_bench_smoke_writes_json_and_plot(tmp_path):
     for key in ("gpu", "torch", "triton", "date"):
         assert meta[key], key
     assert meta["torch"] == torch.__version__
+    assert meta["complete"] is True and meta["time_budget_exhausted"] is False
     rows = data["results"]
     flash = [r for r in rows if r["provider"] == "flash"]
     assert {(r["mode"], r["causal"]) for r in flash} == {
