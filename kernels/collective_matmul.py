@@ -72,6 +72,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from kernels.collectives import (
     all_gather,
@@ -98,6 +99,19 @@ Group = dist.ProcessGroup | None
 def _mm(x: torch.Tensor, w: torch.Tensor, *, bias=None, partial=None, out=None) -> torch.Tensor:
     """``x (M, K) @ w (N, K).T (+ bias) (+ partial) -> (M, N)`` on the dispatched path, no autograd."""
     return _matmul_impl(x, w, bias, partial, out)
+
+
+def _autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
+    """Cast like ``F.linear`` under ``torch.autocast``, so the overlapped path computes in the same
+    dtype as the plain one (the ring's matmuls then run with autocast off, on these dtypes)."""
+    if not isinstance(tensors[0], torch.Tensor):
+        return tensors  # _check_args names the problem
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 alone
+    return tuple(t.to(dtype) if t is not None and t.dtype in castable else t for t in tensors)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,6 +185,11 @@ class AllGatherMatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_shard, weight, bias, group, gather_dim):
+        with torch.autocast(x_shard.device.type, enabled=False):
+            return AllGatherMatmulFunction._forward(ctx, x_shard, weight, bias, group, gather_dim)
+
+    @staticmethod
+    def _forward(ctx, x_shard, weight, bias, group, gather_dim):
         p, rank = group_size(group), group_rank(group)
         n_out, k = weight.shape
         x_dm = x_shard.movedim(gather_dim, 0).contiguous()  # (n, *rest, K), this rank's chunk
@@ -192,7 +211,13 @@ class AllGatherMatmulFunction(torch.autograd.Function):
         return out.view(p * x_dm.shape[0], *x_dm.shape[1:-1], n_out).movedim(0, gather_dim)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return AllGatherMatmulFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
         gathered, weight = ctx.saved_tensors
         group, dim = ctx.group, ctx.gather_dim
         p, rows, k = gathered.shape
@@ -237,6 +262,11 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, group, scatter_dim):
+        with torch.autocast(x.device.type, enabled=False):
+            return MatmulReduceScatterFunction._forward(ctx, x, weight, group, scatter_dim)
+
+    @staticmethod
+    def _forward(ctx, x, weight, group, scatter_dim):
         p = group_size(group)
         n_out, k = weight.shape
         x_dm = x.movedim(scatter_dim, 0).contiguous()  # (p*n, *rest, K)
@@ -255,7 +285,13 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
         return part.view(n, *x_dm.shape[1:-1], n_out).movedim(0, scatter_dim)  # (.., n, .., N)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return MatmulReduceScatterFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
         x3, weight = ctx.saved_tensors
         group, dim = ctx.group, ctx.scatter_dim
         p, rank = group_size(group), group_rank(group)
@@ -355,6 +391,7 @@ def all_gather_matmul(
     Raises:
         ValueError, TypeError: on mismatched shapes, dims or dtypes, before any communication.
     """
+    x_shard, weight, bias = _autocast_inputs(x_shard, weight, bias)
     dim = _check_args("all_gather_matmul", x_shard, weight, bias, gather_dim, "gather_dim")
     if group_size(group) == 1:
         return matmul(x_shard, weight, bias)
@@ -382,6 +419,7 @@ def matmul_reduce_scatter(
         divisible by the group size, before any communication.
     """
     op = "matmul_reduce_scatter"
+    x, weight = _autocast_inputs(x, weight)
     dim = _check_args(op, x, weight, None, scatter_dim, "scatter_dim")
     p = group_size(group)
     if x.shape[dim] % p:

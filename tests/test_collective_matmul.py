@@ -154,6 +154,34 @@ def _mlp_matches_single_device(batch: int, rows_per_rank: int, hidden: int, ffn:
     return ledgers
 
 
+def _mlp_under_autocast_matches_plain() -> None:
+    """Under ``torch.autocast`` the overlapped block computes in the same dtype as the plain one."""
+    group, rank = dist.group.WORLD, dist.get_rank()
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+    x = torch.randn(2, 3, 8, generator=_gen(rank))  # (B, S/p, E)
+    results = []
+    for overlap in (False, True):
+        col = ColumnParallelLinear.from_linear(
+            fc1, group, sequence_parallel=True, overlap_comm=overlap
+        )
+        row = RowParallelLinear.from_linear(
+            fc2, group, sequence_parallel=True, overlap_comm=overlap
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = col(x)
+            assert h.dtype == torch.bfloat16, (overlap, h.dtype)  # as F.linear's output
+            y = row(F.gelu(h))
+        y.float().sum().backward()
+        results.append((y, col.weight.grad, row.weight.grad))
+    (y0, c0, r0), (y1, c1, r1) = results
+    assert y0.dtype == y1.dtype, (y0.dtype, y1.dtype)  # the bias add (fp32) promotes both
+    tol = {"rtol": 2e-2, "atol": 2e-2}  # bf16 products, summed in another order
+    torch.testing.assert_close(y1, y0, **tol)
+    torch.testing.assert_close(c1, c0, **tol)
+    torch.testing.assert_close(r1, r0, **tol)
+
+
 def _bad_inputs_raise_everywhere() -> list:
     """Every bad call raises on this rank before communicating; then a good call still works."""
     group = dist.group.WORLD
@@ -213,6 +241,10 @@ def test_sequence_parallel_mlp_with_overlap_equals_single_device(dist_run, tp):
         expected_ag = 2 * (tp - 1) * shard
         assert all(led["overlap"]["all_gather"] == expected_ag for led in ledgers)
         assert all(led["overlap"]["reduce_scatter"] == expected_ag for led in ledgers)
+
+
+def test_overlap_follows_autocast_like_f_linear(dist_run):
+    dist_run(2, _mlp_under_autocast_matches_plain, timeout=60)
 
 
 def test_bad_input_raises_on_every_rank_without_hanging(dist_run):
