@@ -192,11 +192,11 @@ class AllGatherMatmulFunction(torch.autograd.Function):
     def _forward(ctx, x_shard, weight, bias, group, gather_dim):
         p, rank = group_size(group), group_rank(group)
         n_out, k = weight.shape
-        x_dm = x_shard.movedim(gather_dim, 0).contiguous()  # (n, *rest, K), this rank's chunk
+        x_dm = x_shard.movedim(gather_dim, 0)  # (n, *rest, K), this rank's chunk (a view)
         rows = math.prod(x_dm.shape[:-1])  # n * prod(rest)
-        gathered = x_dm.new_empty((p, rows, k))  # (p, rows, K): chunk c = rank c's shard
-        gathered[rank].copy_(x_dm.view(rows, k))
-        out = x_dm.new_empty((p, rows, n_out))  # (p, rows, N): dim-major output
+        gathered = x_shard.new_empty((p, rows, k))  # (p, rows, K): chunk c = rank c's shard
+        gathered[rank].view(x_dm.shape).copy_(x_dm)  # the one copy, into the send buffer
+        out = x_shard.new_empty((p, rows, n_out))  # (p, rows, N): dim-major output
 
         def multiply(c: int) -> None:
             # (rows, K) @ (K, N) + bias -> (rows, N), written into chunk c's rows of the output
@@ -298,9 +298,9 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
         _, rows, k = x3.shape
         n_out = weight.shape[0]
         need_x, need_w = ctx.needs_input_grad[:2]
-        g_own = grad_out.movedim(dim, 0).contiguous().view(rows, n_out)  # (rows, N)
-        g = g_own.new_empty((p, rows, n_out))  # (p, rows, N): the gathered output gradient
-        g[rank].copy_(g_own)
+        g_own = grad_out.movedim(dim, 0)  # (n, *rest, N), a view
+        g = grad_out.new_empty((p, rows, n_out))  # (p, rows, N): the gathered output gradient
+        g[rank].view(g_own.shape).copy_(g_own)
         grad_x3 = x3.new_empty((p, rows, k)) if need_x else None
         acc = None
         if need_w:
