@@ -10,6 +10,7 @@ from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
 from parallel_layers.dims import ParallelDims
 from parallel_layers.embedding import VocabParallelEmbedding
 from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+from parallel_layers.parallelize import parallelize
 
 __all__ = [
     "ColumnParallelConv2d",
@@ -19,5 +20,6 @@ __all__ = [
     "RowParallelConv2d",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "parallelize",
     "vocab_parallel_cross_entropy",
 ]
