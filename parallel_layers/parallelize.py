@@ -69,7 +69,9 @@ embedding's ``(V/p, E)`` weight is exactly a column-parallel head's weight shard
 **Meta device.** The ``from_*`` classmethods keep ``meta`` tensors ``meta``; so a model built under
 ``torch.device("meta")`` is parallelized without ever holding a full tensor, then
 ``model.to_empty(device=...)`` allocates only the local shards and :func:`init_by_name_` fills them
-with exactly the values of the full build (see there).
+with exactly the values of the full build (see there). ``to_empty`` gives every module a tensor of
+its own, which unties shared parameters: tie them again before initializing (``GPT.init_weights``
+does).
 """
 
 from __future__ import annotations

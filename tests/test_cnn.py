@@ -150,8 +150,9 @@ def test_simple_cnn_shapes_and_the_fixed_linear_layer():
     assert model.fc.in_features == 32 * 14 * 14  # one 2x2 pool of 28x28 leaves 14x14, not 7x7
     x = torch.randn(3, 1, 28, 28)
     assert model(x).shape == (3, 10)
-    ref = F.linear(F.max_pool2d(F.relu(model.conv1._conv_forward(x, model.conv1.weight, model.conv1.bias)), 2).flatten(1), model.fc.weight, model.fc.bias)  # fmt: skip
-    torch.testing.assert_close(model(x), ref)
+    conv, fc = model.conv1, model.fc
+    h = F.max_pool2d(F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)), 2)  # (3, 32, 14, 14)
+    torch.testing.assert_close(model(x), F.linear(h.flatten(1), fc.weight, fc.bias))
     expect_error(ValueError, r"image_size=27 must be even", SimpleCNN, image_size=27)
 
 
