@@ -11,6 +11,16 @@ from parallel_layers.dims import ParallelDims
 from parallel_layers.embedding import VocabParallelEmbedding
 from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
 from parallel_layers.parallelize import parallelize
+from parallel_layers.pipeline import (  # noqa: F401
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBH1,
+    build_stages,
+    partition_layers,
+    pipeline_parameters,
+)
 
 __all__ = [
     "ColumnParallelConv2d",

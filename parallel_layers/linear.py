@@ -17,6 +17,10 @@ Initialization: :meth:`reset_parameters` draws the *full* weight exactly as ``nn
 from the default CPU generator, and keeps this rank's chunk. So a layer built after
 ``torch.manual_seed(s)`` holds, at any TP size, the chunk of the ``nn.Linear`` built after the same
 seed on the CPU (and both consume the generator alike, so the layers after it match too).
+
+Zero-bubble pipeline schedules: the (non-overlapped) matmuls go through
+:func:`~parallel_layers.pipeline.weight_grad.deferrable_linear`, which is ``F.linear`` except under
+``split_weight_grad()``, where the weight gradient can be deferred to a later ``W`` pass.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.collectives import group_rank, group_size
@@ -37,6 +40,7 @@ from parallel_layers.comm import (
     reduce_scatter_to_sequence_parallel,
     scatter_to_tp,
 )
+from parallel_layers.pipeline.weight_grad import deferrable_linear
 from parallel_layers.utils import check_sequence_divisible, check_width, copy_shard_, divide
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "init_linear_"]
@@ -172,10 +176,10 @@ class ColumnParallelLinear(nn.Module):
                 )
             else:
                 x = gather_from_sequence_parallel(x, self.tp_group, dim=-2)  # (*, S, E)
-                out = F.linear(x, self.weight, self.bias)  # (*, S, F/p)
+                out = deferrable_linear(x, self.weight, self.bias)  # (*, S, F/p)
         else:
             x = copy_to_tp(x, self.tp_group)  # gradient all-reduced over the TP group
-            out = F.linear(x, self.weight, self.bias)  # (*, S, F/p)
+            out = deferrable_linear(x, self.weight, self.bias)  # (*, S, F/p)
         if self.gather_output:
             out = gather_from_tp(out, self.tp_group, dim=-1)  # (*, S, F)
         return out
@@ -299,7 +303,7 @@ class RowParallelLinear(nn.Module):
                 # (*, S, F/p) @ (F/p, E), reduce-scattered over the sequence as it is computed
                 out = matmul_reduce_scatter(x, self.weight, self.tp_group, scatter_dim=x.dim() - 2)
             else:
-                out = F.linear(x, self.weight)  # (*, S, E) partial sums
+                out = deferrable_linear(x, self.weight)  # (*, S, E) partial sums
                 out = reduce_scatter_to_sequence_parallel(out, self.tp_group, dim=-2)  # (*, S/p, E)
             if self.bias is not None:
                 # Each rank adds the bias to its own tokens only, so its gradient is a partial
@@ -307,8 +311,8 @@ class RowParallelLinear(nn.Module):
                 out = out + copy_to_tp(self.bias, self.tp_group)
             return out
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)  # exactly nn.Linear
-        out = reduce_from_tp(F.linear(x, self.weight), self.tp_group)  # (*, S, E)
+            return deferrable_linear(x, self.weight, self.bias)  # exactly nn.Linear
+        out = reduce_from_tp(deferrable_linear(x, self.weight), self.tp_group)  # (*, S, E)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

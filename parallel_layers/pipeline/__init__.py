@@ -1,0 +1,111 @@
+"""Pipeline parallelism: stage partitioning, point-to-point transport, schedules (GPipe, 1F1B,
+interleaved 1F1B, ZB-H1), hybrid with tensor and data parallelism, and instrumentation.
+
+=================  =====================================================================
+module             holds
+=================  =====================================================================
+``partition``      :func:`partition_layers` -> :class:`Partition` (by params/FLOPs/time/list)
+``stage``          :class:`PipelineStage`, :func:`build_stages` (DDP over ``dp`` per chunk)
+``p2p``            :class:`StageTransport`: batched isend/irecv, shapes exchanged once
+``actions``        schedules as per-rank :class:`Action` lists; :func:`simulate`
+``schedules``      :class:`ScheduleGPipe`, :class:`Schedule1F1B`,
+                   :class:`ScheduleInterleaved1F1B`, :class:`ScheduleZBH1`: one executor
+``weight_grad``    deferred weight gradients for zero-bubble schedules
+``synthetic``      :class:`TimedLayer`: known F/B/W costs, for measuring schedules
+``timeline``       per-rank :class:`Timeline`, :func:`bubble_fraction`, ASCII/PNG rendering,
+                   :class:`ActivationMemoryTracker`
+=================  =====================================================================
+
+A whole hybrid (dp, pp, tp) step::
+
+    dims = ParallelDims(dp=2, pp=2, tp=2)
+    layers = parallelize(model, dims.tp_group).pipeline_layers()
+    partition = partition_layers(layers, dims.pp, "params")
+    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
+    schedule = Schedule1F1B(stages, 8, partial(model.loss, tp_group=dims.tp_group))
+    loss = schedule.step(tokens, targets)
+"""
+
+from parallel_layers.pipeline.actions import (
+    Action,
+    gpipe_actions,
+    ideal_bubble_fraction,
+    interleaved_actions,
+    one_f_one_b_actions,
+    simulate,
+    validate_actions,
+    zb_h1_actions,
+)
+from parallel_layers.pipeline.p2p import StageTransport
+from parallel_layers.pipeline.partition import Partition, layer_costs, partition_layers
+from parallel_layers.pipeline.schedules import (
+    SCHEDULES,
+    PipelineSchedule,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBH1,
+    get_schedule,
+)
+from parallel_layers.pipeline.stage import (
+    PipelineStage,
+    SharedParameters,
+    build_stages,
+    pipeline_parameters,
+)
+from parallel_layers.pipeline.synthetic import TimedLayer
+from parallel_layers.pipeline.timeline import (
+    ActivationMemoryTracker,
+    Event,
+    Timeline,
+    bubble_fraction,
+    gather_timelines,
+    render_ascii,
+    render_png,
+)
+from parallel_layers.pipeline.weight_grad import (
+    WeightGradStore,
+    defer_weight_grad,
+    deferrable_linear,
+    split_weight_grad,
+    splitting,
+)
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "ActivationMemoryTracker",
+    "Event",
+    "Partition",
+    "PipelineSchedule",
+    "PipelineStage",
+    "Schedule1F1B",
+    "ScheduleGPipe",
+    "ScheduleInterleaved1F1B",
+    "ScheduleZBH1",
+    "SharedParameters",
+    "StageTransport",
+    "TimedLayer",
+    "Timeline",
+    "WeightGradStore",
+    "bubble_fraction",
+    "build_stages",
+    "defer_weight_grad",
+    "deferrable_linear",
+    "gather_timelines",
+    "get_schedule",
+    "gpipe_actions",
+    "ideal_bubble_fraction",
+    "interleaved_actions",
+    "layer_costs",
+    "one_f_one_b_actions",
+    "partition_layers",
+    "pipeline_parameters",
+    "render_ascii",
+    "render_png",
+    "simulate",
+    "split_weight_grad",
+    "splitting",
+    "validate_actions",
+    "zb_h1_actions",
+]

@@ -1,0 +1,465 @@
+"""Pipeline schedules over :class:`~.stage.PipelineStage` s: GPipe, 1F1B, interleaved 1F1B, ZB-H1.
+
+Each schedule is a class whose only difference is the per-rank action list it builds
+(:mod:`.actions`); one executor, :meth:`PipelineSchedule.step`, runs any list::
+
+    stages = build_stages(model.pipeline_layers(), partition, dims.pp_group, dp_group=dims.dp_group)
+    schedule = Schedule1F1B(stages, n_microbatches=8, loss_fn=model.loss)
+    loss = schedule.step(x, target)     # every rank: the mean loss over the batch
+    optimizer.step(); optimizer.zero_grad()
+
+One step, on each rank:
+
+1. Checks that every rank computes alike (the batch divides into ``n_microbatches``; the schedule
+   fits ``pp``, the chunks and ``n_microbatches``), raising ``ValueError`` before any message.
+2. The batch is cut into ``m`` microbatches along dim 0 (the first stage uses the inputs, the
+   last the targets; every rank passes what it has, or ``batch_size=``, so the check in 1 runs on
+   every rank).
+3. The rank's actions run in order. ``F(i, c)``: receive the input (or take microbatch ``i``),
+   run chunk ``c``, send the output (or, on the last stage, compute ``loss_fn(output, target_i)``).
+   ``B(i, c)``: receive the output gradient (or start from ``loss_i / m``), backpropagate, send
+   the input gradient. ``W(i, c)``: the deferred weight gradients (zero-bubble only). Receives are
+   posted up to ``lookahead`` actions early; sends never block.
+4. Outstanding sends are waited for; parameters shared by stages on several ranks (tied
+   embeddings) get their gradients summed over the pipeline; data-parallel stages synchronize
+   their gradients once (:meth:`~.stage.PipelineStage.sync_gradients`); the loss is broadcast
+   from the last stage.
+
+Loss and gradient scaling: ``loss_fn`` returns the mean loss of one microbatch; each microbatch's
+backward starts from ``loss_i / m`` and the gradients accumulate over the microbatches, so they are
+the gradients of the batch's mean loss (as one device on the whole batch, when ``loss_fn`` is a
+mean over equally many items per microbatch). The returned loss is ``sum_i loss_i / m`` on every
+rank of the pipeline; DDP averages gradients over ``dp`` (average the returned loss over ``dp`` for
+the global batch's loss). Gradients accumulate into ``.grad`` (zero them between steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+
+from kernels.collectives import group_rank
+from parallel_layers.pipeline.actions import (
+    Action,
+    check_interleaved,
+    gpipe_actions,
+    interleaved_actions,
+    one_f_one_b_actions,
+    simulate,
+    zb_h1_actions,
+)
+from parallel_layers.pipeline.p2p import PendingRecv, StageTransport
+from parallel_layers.pipeline.stage import PipelineStage
+from parallel_layers.pipeline.timeline import ActivationMemoryTracker, Timeline, render_ascii
+from parallel_layers.pipeline.weight_grad import WeightGradStore, split_weight_grad
+
+__all__ = [
+    "SCHEDULES",
+    "PipelineSchedule",
+    "Schedule1F1B",
+    "ScheduleGPipe",
+    "ScheduleInterleaved1F1B",
+    "ScheduleZBH1",
+    "get_schedule",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PipelineSchedule:
+    """Runs this rank's action list over its stages; subclasses choose the list.
+
+    Args:
+        stages: this rank's stages (one per chunk; :func:`~.stage.build_stages`), or one stage.
+        n_microbatches: ``m``; the batch must divide into ``m`` equal microbatches.
+        loss_fn: ``loss_fn(logits, target) -> scalar`` mean loss of a microbatch (run on the last
+            stage; e.g. ``functools.partial(model.loss, tp_group=dims.tp_group)``).
+        record_timeline: time every action and wait (a pipeline barrier starts each step);
+            the last step's events are in :attr:`timeline`.
+        track_memory: measure the activation bytes held for backward; the last step's peak is in
+            :attr:`peak_activation_bytes`.
+        lookahead: how many actions ahead receives are posted.
+
+    Raises:
+        TypeError, ValueError: stages that do not form this rank's share of one pipeline, or a
+            schedule that cannot run with these ``pp``, chunks and ``n_microbatches`` (on every
+            rank alike, before any communication).
+    """
+
+    name: ClassVar[str] = "base"
+    split_backward: ClassVar[bool] = False
+    """Whether ``B`` computes only input gradients, leaving weight gradients to ``W``."""
+
+    def __init__(
+        self,
+        stages: PipelineStage | Sequence[PipelineStage],
+        n_microbatches: int,
+        loss_fn: LossFn,
+        *,
+        record_timeline: bool = False,
+        track_memory: bool = False,
+        lookahead: int = 2,
+    ) -> None:
+        stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
+        if not stages or not all(isinstance(s, PipelineStage) for s in stages):
+            raise TypeError(f"stages={stages!r}: expected PipelineStage(s) (see build_stages)")
+        if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int):
+            raise TypeError(f"n_microbatches={n_microbatches!r}: expected a positive int")
+        if n_microbatches < 1:
+            raise ValueError(f"n_microbatches={n_microbatches}: expected a positive int")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn={loss_fn!r}: expected a callable (logits, target) -> loss")
+        stages = sorted(stages, key=lambda s: s.stage_index)
+        self.pp_group = stages[0].pp_group
+        self.pp, self.pp_rank = stages[0].pp, group_rank(self.pp_group)
+        self.num_chunks = len(stages)
+        self.num_stages = stages[0].num_stages
+        expected = [c * self.pp + self.pp_rank for c in range(self.num_chunks)]
+        if [s.stage_index for s in stages] != expected or any(
+            s.num_stages != self.pp * self.num_chunks or s.pp_group is not self.pp_group
+            for s in stages
+        ):
+            raise ValueError(
+                f"stages {[s.stage_index for s in stages]} of {self.num_stages}: expected this "
+                f"rank's {self.num_chunks} chunk(s) {expected} of one pipeline of "
+                f"pp={self.pp} x {self.num_chunks} stages over one pp group"
+            )
+        self.check(self.pp, n_microbatches, self.num_chunks)
+        self.stages = stages
+        self.n_microbatches = n_microbatches
+        self.loss_fn = loss_fn
+        self.lookahead = lookahead
+        self.actions_by_rank = self.build_actions(self.pp, n_microbatches, self.num_chunks)
+        self.actions: list[Action] = self.actions_by_rank[self.pp_rank]
+        params = [p for s in stages for p in s.parameters()]
+        device = params[0].device if params else torch.device("cpu")
+        self.transport = StageTransport(self.pp_group, self.num_chunks, device)
+        self.timeline: Timeline | None = Timeline(self.pp_rank) if record_timeline else None
+        self.memory = ActivationMemoryTracker(params) if track_memory else None
+        self.peak_activation_bytes = 0
+
+    # -- what subclasses define -----------------------------------------------------------------
+    @classmethod
+    def check(cls, pp: int, m: int, v: int) -> None:
+        """Raise ``ValueError`` if the schedule cannot run with these sizes (default: one chunk)."""
+        if v != 1:
+            raise ValueError(
+                f"{cls.__name__} runs one chunk per rank, got {v}: use ScheduleInterleaved1F1B "
+                "for several chunks per rank"
+            )
+
+    @classmethod
+    def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
+        """Every rank's action list for ``pp`` ranks, ``m`` microbatches, ``v`` chunks."""
+        raise NotImplementedError
+
+    @classmethod
+    def render(cls, pp: int, m: int, v: int = 1, costs: dict | None = None) -> str:
+        """The schedule as ASCII, simulated with unit costs (``F=1, B=2`` or ``F=B=W=1``)."""
+        cls.check(pp, m, v)
+        sim = simulate(cls.build_actions(pp, m, v), v=v, costs=costs)
+        return render_ascii(sim, unit=1.0, title=f"{cls.__name__}: pp={pp}, m={m}, v={v}")
+
+    # -- running ------------------------------------------------------------------------------
+    def _batch_size(self, inputs, target, batch_size) -> int:
+        sizes = {}
+        for name, t in (("inputs", inputs), ("target", target)):
+            if t is not None:
+                if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                    raise TypeError(f"{name}: expected a tensor with a batch dim, got {t!r}")
+                sizes[name] = t.shape[0]
+        if batch_size is not None:
+            sizes["batch_size"] = batch_size
+        if not sizes:
+            raise ValueError(
+                "step() needs the batch size on every rank to check it before any send: pass "
+                "inputs and/or target (or batch_size=) on every pipeline rank"
+            )
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the batch sizes disagree: {sizes}")
+        return next(iter(sizes.values()))
+
+    def step(
+        self,
+        inputs: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        *,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """One training step's forwards and backwards over the batch (no optimizer step).
+
+        Args:
+            inputs: ``(B, ...)`` model input; needed where the first stage is.
+            target: ``(B, ...)`` targets for ``loss_fn``; needed where the last stage is.
+            batch_size: ``B``, for a rank that passes neither.
+
+        Returns:
+            The batch's mean loss, a 0-dim fp32 tensor, on every rank of the pipeline.
+        """
+        m = self.n_microbatches
+        batch = self._batch_size(inputs, target, batch_size)
+        if batch % m:
+            raise ValueError(
+                f"batch size {batch} is not divisible by n_microbatches={m}: every microbatch "
+                "must have the same size (pick a batch size that is a multiple of it)"
+            )
+        first, last = self.stages[0].is_first, self.stages[-1].is_last
+        if first and inputs is None:
+            raise ValueError("this rank holds the first stage: step() needs inputs")
+        if last and target is None:
+            raise ValueError("this rank holds the last stage: step() needs target")
+        run = _StepState(
+            inputs.tensor_split(m) if first else None, target.tensor_split(m) if last else None
+        )
+
+        if self.timeline is not None:
+            if self.pp > 1:
+                dist.barrier(group=self.pp_group)
+            self.timeline.begin()
+        if self.memory is not None:
+            self.memory.reset()
+        with contextlib.ExitStack() as no_sync:
+            for stage in self.stages:
+                no_sync.enter_context(stage.no_sync())
+            for idx, action in enumerate(self.actions):
+                self._prefetch(idx, run)
+                if action.kind == "F":
+                    self._forward(action, run)
+                elif action.kind == "B":
+                    self._backward(action, run)
+                else:
+                    self._weight(action, run)
+                if self.memory is not None:
+                    self.memory.sample(sum(s.held_bytes for s in run.stores.values()))
+                self.transport.release_completed()
+        self.transport.finish()
+        if self.memory is not None:
+            self.peak_activation_bytes = self.memory.peak
+        self.stages[0].shared.sync_grads()  # tied parameters held on several ranks
+        for stage in self.stages:
+            stage.sync_gradients()
+        return self._reduce_loss(run.losses)
+
+    # -- the three kinds of action --------------------------------------------------------------
+    def _recv_key(self, a: Action) -> tuple[str, int, int] | None:
+        s = self.stages[a.chunk].stage_index
+        if a.kind == "F" and s > 0:
+            return ("act", a.microbatch, a.chunk)
+        if a.kind == "B" and s < self.num_stages - 1:
+            return ("grad", a.microbatch, a.chunk)
+        return None
+
+    def _post_recv(self, key: tuple[str, int, int], run: _StepState, *, eager: bool) -> None:
+        if key in run.recvs:
+            return
+        kind, i, c = key
+        s = self.stages[c].stage_index
+        if kind == "act":
+            if eager and not self.transport.knows_input(s):
+                return  # its shape arrives with the first message: post when it is needed
+            run.recvs[key] = self.transport.recv_activation(s, i)
+        else:
+            meta = self.transport.output_meta(s)
+            if meta is None or not meta[2]:
+                return  # not sent yet, or needs no gradient
+            run.recvs[key] = self.transport.recv_grad(s, i)
+
+    def _prefetch(self, idx: int, run: _StepState) -> None:
+        for a in self.actions[idx : idx + 1 + self.lookahead]:
+            key = self._recv_key(a)
+            if key is not None:
+                self._post_recv(key, run, eager=a is not self.actions[idx])
+
+    def _wait(self, key: tuple[str, int, int], run: _StepState) -> torch.Tensor:
+        self._post_recv(key, run, eager=False)
+        pending: PendingRecv = run.recvs.pop(key)
+        start = self._now()
+        value = pending.wait()
+        self._event("recv", key[1], key[2], start)
+        return value
+
+    def _forward(self, a: Action, run: _StepState) -> None:
+        stage = self.stages[a.chunk]
+        i = a.microbatch
+        x = run.inputs[i] if stage.is_first else self._wait(("act", i, a.chunk), run)
+        start = self._now()
+        with contextlib.ExitStack() as ctx:
+            if self.split_backward:
+                ctx.enter_context(split_weight_grad())
+            if self.memory is not None:
+                ctx.enter_context(self.memory.hooks())
+            y = stage(x)
+            if stage.is_last:
+                loss = self.loss_fn(y, run.targets[i])
+                if loss.dim() != 0:
+                    raise ValueError(
+                        f"loss_fn returned shape {tuple(loss.shape)}: expected a scalar"
+                    )
+                run.losses.append(loss.detach().float())
+                root = loss / self.n_microbatches
+        self._event("F", i, a.chunk, start)
+        if stage.is_last:
+            run.held[(i, a.chunk)] = (x, root)
+        else:
+            run.held[(i, a.chunk)] = (x, y)
+            start = self._now()
+            self.transport.send_activation(stage.stage_index, i, y)
+            self._event("send", i, a.chunk, start)
+
+    def _backward(self, a: Action, run: _StepState) -> None:
+        stage = self.stages[a.chunk]
+        i = a.microbatch
+        x, root = run.held.pop((i, a.chunk))
+        grad = None
+        if not stage.is_last and root.requires_grad:
+            grad = self._wait(("grad", i, a.chunk), run)
+        store = WeightGradStore() if self.split_backward else None
+        start = self._now()
+        with store.capture() if store is not None else contextlib.nullcontext():
+            if root.requires_grad:
+                torch.autograd.backward(root, grad)
+        self._event("B", i, a.chunk, start)
+        if store is not None:
+            run.stores[(i, a.chunk)] = store
+        del root, grad
+        if not stage.is_first and x.requires_grad:
+            dx = x.grad if x.grad is not None else torch.zeros_like(x)
+            start = self._now()
+            self.transport.send_grad(stage.stage_index, i, dx)
+            self._event("send", i, a.chunk, start)
+
+    def _weight(self, a: Action, run: _StepState) -> None:
+        store = run.stores.pop((a.microbatch, a.chunk))
+        start = self._now()
+        store.flush()
+        self._event("W", a.microbatch, a.chunk, start)
+
+    def _reduce_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        device = self.transport.device
+        if self.stages[-1].is_last:
+            total = torch.stack(losses).sum().to(device) / self.n_microbatches
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=device)
+        if self.pp > 1:
+            src = dist.get_global_rank(self.pp_group, self.pp - 1)
+            dist.broadcast(total, src=src, group=self.pp_group)
+        return total
+
+    # -- instrumentation ----------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.timeline.now() if self.timeline is not None else 0.0
+
+    def _event(self, kind: str, microbatch: int, chunk: int, start: float) -> None:
+        if self.timeline is not None:
+            self.timeline.add(kind, microbatch, chunk, start, self.timeline.now())
+
+    def reset_shapes(self) -> None:
+        """Re-exchange activation shapes at the next step (call on every rank after the
+        microbatch shape changes)."""
+        self.transport.reset_shapes()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pp={self.pp}, chunks={self.num_chunks}, "
+            f"n_microbatches={self.n_microbatches}, rank {self.pp_rank}: "
+            f"{' '.join(map(str, self.actions))})"
+        )
+
+
+class _StepState:
+    """What one step keeps between actions."""
+
+    def __init__(self, inputs, targets) -> None:
+        self.inputs, self.targets = inputs, targets
+        self.held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recvs: dict[tuple[str, int, int], PendingRecv] = {}
+        self.stores: dict[tuple[int, int], WeightGradStore] = {}
+        self.losses: list[torch.Tensor] = []
+
+
+class ScheduleGPipe(PipelineSchedule):
+    """GPipe: all ``m`` forwards, then all ``m`` backwards. Activations of all ``m`` microbatches
+    are alive at once; bubble ``(p - 1) / (m + p - 1)``.
+
+    Example (``ScheduleGPipe.render(2, 4)``)::
+
+        rank 0 | F0 F1 F2 F3 .  .  .  B0 -  B1 -  B2 -  B3 -
+        rank 1 | .  F0 F1 F2 F3 B0 -  B1 -  B2 -  B3 -  .  .
+    """
+
+    name = "gpipe"
+
+    @classmethod
+    def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
+        return gpipe_actions(pp, m)
+
+
+class Schedule1F1B(PipelineSchedule):
+    """1F1B: ``p - r - 1`` warm-up forwards on rank ``r``, then one forward / one backward, then
+    the cool-down backwards. At most ``p - r`` microbatches in flight; bubble as GPipe's.
+
+    Example (``Schedule1F1B.render(2, 4)``)::
+
+        rank 0 | F0 F1 .  .  B0 -  F2 B1 -  F3 B2 -  .  B3 -
+        rank 1 | .  F0 B0 -  F1 B1 -  F2 B2 -  F3 B3 -  .  .
+    """
+
+    name = "1f1b"
+
+    @classmethod
+    def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
+        return one_f_one_b_actions(pp, m)
+
+
+class ScheduleInterleaved1F1B(PipelineSchedule):
+    """Interleaved 1F1B (Megatron's virtual pipeline): ``v`` chunks per rank, virtual stage
+    ``c * p + r`` on rank ``r``. Bubble about ``1/v`` of 1F1B's, for ``v`` times the messages.
+    Needs ``n_microbatches`` a multiple of ``pp``."""
+
+    name = "interleaved"
+
+    @classmethod
+    def check(cls, pp: int, m: int, v: int) -> None:
+        check_interleaved(pp, m, v)
+
+    @classmethod
+    def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
+        return interleaved_actions(pp, m, v)
+
+
+class ScheduleZBH1(PipelineSchedule):
+    """ZB-H1 zero-bubble schedule: 1F1B with each backward split into ``B`` (input gradient) and
+    ``W`` (weight gradient, deferred to fill the bubble); peak memory as 1F1B. The weight
+    gradients of the parallel linear layers (and anything using
+    :func:`~.weight_grad.deferrable_linear`) are deferred; other parameters' are computed in
+    ``B``.
+
+    Example (``ScheduleZBH1.render(2, 4)``, ``F = B = W``; 1F1B takes 15 units, ZB-H1 13)::
+
+        rank 0 | F0 F1 .  B0 W0 F2 B1 W1 F3 B2 W2 B3 W3
+        rank 1 | .  F0 B0 F1 B1 W0 F2 B2 W1 F3 B3 W2 W3
+    """
+
+    name = "zb-h1"
+    split_backward = True
+
+    @classmethod
+    def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
+        return zb_h1_actions(pp, m)
+
+
+SCHEDULES: dict[str, type[PipelineSchedule]] = {
+    cls.name: cls for cls in (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleZBH1)
+}
+
+
+def get_schedule(name: str) -> type[PipelineSchedule]:
+    """The schedule class called ``name``: ``"gpipe"``, ``"1f1b"``, ``"interleaved"``, ``"zb-h1"``."""
+    try:
+        return SCHEDULES[name]
+    except KeyError:
+        raise ValueError(f"schedule {name!r}: expected one of {sorted(SCHEDULES)}") from None

@@ -1,0 +1,175 @@
+"""Deferred weight gradients: the backward split zero-bubble schedules need.
+
+A linear layer's backward is two matmuls that need different things::
+
+    dX = dY W          (*, out) @ (out, in) -> (*, in)   the previous stage waits for this
+    dW = dY^T X        (out, *) @ (*, in)   -> (out, in) nobody waits for this until the optimizer
+
+Zero-bubble schedules (ZB-H1) run the first at ``B`` time and the second later, at ``W`` time,
+in what would otherwise be pipeline bubble. Autograd computes both in one node, so the layers
+opt in through :func:`deferrable_linear`, which is ``F.linear`` except under
+:func:`split_weight_grad` (active during the forward), where the matmul runs through an autograd
+Function whose backward computes ``dX`` and, if a :class:`WeightGradStore` is capturing (during the
+backward), hands ``dW``/``db`` to the store instead of computing them. ``store.flush()`` (the
+``W`` pass) then computes them and adds them to ``weight.grad``/``bias.grad``. With no store
+capturing, the Function computes everything at once, so a model run under ``split_weight_grad``
+outside a pipeline still trains correctly.
+
+Other parameters (norms, embeddings, convolutions) keep their gradients in the ``B`` pass: correct,
+just not deferred. :func:`defer_weight_grad` lets any custom Function join in the same way.
+
+The state is two module-level stacks (like :func:`kernels.collectives.record_comm`'s ledgers, and
+unlike a thread-local, visible to autograd's device threads); no process group is kept here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "WeightGradStore",
+    "defer_weight_grad",
+    "deferrable_linear",
+    "split_weight_grad",
+    "splitting",
+]
+
+_split_depth = 0  # > 0: deferrable layers record their matmul for a split backward
+_stores: list[WeightGradStore] = []  # the innermost capturing store gets deferred work
+
+
+@contextlib.contextmanager
+def split_weight_grad() -> Iterator[None]:
+    """Forward-time switch: inside, :func:`deferrable_linear` records its matmul so that its
+    backward can leave the weight gradient to a :class:`WeightGradStore`."""
+    global _split_depth
+    _split_depth += 1
+    try:
+        yield
+    finally:
+        _split_depth -= 1
+
+
+def splitting() -> bool:
+    """Whether a :func:`split_weight_grad` block is active (layers decide at forward time)."""
+    return _split_depth > 0
+
+
+class WeightGradStore:
+    """A queue of deferred weight-gradient computations (one per microbatch and chunk).
+
+    Example::
+
+        store = WeightGradStore()
+        with split_weight_grad():
+            y = layer(x)                    # layer uses deferrable_linear
+        with store.capture():
+            y.backward(dy)                  # x.grad now; layer.weight.grad still untouched
+        store.flush()                       # layer.weight.grad += dY^T X
+    """
+
+    def __init__(self) -> None:
+        self._work: list[Callable[[], None]] = []
+        self.held_bytes = 0
+        """Bytes of the tensors the queued computations keep alive (for memory accounting)."""
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[WeightGradStore]:
+        """Backward-time: deferred work inside the ``with`` block goes to this store."""
+        _stores.append(self)
+        try:
+            yield self
+        finally:
+            _stores.remove(self)
+
+    def put(self, fn: Callable[[], None], *held: torch.Tensor) -> None:
+        """Queue ``fn``; ``held`` are the tensors it keeps alive until it runs."""
+        self._work.append(fn)
+        self.held_bytes += sum(t.numel() * t.element_size() for t in held)
+
+    def flush(self) -> int:
+        """Run the queued computations in order (the ``W`` pass); return how many ran."""
+        work, self._work = self._work, []
+        self.held_bytes = 0
+        with torch.no_grad():
+            for fn in work:
+                fn()
+        return len(work)
+
+    def __len__(self) -> int:
+        return len(self._work)
+
+
+def defer_weight_grad(fn: Callable[[], None], *held: torch.Tensor) -> bool:
+    """Queue ``fn`` (which keeps the tensors ``held`` alive) in the capturing store and return
+    ``True``; with none capturing, return ``False`` (the caller computes its weight gradient
+    now)."""
+    if not _stores:
+        return False
+    _stores[-1].put(fn, *held)
+    return True
+
+
+@torch.no_grad()
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """``param.grad += grad`` as autograd's AccumulateGrad would (creating it if absent)."""
+    if param.grad is None:
+        param.grad = grad.to(param.dtype)
+    else:
+        param.grad.add_(grad)
+
+
+class _DeferrableLinear(torch.autograd.Function):
+    """``Y = X W^T + b`` whose backward can leave ``dW``, ``db`` to a :class:`WeightGradStore`.
+
+    Shapes: x ``(*, in)``, weight ``(out, in)``, bias ``(out,)``, y ``(*, out)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.params = (weight, bias)  # the leaves whose .grad the deferred pass adds to
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        weight_param, bias_param = ctx.params
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dx = dy.matmul(weight) if need_x else None  # (*, out) @ (out, in) -> (*, in)
+
+        def weight_grads() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+            dw = dy2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None  # (out, in)
+            db = dy2.sum(0) if need_b else None  # (out,); fp32 accumulation as autograd's
+            return dw, db
+
+        def deferred() -> None:
+            dw, db = weight_grads()
+            if dw is not None:
+                _accumulate(weight_param, dw)
+            if db is not None:
+                _accumulate(bias_param, db)
+
+        if (need_w or need_b) and defer_weight_grad(deferred, x, dy):
+            return dx, None, None
+        dw, db = weight_grads()
+        return dx, dw, db
+
+
+def deferrable_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; under :func:`split_weight_grad` its weight gradient can be
+    deferred to a :class:`WeightGradStore` (see the module docstring).
+
+    Shapes: x ``(*, in)``, weight ``(out, in)``, bias ``(out,)`` -> ``(*, out)``.
+    """
+    needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if _split_depth and needs_grad and torch.is_grad_enabled():
+        return _DeferrableLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)

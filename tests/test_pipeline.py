@@ -1,0 +1,398 @@
+"""Pipeline parallelism on gloo: every schedule against one device, hybrid (dp, pp, tp), bad input,
+measured bubble fractions and activation memory.
+
+Parity: every rank builds the single-device model and the pipelined one from the same seed, trains
+both for 5 SGD steps on the same batches (the pipeline in ``m`` microbatches, the reference on the
+whole batch at once) and compares the loss of every step and, at the end, every parameter this
+rank holds (its TP shard of the single-device parameter). fp32; tolerance normwise per tensor,
+``max|ours - ref| <= RTOL * max|ref|`` with ``RTOL = 1e-5`` (measured: a few 1e-7; the
+difference is the order in which the microbatches' gradient contributions are summed).
+
+Bubble fractions are measured on stages of :class:`~parallel_layers.pipeline.TimedLayer`, whose
+passes take a fixed wall time (a sleep), so four processes on a two-core machine behave like four
+devices: the measured idle time is the schedule's, not CPU contention.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import expect_error
+from kernels.collectives import record_comm
+from parallel_layers import ColumnParallelLinear, ParallelDims
+from parallel_layers.parallelize import parallelize, param_sharding
+from parallel_layers.pipeline import (
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    TimedLayer,
+    bubble_fraction,
+    build_stages,
+    gather_timelines,
+    get_schedule,
+    partition_layers,
+    pipeline_parameters,
+    render_ascii,
+)
+
+RTOL = 1e-5
+STEPS = 5
+LR = 0.05
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1"]
+
+GPT_CFG = dict(vocab_size=97, n_layers=6, n_heads=2, embed_dim=32, max_seq_len=16,
+               vocab_pad_multiple=8, bias=True)  # fmt: skip
+CNN_CFG = dict(
+    in_channels=3, num_classes=10, width=4, num_stages=3, blocks_per_stage=2
+)  # 10 layers
+SEQ, IMAGE = 8, 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------
+def _mlp(n_layers: int = 8, width: int = 16) -> nn.Module:
+    """A stack of (deferrable) linear layers: ``(B, width) -> (B, width)``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[nn.Sequential(ColumnParallelLinear(width, width), nn.Tanh()) for _ in range(n_layers)]
+    )
+    model.pipeline_layers = lambda: list(model)
+    model.loss = lambda out, target, tp_group=None: F.mse_loss(out, target)
+    return model
+
+
+def _small_cnn() -> nn.Module:
+    """A CNN whose activations change shape from stage to stage (channels up, space down)."""
+    torch.manual_seed(0)
+    layers = [
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()),  # (B, 4, 8, 8)
+        nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()),  # (B, 8, 4, 4)
+        nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()),  # (B, 16, 2, 2)
+        nn.Flatten(),  # (B, 64)
+        nn.Linear(64, 10),  # (B, 10)
+    ]
+    model = nn.Sequential(*layers)
+    model.pipeline_layers = lambda: list(model)
+    model.loss = lambda out, target, tp_group=None: F.cross_entropy(out, target)
+    return model
+
+
+def _build(name: str, tp_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """The model ``name`` from seed 0, tensor-parallel over ``tp_group`` when it has 2+ ranks."""
+    if name == "mlp":
+        return _mlp()
+    if name == "small_cnn":
+        return _small_cnn()
+    torch.manual_seed(0)
+    if name == "gpt":
+        from models.gpt import GPT, GPT_TP_PLAN, GPTConfig
+
+        model, plan = GPT(GPTConfig(**GPT_CFG)), GPT_TP_PLAN
+    else:
+        from models.cnn import CNN_TP_PLAN, CNNConfig, ResNetCNN
+
+        model, plan = ResNetCNN(CNNConfig(**CNN_CFG)), CNN_TP_PLAN
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        model = parallelize(model, plan, tp_group)
+    return model
+
+
+def _batch(name: str, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    if name == "gpt":
+        tokens = torch.randint(0, GPT_CFG["vocab_size"], (batch, SEQ + 1), generator=gen)
+        return tokens[:, :-1], tokens[:, 1:]
+    if name in ("cnn", "small_cnn"):
+        x = torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)
+        return x, torch.randint(0, 10, (batch,), generator=gen)
+    return torch.randn(batch, 16, generator=gen), torch.randn(batch, 16, generator=gen)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().item()
+    diff = (actual.float() - expected.float()).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _param_errors(stages, ref_layers) -> dict[str, float]:
+    """Normwise error of every parameter this rank holds against its shard of the reference."""
+    errors = {}
+    for stage in stages:
+        start, _ = stage.layer_range
+        for k, layer in enumerate(stage.layers):
+            ref_layer = ref_layers[start + k]
+            for mname, module in layer.named_modules():
+                for pname, p in module.named_parameters(recurse=False):
+                    full = getattr(ref_layer.get_submodule(mname), pname)
+                    dim, parts, rank = param_sharding(module, pname)
+                    expected = full if dim is None else full.chunk(parts, dim)[rank]
+                    errors[f"layer{start + k}.{mname}.{pname}"] = _rel_err(p, expected)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity: pipelined (x data x tensor parallel) training == one device
+# ---------------------------------------------------------------------------------------------
+def _parity(name: str, schedules: list[str], m: int, dp: int = 1, tp: int = 1) -> dict:
+    """Train ``name`` for STEPS steps under each schedule; return the worst errors per schedule."""
+    pp = dist.get_world_size() // (dp * tp)
+    dims = ParallelDims(dp=dp, pp=pp, tp=tp)
+    batch = 2 * m * dp  # 2 samples per microbatch per replica
+    out = {}
+    for sched_name in schedules:
+        cls = get_schedule(sched_name)
+        v = 2 if sched_name == "interleaved" else 1
+        ref = _build(name)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+        model = _build(name, dims.tp_group)
+        layers = model.pipeline_layers()
+        partition = partition_layers(layers, pp * v, "params")
+        stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
+        schedule = cls(stages, m, model.loss)
+        opt = torch.optim.SGD(pipeline_parameters(stages), lr=LR)
+        ddp_calls = _count_ddp_reductions(stages)
+        loss_err, calls = 0.0, []
+        for step in range(STEPS):
+            x, y = _batch(name, step, batch)
+            lo, hi = dims.dp_rank * batch // dp, (dims.dp_rank + 1) * batch // dp
+            before = ddp_calls[0]
+            loss = schedule.step(x[lo:hi], y[lo:hi])
+            calls.append(ddp_calls[0] - before)
+            if dp > 1:  # the global batch's loss: the mean of the replicas'
+                dist.all_reduce(loss, group=dims.dp_group)
+                loss = loss / dp
+            opt.step()
+            opt.zero_grad()
+            ref_loss = ref.loss(ref(x), y)
+            ref_loss.backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            loss_err = max(loss_err, _rel_err(loss, ref_loss.detach()))
+        errors = _param_errors(stages, ref.pipeline_layers())
+        worst = max(errors, key=errors.get)
+        out[sched_name] = {
+            "loss": loss_err,
+            "param": errors[worst],
+            "worst": worst,
+            "ddp_calls": calls,
+            "ddp_stages": sum(s.ddp is not None for s in stages),
+            "final_loss": float(loss),
+        }
+    return out
+
+
+def _count_ddp_reductions(stages) -> list[int]:
+    """Count DDP's bucket all-reduces (a comm hook that counts, then runs the default one)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counter = [0]
+    for stage in stages:
+        if stage.ddp is None:
+            continue
+
+        def hook(group, bucket):
+            counter[0] += 1
+            return allreduce_hook(group, bucket)
+
+        stage.ddp.register_comm_hook(stage.dp_group, hook)
+    return counter
+
+
+def _check(results: list[dict], where: str) -> None:
+    for rank, per_schedule in enumerate(results):
+        for sched, r in per_schedule.items():
+            assert r["loss"] <= RTOL, f"{where} {sched} rank {rank}: loss error {r['loss']:.2e}"
+            assert r["param"] <= RTOL, (
+                f"{where} {sched} rank {rank}: {r['worst']} error {r['param']:.2e}"
+            )
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_mlp_and_shape_changing_cnn_parity(dist_run, pp):
+    """Linear stacks (deferrable weight gradients) and a CNN whose activation shapes change
+    between stages, under every schedule: the single-device losses and parameters."""
+    m = 4
+    for name in ("mlp", "small_cnn"):
+        schedules = SCHEDULES if name == "mlp" or pp == 2 else SCHEDULES[:2] + SCHEDULES[3:]
+        _check(dist_run(pp, _parity, name, schedules, m, timeout=180), f"{name} pp={pp}")
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("name", ["gpt", "cnn"])
+def test_model_parity_every_schedule(dist_run, name, pp):
+    """The GPT and the deep ResNet-style CNN (models/), 5 steps, pp = 2 and 4, every schedule
+    (interleaved with 2 chunks per rank): the single-device losses and parameters."""
+    pytest.importorskip("models.gpt" if name == "gpt" else "models.cnn")
+    _check(dist_run(pp, _parity, name, SCHEDULES, 4, timeout=300), f"{name} pp={pp}")
+
+
+def _hybrid(name: str) -> dict:
+    return _parity(name, SCHEDULES, 4, dp=2, tp=2)
+
+
+def test_hybrid_dp_pp_tp_222(dist_run):
+    """(dp, pp, tp) = (2, 2, 2) on 8 processes: GPT and deep CNN under every schedule match one
+    device; DDP reduces gradients once per step (one bucket all-reduce per DDP-wrapped chunk,
+    not one per microbatch)."""
+    pytest.importorskip("models.gpt")
+    for name in ("gpt", "cnn"):
+        results = dist_run(8, _hybrid, name, timeout=600)
+        _check(results, f"{name} (2,2,2)")
+        for rank, per_schedule in enumerate(results):
+            for sched, r in per_schedule.items():
+                assert r["ddp_stages"] >= 1
+                assert r["ddp_calls"] == [r["ddp_stages"]] * STEPS, (
+                    f"{name} {sched} rank {rank}: DDP reductions per step {r['ddp_calls']}, "
+                    f"expected one per wrapped chunk ({r['ddp_stages']})"
+                )
+
+
+def _reshape_case() -> list[float]:
+    """Shapes are exchanged once; after reset_shapes() a new microbatch shape works."""
+    dims = ParallelDims(pp=dist.get_world_size())
+    model = _small_cnn()
+    layers = model.pipeline_layers()
+    stages = build_stages(layers, partition_layers(layers, dims.pp), dims.pp_group)
+    schedule = Schedule1F1B(stages, 2, model.loss)
+    losses = [float(schedule.step(*_batch("small_cnn", 0, 4)))]
+    schedule.reset_shapes()
+    losses.append(float(schedule.step(*_batch("small_cnn", 1, 6))))
+    ref = _small_cnn()
+    expected = [float(ref.loss(ref(x), y)) for x, y in (_batch("small_cnn", s, b) for s, b in
+                                                           ((0, 4), (1, 6)))]  # fmt: skip
+    return [abs(a - b) for a, b in zip(losses, expected)]
+
+
+def test_reset_shapes(dist_run):
+    for errs in dist_run(2, _reshape_case):
+        assert max(errs) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors on every rank, before anything is sent
+# ---------------------------------------------------------------------------------------------
+def _bad_inputs() -> dict[str, str]:
+    dims = ParallelDims(pp=dist.get_world_size())
+    pp = dims.pp
+    model = _mlp(n_layers=pp)
+    layers = model.pipeline_layers()
+    messages = {}
+    with record_comm() as ledger:
+        messages["stages"] = expect_error(
+            ValueError, "cannot fill", partition_layers, layers[: pp - 1], pp
+        )
+        stages = build_stages(layers, partition_layers(layers, pp), dims.pp_group)
+        schedule = Schedule1F1B(stages, 4, model.loss)
+        x, y = _batch("mlp", 0, 10)
+        messages["batch"] = expect_error(
+            ValueError, "not divisible by n_microbatches=4", schedule.step, x, y
+        )
+        messages["few"] = expect_error(
+            ValueError, "too small for the interleaved", ScheduleInterleaved1F1B, stages, pp - 1,
+            model.loss,
+        )  # fmt: skip
+        messages["multiple"] = expect_error(
+            ValueError, "not a multiple of pp", ScheduleInterleaved1F1B, stages, pp + 1, model.loss
+        )
+    assert ledger.total_bytes == 0, f"something was sent before the error: {ledger}"
+    # and the pipeline still works afterwards (nobody was left half-way through a step)
+    loss = schedule.step(*_batch("mlp", 0, 8))
+    return {**messages, "loss": float(loss)}
+
+
+def test_bad_input_errors_on_every_rank(dist_run):
+    results = dist_run(4, _bad_inputs)
+    for key in ("stages", "batch", "few", "multiple"):
+        assert len({r[key] for r in results}) == 1, f"{key}: the ranks' messages differ"
+    assert "3 layers cannot fill 4 pipeline stages" in results[0]["stages"]
+    assert "batch size 10" in results[0]["batch"]
+    assert len({r["loss"] for r in results}) == 1  # every rank reports the same loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured bubble fractions and activation memory
+# ---------------------------------------------------------------------------------------------
+UNIT_S = 0.02  # one stage's forward (= its dX = its dW) takes 20 ms
+
+
+def _measure_bubbles(m: int, steps: int = 3) -> dict:
+    dims = ParallelDims(pp=dist.get_world_size())
+    pp = dims.pp
+    out = {}
+    for name in SCHEDULES:
+        v = 2 if name == "interleaved" else 1
+        torch.manual_seed(0)
+        # 2 layers per rank, each half a unit: every rank does the same work under every schedule
+        layers = [TimedLayer(8, UNIT_S / 2, UNIT_S / 2, UNIT_S / 2) for _ in range(2 * pp)]
+        stages = build_stages(layers, partition_layers(layers, pp * v), dims.pp_group)
+        schedule = get_schedule(name)(stages, m, F.mse_loss, record_timeline=True)
+        fractions = []
+        for step in range(steps + 1):  # the first step exchanges shapes: not counted
+            x, y = torch.randn(m, 8), torch.randn(m, 8)
+            schedule.step(x, y)
+            timelines = gather_timelines(schedule.timeline, dims.pp_group)
+            if step:
+                fractions.append(bubble_fraction(timelines))
+        out[name] = {"bubble": statistics.median(fractions), "ascii": render_ascii(timelines)}
+    return out
+
+
+def test_measured_bubble_fractions(dist_run):
+    """pp = 4, m = 8, equal stages: GPipe and 1F1B within 5 points of (p-1)/(m+p-1) = 0.273;
+    interleaved (v = 2) and ZB-H1 measurably below 1F1B."""
+    pp, m = 4, 8
+    result = dist_run(pp, _measure_bubbles, m, timeout=240)[0]
+    formula = (pp - 1) / (m + pp - 1)
+    bubbles = {k: r["bubble"] for k, r in result.items()}
+    print(f"\nmeasured bubble fractions (pp={pp}, m={m}, formula {formula:.3f}): {bubbles}")
+    print(result["zb-h1"]["ascii"])
+    for name in ("gpipe", "1f1b"):
+        assert abs(bubbles[name] - formula) <= 0.05, (name, bubbles[name], formula)
+    assert bubbles["interleaved"] <= bubbles["1f1b"] - 0.04, bubbles
+    assert bubbles["zb-h1"] <= bubbles["1f1b"] - 0.06, bubbles
+
+
+def _measure_memory(ms: list[int]) -> dict:
+    dims = ParallelDims(pp=dist.get_world_size())
+    model = _mlp(n_layers=2 * dims.pp, width=64)
+    layers = model.pipeline_layers()
+    stages = build_stages(layers, partition_layers(layers, dims.pp), dims.pp_group)
+    out = {}
+    for name in ("gpipe", "1f1b", "zb-h1"):
+        for m in ms:
+            schedule = get_schedule(name)(stages, m, model.loss, track_memory=True)
+            schedule.step(torch.randn(4 * m, 64), torch.randn(4 * m, 64))
+            out[(name, m)] = schedule.peak_activation_bytes
+            for p in pipeline_parameters(stages):
+                p.grad = None
+    return out
+
+
+def test_activation_memory_1f1b_bounded_gpipe_grows(dist_run):
+    """Peak activation bytes held for backward on rank 0 (pp = 4, 4 samples per microbatch):
+    GPipe's grow with m, 1F1B's stay at p microbatches' worth."""
+    ms = [4, 8, 16]
+    result = dist_run(4, _measure_memory, ms, timeout=120)[0]  # rank 0 holds the most
+    per_mb = result[("gpipe", 4)] / 4
+    print(f"\npeak activation bytes, rank 0 of pp=4 (bytes per microbatch {per_mb:.0f}):")
+    for name in ("gpipe", "1f1b", "zb-h1"):
+        print(f"  {name:6s}", {m: result[(name, m)] for m in ms})
+    for m in ms:
+        assert result[("gpipe", m)] == pytest.approx(m * per_mb, rel=0.01)
+        assert result[("1f1b", m)] <= 4 * per_mb * 1.01  # p microbatches
+    assert result[("1f1b", 16)] == result[("1f1b", 4)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules side by side on one machine: printed, for the docs
+# ---------------------------------------------------------------------------------------------
+def test_render_schedules():
+    text = ScheduleGPipe.render(2, 4)
+    assert text.splitlines()[1].startswith("rank 0 | F0 F1 F2 F3")
