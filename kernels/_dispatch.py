@@ -60,12 +60,17 @@ def force_backend(backend: str) -> Iterator[None]:
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
-    """Whether a kernel called on ``tensors`` (``None`` entries ignored) takes the Triton path."""
+    """Whether a kernel called on ``tensors`` (``None`` entries ignored) takes the Triton path.
+
+    Tensors on any other device (``meta``, for shape inference) take the reference path.
+    """
     backend = kernel_backend()
     if backend == "ref":
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    runnable = on_cuda or interpreter_enabled()
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices - {"cuda", "cpu"}:
+        return False
+    runnable = devices == {"cuda"} or (devices == {"cpu"} and interpreter_enabled())
     if backend == "triton" and not runnable:
         devices = sorted({str(t.device) for t in tensors if t is not None})
         raise RuntimeError(
@@ -73,3 +78,28 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
             "tensors, or TRITON_INTERPRET=1 set before triton is imported to run on the CPU"
         )
     return runnable
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
+    """Cast floating-point ``tensors`` to the autocast dtype when ``torch.autocast`` is active on
+    their device, as ``F.linear``, ``F.conv2d`` and SDPA do, so a kernel computes in the dtype the
+    op it replaces would (fp64 and ``None`` entries are left alone). Unchanged outside autocast."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None or first.device.type not in ("cuda", "cpu"):
+        return tensors
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors
+    )
+
+
+def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled on ``t``'s device (after :func:`autocast_inputs` has cast
+    the inputs), so a reference path computes in the dtypes it chooses (fp32 accumulation)."""
+    if t.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()

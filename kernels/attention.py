@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from einops import repeat
 
-from kernels._dispatch import interpreter_enabled, use_triton
+from kernels._dispatch import autocast_inputs, autocast_off, interpreter_enabled, use_triton
 
 __all__ = [
     "FlashAttentionFunction",
@@ -905,11 +905,13 @@ def flash_attention_with_lse(
     ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2``.
     Both outputs are differentiable.
     """
+    q, k, v = autocast_inputs(q, k, v)  # as SDPA under torch.autocast
     scale = _check_inputs(q, k, v, softmax_scale, for_kernel=True)
     causal = bool(causal)
     if use_triton(q, k, v):
         return FlashAttentionFunction.apply(q, k, v, causal, scale)
-    return attention_ref_with_lse(q, k, v, causal=causal, softmax_scale=scale)
+    with autocast_off(q):  # the reference accumulates in fp32 whatever autocast says
+        return attention_ref_with_lse(q, k, v, causal=causal, softmax_scale=scale)
 
 
 def flash_attention(

@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from kernels._dispatch import autocast_inputs
 from kernels.collectives import (
     all_gather,
     group_rank,
@@ -99,19 +100,6 @@ Group = dist.ProcessGroup | None
 def _mm(x: torch.Tensor, w: torch.Tensor, *, bias=None, partial=None, out=None) -> torch.Tensor:
     """``x (M, K) @ w (N, K).T (+ bias) (+ partial) -> (M, N)`` on the dispatched path, no autograd."""
     return _matmul_impl(x, w, bias, partial, out)
-
-
-def _autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
-    """Cast like ``F.linear`` under ``torch.autocast``, so the overlapped path computes in the same
-    dtype as the plain one (the ring's matmuls then run with autocast off, on these dtypes)."""
-    if not isinstance(tensors[0], torch.Tensor):
-        return tensors  # _check_args names the problem
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    castable = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 alone
-    return tuple(t.to(dtype) if t is not None and t.dtype in castable else t for t in tensors)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -391,7 +379,7 @@ def all_gather_matmul(
     Raises:
         ValueError, TypeError: on mismatched shapes, dims or dtypes, before any communication.
     """
-    x_shard, weight, bias = _autocast_inputs(x_shard, weight, bias)
+    x_shard, weight, bias = autocast_inputs(x_shard, weight, bias)
     dim = _check_args("all_gather_matmul", x_shard, weight, bias, gather_dim, "gather_dim")
     if group_size(group) == 1:
         return matmul(x_shard, weight, bias)
@@ -419,7 +407,7 @@ def matmul_reduce_scatter(
         divisible by the group size, before any communication.
     """
     op = "matmul_reduce_scatter"
-    x, weight = _autocast_inputs(x, weight)
+    x, weight = autocast_inputs(x, weight)
     dim = _check_args(op, x, weight, None, scatter_dim, "scatter_dim")
     p = group_size(group)
     if x.shape[dim] % p:

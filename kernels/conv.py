@@ -70,7 +70,7 @@ import triton.language as tl
 import triton.testing
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import use_triton
+from kernels._dispatch import autocast_inputs, use_triton
 
 __all__ = [
     "Conv2dBiasReLUFunction",
@@ -592,6 +592,7 @@ def conv2d_bias_act(
 
     Runs the Triton kernel or the torch reference as :func:`kernels._dispatch.use_triton` says.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)  # as F.conv2d under torch.autocast
     stride, padding, dilation = _check_args(
         x, weight, bias, stride, padding, dilation, groups, activation
     )

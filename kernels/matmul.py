@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import use_triton
 
@@ -385,6 +386,7 @@ class MatmulFunction(torch.autograd.Function):
         return _matmul_impl(x, weight, bias, partial, None)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         n, k = weight.shape
