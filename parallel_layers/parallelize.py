@@ -531,10 +531,22 @@ def parallelize(
     if tp == 1:
         return model  # nothing to shard, nothing to communicate: the model as it is
 
+    # Build every replacement before swapping any, so that an option only a builder rejects
+    # (an MHA that is not batch-first, a grouped conv, ...) leaves the model untouched.
+    built = {}
     for entry in entries:
-        parent_name, _, child = entry.name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, _build(entry, modules[entry.name], group))
+        try:
+            built[entry.name] = _build(entry, modules[entry.name], group)
+        except (ValueError, TypeError) as e:
+            problems.append(f"{entry.name}: {e}")
+    if problems:
+        raise ValueError(
+            f"parallelize: the plan does not fit {type(model).__name__} at tp={tp}:\n  "
+            + "\n  ".join(problems)
+        )
+    for name, replacement in built.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, replacement)
     for owners in ties:  # re-tie shared parameters to the first owner's new shard
         (m0, p0), *rest = owners
         shared = getattr(model.get_submodule(m0), p0)

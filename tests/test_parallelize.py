@@ -184,6 +184,11 @@ def _bad_plan_case() -> None:
     expect_error(ValueError, r"match no module", parallelize, untouched,
                  {"0": "colwise", "9": "rowwise"}, g)  # fmt: skip
     assert [type(m) for m in untouched] == before  # nothing was swapped
+    # An option only the builder rejects (MHA not batch-first) also leaves the model untouched.
+    mixed = nn.Sequential(nn.Linear(16, 16), nn.MultiheadAttention(16, 4))
+    expect_error(ValueError, r"1: .*does not support \['batch_first=False'\]", parallelize,
+                 mixed, {"0": "colwise", "1": "attention"}, g)  # fmt: skip
+    assert type(mixed[0]) is nn.Linear
     x = torch.ones(1)
     dist.all_reduce(x, group=g)  # every rank got here
     assert x.item() == 4
