@@ -73,6 +73,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels.attention import SUPPORTED_HEAD_DIMS
 from kernels.collectives import group_size
 from parallel_layers import ColumnParallelLinear, ParallelSelfAttention
 from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
@@ -132,10 +133,13 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
             )
-        if self.embed_dim % self.n_heads or (self.embed_dim // self.n_heads) % 2:
+        if (
+            self.embed_dim % self.n_heads
+            or self.embed_dim // self.n_heads not in SUPPORTED_HEAD_DIMS
+        ):
             raise ValueError(
                 f"GPTConfig: embed_dim={self.embed_dim} must divide by n_heads={self.n_heads} into "
-                "an even head dim (RoPE rotates pairs)"
+                f"a head dim the attention kernel supports, one of {SUPPORTED_HEAD_DIMS}"
             )
         hidden = self.mlp_ratio * self.embed_dim
         if self.mlp_ratio <= 0 or hidden != int(hidden):

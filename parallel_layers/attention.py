@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from kernels import flash_attention
+from kernels.attention import SUPPORTED_HEAD_DIMS
 from kernels.collectives import group_size
 from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
 from parallel_layers.utils import check_width, copy_shard_, divide
@@ -108,6 +109,11 @@ class ParallelSelfAttention(nn.Module):
         self.num_kv_heads_per_partition = divide(num_kv_heads, tp, "num_kv_heads")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"head dim embed_dim / num_heads = {embed_dim} / {num_heads} = {self.head_dim} is "
+                f"not supported by the attention kernel: expected one of {SUPPORTED_HEAD_DIMS}"
+            )
         if rope and self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got {self.head_dim}")
         self.tp_group, self.tp_size = tp_group, tp

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
+
+from kernels import interpreter_enabled
+
+# For multi-process tests that run a Triton kernel on CPU tensors (the workers are CPU processes).
+needs_interpreter = pytest.mark.skipif(
+    not interpreter_enabled(),
+    reason="runs a Triton kernel on CPU tensors: needs TRITON_INTERPRET=1 (set by conftest where "
+    "there is no CUDA)",
+)
 
 # Tolerances for comparing a parallel layer against the single-device module, per dtype, where a
 # reduction crosses ranks (partial sums added in another order). Where none does, tests use

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import needs_interpreter
 from kernels import all_gather_matmul, force_backend, matmul_reduce_scatter
 from kernels.collectives import record_comm
 from parallel_layers import ColumnParallelLinear, RowParallelLinear
@@ -225,6 +226,7 @@ def test_ops_on_tp_subgroups_of_a_larger_world(dist_run):
     dist_run(4, _ops_match_unfused, "ref", 2, CASES[2:3], timeout=60)
 
 
+@needs_interpreter
 def test_ops_on_the_triton_kernel_under_the_interpreter(dist_run):
     """The same checks with every matmul on the (interpreted) Triton kernel: strided views,
     slices of the output and in-place weight-gradient accumulation all go through it."""

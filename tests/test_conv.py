@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import needs_interpreter
 from kernels import conv as conv_mod
 from kernels import conv2d_bias_relu, force_backend
 from kernels.conv import conv2d_bias_act, conv2d_bias_act_ref, conv2d_bias_relu_ref
@@ -240,6 +241,7 @@ def test_saves_only_x_weight_and_output(triton):
             assert out.data_ptr() in ptrs
 
 
+@needs_interpreter
 def test_dispatch(monkeypatch):
     """CPU without a forced backend runs the reference; the triton fixture runs the kernel."""
     calls = []
@@ -325,6 +327,7 @@ def _load_bench():
     return module
 
 
+@needs_interpreter
 def test_bench_smoke(tmp_path):
     bench = _load_bench()
     json_path = bench.main(["--smoke", "--out", str(tmp_path)])

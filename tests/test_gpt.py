@@ -224,7 +224,7 @@ def test_meta_build_holds_the_full_build_shards(dist_run, world_size):
 def _bad_tp_case() -> None:
     """A size tp does not divide: one error on every rank, naming every offending module."""
     dims = ParallelDims(tp=dist.get_world_size())
-    cfg = GPTConfig(vocab_size=97, n_layers=2, n_heads=6, embed_dim=48, mlp_ratio=2.0,
+    cfg = GPTConfig(vocab_size=97, n_layers=2, n_heads=6, embed_dim=96, mlp_ratio=2.0,
                     vocab_pad_multiple=2)  # fmt: skip
     msg = expect_error(ValueError, r"not divisible by the tensor-parallel size 4",
                        parallelize, GPT(cfg), GPT_TP_PLAN, dims)  # fmt: skip
@@ -242,7 +242,7 @@ def test_bad_sizes_raise_on_every_rank(dist_run):
 
 # -- single process ------------------------------------------------------------------------------
 def test_config_validation():
-    GPTConfig(vocab_size=10, n_layers=1, n_heads=2, embed_dim=8)
+    GPTConfig(vocab_size=10, n_layers=1, n_heads=2, embed_dim=32)
     bad = [
         (dict(n_layers=0), r"n_layers=0: expected a positive int"),
         (
@@ -250,7 +250,7 @@ def test_config_validation():
             r"n_heads=4 is not a multiple of n_kv_heads=3",
         ),
         (dict(n_heads=4, embed_dim=30), r"embed_dim=30 must divide by n_heads=4"),
-        (dict(n_heads=4, embed_dim=12), r"even head dim"),
+        (dict(n_heads=4, embed_dim=96), r"into a head dim the attention kernel supports"),
         (dict(mlp_ratio=1.3, embed_dim=64, n_heads=4), r"must be a positive whole number"),
         (dict(dropout=1.0), r"dropout=1.0"),
         (dict(norm="batchnorm"), r"norm='batchnorm'"),

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import assert_close, chunk, expect_error
+from helpers import assert_close, chunk, expect_error, needs_interpreter
 from kernels import force_backend, use_triton
 from parallel_layers import ParallelDims, ParallelSelfAttention
 
@@ -72,6 +72,7 @@ def test_matches_single_device(dist_run, world_size, case):
     dist_run(world_size, _attention_case, *case, "ref")
 
 
+@needs_interpreter
 def test_through_the_triton_kernel(dist_run):
     """One case through the Triton attention kernel (interpreted on CPU): the same equality."""
     dist_run(2, _attention_case, 64, 4, 2, True, True, True, True, "triton", timeout=300)
@@ -126,6 +127,8 @@ def _bad_input_case():
                  ParallelSelfAttention, 64, 8, 2, tp_group=g)  # fmt: skip
     expect_error(ValueError, r"num_heads=8 is not a multiple of num_kv_heads=3",
                  ParallelSelfAttention, 64, 8, 3, tp_group=g)  # fmt: skip
+    expect_error(ValueError, r"head dim embed_dim / num_heads = 48 / 2 = 24 is not supported",
+                 ParallelSelfAttention, 48, 2)  # fmt: skip
     attn = ParallelSelfAttention(64, 4, tp_group=g)
     expect_error(ValueError, r"last dim 32, expected 64", attn, torch.randn(2, 4, 32))
     expect_error(ValueError, r"does not support \['batch_first=False'\]",

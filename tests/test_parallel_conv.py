@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import assert_close, chunk, expect_error
+from helpers import assert_close, chunk, expect_error, needs_interpreter
 from kernels import force_backend, use_triton
 from parallel_layers import ColumnParallelConv2d, ParallelDims, RowParallelConv2d
 
@@ -59,21 +59,32 @@ def test_block_matches_single_device(dist_run, world_size, case):
     dist_run(world_size, _block_case, *case, "ref")
 
 
+@needs_interpreter
 def test_block_through_the_triton_kernel(dist_run):
     """The same block through the Triton conv kernel (interpreted on CPU)."""
     dist_run(2, _block_case, 3, 4, 5, 3, 1, 1, 1, True, "triton", timeout=300)
 
 
 def _gather_and_scatter_case():
+    """gather_output=True and input_is_parallel=False: the split/gather duals, both directions."""
     dims = ParallelDims(tp=dist.get_world_size())
     torch.manual_seed(2)
     conv1, conv2 = nn.Conv2d(5, 8, 3), nn.Conv2d(8, 6, 1, bias=False)
-    col = ColumnParallelConv2d.from_conv(conv1, dims.tp_group, gather_output=True)
-    row = RowParallelConv2d.from_conv(conv2, dims.tp_group, input_is_parallel=False)
+    col = ColumnParallelConv2d.from_conv(copy.deepcopy(conv1), dims.tp_group, gather_output=True)
+    row = RowParallelConv2d.from_conv(copy.deepcopy(conv2), dims.tp_group, input_is_parallel=False)
     x = torch.randn(2, 5, 6, 6)
-    h = col(x)  # whole channels on every rank
-    assert_close(h.detach(), conv1(x).detach(), what="gathered output")
-    assert_close(row(h).detach(), conv2(conv1(x)).detach(), what="row conv of a whole input")
+    x_ref, x_par = x.clone().requires_grad_(), x.clone().requires_grad_()
+    h_ref, h = conv1(x_ref), col(x_par)  # whole channels on every rank
+    assert_close(h.detach(), h_ref.detach(), what="gathered output")
+    y_ref, y = conv2(h_ref), row(h)
+    assert_close(y.detach(), y_ref.detach(), what="row conv of a whole input")
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y.backward(dy)
+    assert_close(x_par.grad, x_ref.grad, what="input grad")
+    assert_close(col.weight.grad, chunk(conv1.weight.grad, 0), what="col weight grad")
+    assert_close(col.bias.grad, chunk(conv1.bias.grad, 0), what="col bias grad")
+    assert_close(row.weight.grad, chunk(conv2.weight.grad, 1), what="row weight grad")
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
