@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import needs_interpreter
 from kernels import force_backend
 from kernels.matmul import matmul, matmul_ref
 
@@ -166,3 +167,21 @@ def test_gpu_chunked_slices_and_accumulation_bf16(triton):
     for g_c, x_c in zip(g.chunk(tp), x.chunk(tp)):
         matmul(g_c.t(), x_c.t(), partial=acc, out=acc)  # grad_W += g_c.T @ x_c
     assert_within_torch_error(acc, g.t(), x.t(), out_dtype=torch.float32)
+
+
+@needs_interpreter
+def test_bench_smoke(tmp_path):
+    """bench/bench_matmul.py --smoke runs end to end and writes the report it claims to."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_matmul.py"
+    spec = importlib.util.spec_from_file_location("bench_matmul", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "matmul_smoke.json").read_text())
+    assert saved["vs_cublas"] and saved["decomposition"]
+    assert saved["min_triton_vs_cublas_plain"] == report["min_triton_vs_cublas_plain"] > 0
+    assert (tmp_path / "matmul_smoke.png").stat().st_size > 0
