@@ -59,6 +59,13 @@ def assert_close_lowp(
     )
 
 
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Normwise relative error ``max|a - e| / max|e|`` (the plain difference when ``e`` is zero)."""
+    scale = expected.abs().max().item()
+    diff = (actual.float() - expected.float()).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
 def chunk(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """This rank's contiguous chunk of ``t`` along ``dim`` in ``group`` (default: the world)."""
     p = dist.get_world_size(group)

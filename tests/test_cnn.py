@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import expect_error
+from helpers import expect_error, rel_err
 from models.cnn import (
     CNN_TP_PLAN,
     SIMPLE_CNN_TP_PLAN,
@@ -29,12 +29,6 @@ from parallel_layers.parallelize import param_sharding
 RTOL = 1e-5
 STEPS = 10
 CFG = dict(width=8, num_stages=2, blocks_per_stage=1)  # stem, block(8), down 8->16, block(16)
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().item()
-    diff = (actual.float() - expected.float()).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def _shard(full: torch.Tensor, module: nn.Module, pname: str) -> torch.Tensor:
@@ -81,10 +75,10 @@ def _cnn_case() -> dict:
     logits = par(x)
     loss = par.loss(logits, y, dims.tp_group)
     loss.backward()
-    errors["loss"] = _rel_err(loss.detach(), ref_loss.detach())
+    errors["loss"] = rel_err(loss.detach(), ref_loss.detach())
     errors["grad"] = 0.0
     for name, g, expected in _grad_pairs(par, ref):
-        err = _rel_err(g, expected)
+        err = rel_err(g, expected)
         assert err <= RTOL, f"{name} grad: {err:.3g}"
         errors["grad"] = max(errors["grad"], err)
     with torch.no_grad():  # the pipeline view composes to forward on the parallel model
@@ -105,7 +99,7 @@ def _cnn_case() -> dict:
             losses.append(model.loss(model(x), y))
             losses[-1].backward()
             opt.step()
-        err = _rel_err(losses[1].detach(), losses[0].detach())
+        err = rel_err(losses[1].detach(), losses[0].detach())
         assert err <= RTOL, f"loss {losses[1].item()} vs {losses[0].item()}"
         errors["curve"] = max(errors["curve"], err)
     assert errors["loss"] <= RTOL, errors
@@ -131,9 +125,9 @@ def _cnn_case() -> dict:
     a, b = simple_ref.loss(simple_ref(x), y), simple.loss(simple(x), y)
     a.backward()
     b.backward()
-    assert _rel_err(b.detach(), a.detach()) <= RTOL
+    assert rel_err(b.detach(), a.detach()) <= RTOL
     for name, g, expected in _grad_pairs(simple, simple_ref):
-        assert _rel_err(g, expected) <= RTOL, f"SimpleCNN {name} grad"
+        assert rel_err(g, expected) <= RTOL, f"SimpleCNN {name} grad"
     return errors
 
 

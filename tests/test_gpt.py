@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import expect_error
+from helpers import expect_error, rel_err
 from kernels.collectives import record_comm
 from models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 from parallel_layers import ParallelDims, parallelize
@@ -32,13 +32,6 @@ CONFIGS = {
     "rms-untied": dict(vocab_size=96, n_layers=2, n_heads=4, embed_dim=64, max_seq_len=32,
                        vocab_pad_multiple=4, tie_embeddings=False, norm="rmsnorm"),
 }  # fmt: skip
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Normwise relative error ``max|a - e| / max|e|`` (0 when both are zero)."""
-    scale = expected.abs().max().item()
-    diff = (actual.float() - expected.float()).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def _shard_pairs(par: torch.nn.Module, ref: torch.nn.Module):
@@ -91,11 +84,11 @@ def _parity_case(cfg_kwargs: dict, sequence_parallel: bool, overlap_comm: bool) 
     assert logits.shape == (B, S, cfg.padded_vocab_size // tp)
     if not sequence_parallel:  # vocab-parallel loss: nothing is gathered, logits included
         assert ledger.calls["all_gather"] == 0, str(ledger)
-    errors["loss"] = _rel_err(loss.detach(), ref_loss.detach())
+    errors["loss"] = rel_err(loss.detach(), ref_loss.detach())
     grad_err = 0.0
     for name, p, full, spec in _shard_pairs(par, ref):
         assert p.grad is not None, f"{name} has no gradient"
-        err = _rel_err(p.grad, _local(full.grad, spec))
+        err = rel_err(p.grad, _local(full.grad, spec))
         assert err <= RTOL, f"{name} grad: relative error {err:.3g} > {RTOL}"
         grad_err = max(grad_err, err)
     errors["grad"] = grad_err
@@ -124,7 +117,7 @@ def _parity_case(cfg_kwargs: dict, sequence_parallel: bool, overlap_comm: bool) 
             losses.append(model.loss(model(ids), target))
             losses[-1].backward()
             opt.step()
-        err = _rel_err(losses[1].detach(), losses[0].detach())
+        err = rel_err(losses[1].detach(), losses[0].detach())
         assert err <= RTOL, f"step {step}: loss {losses[1].item()} vs {losses[0].item()}"
         curve_err = max(curve_err, err)
     errors["curve"] = curve_err
@@ -175,16 +168,16 @@ def _dropout_case() -> None:
         loss = par.loss(par(ids), target)
         ref_loss.backward()
         loss.backward()
-        assert _rel_err(loss.detach(), ref_loss.detach()) <= RTOL, (sp, loss, ref_loss)
+        assert rel_err(loss.detach(), ref_loss.detach()) <= RTOL, (sp, loss, ref_loss)
         for name, p, full, spec in _shard_pairs(par, ref):
-            err = _rel_err(p.grad, _local(full.grad, spec))
+            err = rel_err(p.grad, _local(full.grad, spec))
             assert err <= RTOL, f"sp={sp} {name} grad: {err:.3g}"
         # eval mode: no dropout at all
         ref.eval(), par.eval()
         with torch.no_grad():
             ref_eval, par_eval = ref.loss(ref(ids), target), par.loss(par(ids), target)
-        assert _rel_err(par_eval, ref_eval) <= RTOL
-        assert _rel_err(ref_loss.detach(), ref_eval) > 1e-3  # dropout did drop something
+        assert rel_err(par_eval, ref_eval) <= RTOL
+        assert rel_err(ref_loss.detach(), ref_eval) > 1e-3  # dropout did drop something
 
 
 def test_dropout_matches_single_device(dist_run):
@@ -213,7 +206,7 @@ def _meta_case() -> None:
         ids, target = _batch(cfg.vocab_size, 5)
         with torch.no_grad():
             a, b = model.loss(model(ids), target), full.loss(full(ids), target)
-        assert _rel_err(a, b) <= RTOL
+        assert rel_err(a, b) <= RTOL
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -271,7 +264,7 @@ def test_padding_and_loss_inputs():
     expected = torch.nn.functional.cross_entropy(
         logits[..., :97].reshape(-1, 97), target.reshape(-1)
     )
-    assert _rel_err(model.loss(logits, target), expected) <= RTOL
+    assert rel_err(model.loss(logits, target), expected) <= RTOL
     target_pad = target.clone()
     target_pad[0, 0] = 100
     expect_error(ValueError, r"target id 100 is a padding id", model.loss, logits, target_pad)
