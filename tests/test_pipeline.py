@@ -370,23 +370,40 @@ def _measure_memory(ms: list[int]) -> dict:
             schedule = get_schedule(name)(stages, m, model.loss, track_memory=True)
             schedule.step(torch.randn(4 * m, 64), torch.randn(4 * m, 64))
             out[(name, m)] = schedule.peak_activation_bytes
+            out[("sends", name, m)] = schedule.peak_pending_sends
             for p in pipeline_parameters(stages):
                 p.grad = None
+    stages = build_stages(layers, partition_layers(layers, 2 * dims.pp), dims.pp_group)
+    for m in ms:
+        schedule = ScheduleInterleaved1F1B(stages, m, model.loss, track_memory=True)
+        schedule.step(torch.randn(4 * m, 64), torch.randn(4 * m, 64))
+        out[("sends", "interleaved", m)] = schedule.peak_pending_sends
     return out
 
 
 def test_activation_memory_1f1b_bounded_gpipe_grows(dist_run):
     """Peak activation bytes held for backward on rank 0 (pp = 4, 4 samples per microbatch):
-    GPipe's grow with m, 1F1B's stay at p microbatches' worth."""
+    GPipe's grow with m, 1F1B's stay at p microbatches' worth; and no rank holds more than p
+    send buffers under 1F1B (each is freed once it has provably arrived)."""
     ms = [4, 8, 16]
-    result = dist_run(4, _measure_memory, ms, timeout=120)[0]  # rank 0 holds the most
+    results = dist_run(4, _measure_memory, ms, timeout=120)
+    result = results[0]  # rank 0 holds the most activations
+    for key in result:  # send buffers: the most any rank held
+        if key[0] == "sends":
+            result[key] = max(r[key] for r in results)
     per_mb = result[("gpipe", 4)] / 4
     print(f"\npeak activation bytes, rank 0 of pp=4 (bytes per microbatch {per_mb:.0f}):")
     for name in ("gpipe", "1f1b", "zb-h1"):
         print(f"  {name:6s}", {m: result[(name, m)] for m in ms})
+    held = {k[1:]: v for k, v in result.items() if k[0] == "sends"}
+    print("  send buffers held at once, most over the ranks:", held)
     for m in ms:
         assert result[("gpipe", m)] == pytest.approx(m * per_mb, rel=0.01)
         assert result[("1f1b", m)] <= 4 * per_mb * 1.01  # p microbatches
+        # send buffers are freed as they arrive: 1F1B holds a few, GPipe all its forwards'
+        assert result[("sends", "1f1b", m)] <= 4
+        assert result[("sends", "gpipe", m)] >= m
+    assert result[("sends", "interleaved", 16)] == result[("sends", "interleaved", 8)]  # bounded
     assert result[("1f1b", 16)] == result[("1f1b", 4)]
 
 

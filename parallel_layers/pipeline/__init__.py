@@ -16,14 +16,20 @@ module             holds
                    :class:`ActivationMemoryTracker`
 =================  =====================================================================
 
-A whole hybrid (dp, pp, tp) step::
+A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed, or on
+``meta``, and keeps its stages' layers)::
 
     dims = ParallelDims(dp=2, pp=2, tp=2)
-    layers = parallelize(model, dims.tp_group).pipeline_layers()
+    torch.manual_seed(0)
+    model = parallelize(GPT(config), GPT_TP_PLAN, dims)
+    layers = model.pipeline_layers()                      # [embed, blocks..., head]
     partition = partition_layers(layers, dims.pp, "params")
+    print(partition.report(pp=dims.pp))
     stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
-    schedule = Schedule1F1B(stages, 8, partial(model.loss, tp_group=dims.tp_group))
-    loss = schedule.step(tokens, targets)
+    schedule = Schedule1F1B(stages, n_microbatches=8, loss_fn=model.loss)
+    optimizer = torch.optim.AdamW(pipeline_parameters(stages))
+    loss = schedule.step(tokens, targets)                 # the batch of this dp replica
+    optimizer.step(); optimizer.zero_grad()
 """
 
 from parallel_layers.pipeline.actions import (

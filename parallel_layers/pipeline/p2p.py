@@ -24,6 +24,13 @@ whose activation shapes change from stage to stage (a CNN's ``(B, C, H, W)`` shr
 need no declared shapes. If the microbatch shape changes later (a different batch or sequence
 length), call :meth:`StageTransport.reset_shapes` on every rank before the next step.
 
+Sends never block. Gloo cannot tell whether a send has completed without blocking (its works
+report ``is_completed() == False`` until waited on), so a send buffer is kept until the caller
+knows it has arrived and calls :meth:`StageTransport.release` (the executor does so when the
+gradient of that activation comes back, or when the receiver has provably moved past the receive:
+waiting then costs nothing), and :meth:`StageTransport.finish` waits for the rest at the end of
+the step.
+
 Every byte sent is recorded in the active :func:`kernels.collectives.record_comm` ledger as
 ``"send"``.
 """
@@ -110,7 +117,8 @@ class StageTransport:
         self.device = torch.device(device)
         self._in_meta: dict[int, tuple[tuple[int, ...], torch.dtype, bool]] = {}
         self._out_meta: dict[int, tuple[tuple[int, ...], torch.dtype, bool]] = {}
-        self._sends: list[tuple[list[dist.Work], list[torch.Tensor]]] = []  # kept alive
+        # (stream, stage, microbatch) -> the works and the buffers they read (kept alive)
+        self._sends: dict[tuple[str, int, int], tuple[list[dist.Work], list[torch.Tensor]]] = {}
         self._local: dict[tuple[str, int, int], torch.Tensor] = {}  # p == 1 hand-over
 
     # -- addressing -------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ class StageTransport:
             ops.append((dist.isend, _encode_meta(*meta), dst, self._tag("meta", dst)))
         ops.append((dist.isend, y, dst, self._tag("act", dst)))
         record("send", y.numel() * y.element_size())
-        self._sends.append((self._post(ops), [t for _, t, _, _ in ops]))
+        self._sends[("act", stage, microbatch)] = (self._post(ops), [t for _, t, _, _ in ops])
 
     def recv_activation(self, stage: int, microbatch: int) -> PendingRecv:
         """Post the receive of stage ``stage``'s input (from stage ``stage - 1``)."""
@@ -202,7 +210,7 @@ class StageTransport:
             return
         record("send", dx.numel() * dx.element_size())
         works = self._post([(dist.isend, dx, stage - 1, self._tag("grad", stage - 1))])
-        self._sends.append((works, [dx]))
+        self._sends[("grad", stage, microbatch)] = (works, [dx])
 
     def recv_grad(self, stage: int, microbatch: int) -> PendingRecv:
         """Post the receive of the gradient of stage ``stage``'s output (from ``stage + 1``)."""
@@ -221,13 +229,22 @@ class StageTransport:
         return PendingRecv(finish)
 
     # -- completion ------------------------------------------------------------------------------
-    def release_completed(self) -> None:
-        """Drop the send buffers whose transfers have completed."""
-        self._sends = [(ws, t) for ws, t in self._sends if not all(w.is_completed() for w in ws)]
+    def release(self, stream: str, stage: int, microbatch: int) -> None:
+        """Wait for (and free) the send of ``stream`` (``"act"`` or ``"grad"``) from stage
+        ``stage`` for ``microbatch``; call it once that message is known to have arrived."""
+        entry = self._sends.pop((stream, stage, microbatch), None)
+        if entry is not None:
+            for w in entry[0]:
+                w.wait()
+
+    @property
+    def pending_sends(self) -> int:
+        """Sends whose buffers are still held."""
+        return len(self._sends)
 
     def finish(self) -> None:
         """Wait for every outstanding send (end of step)."""
-        for works, _ in self._sends:
+        for works, _ in self._sends.values():
             for w in works:
                 w.wait()
         self._sends.clear()

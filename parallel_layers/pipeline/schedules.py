@@ -19,7 +19,8 @@ One step, on each rank:
    run chunk ``c``, send the output (or, on the last stage, compute ``loss_fn(output, target_i)``).
    ``B(i, c)``: receive the output gradient (or start from ``loss_i / m``), backpropagate, send
    the input gradient. ``W(i, c)``: the deferred weight gradients (zero-bubble only). Receives are
-   posted up to ``lookahead`` actions early; sends never block.
+   posted up to ``lookahead`` actions early; sends never block, and each send buffer is freed as
+   soon as the action lists prove it has arrived (so 1F1B's memory stays bounded).
 4. Outstanding sends are waited for; parameters shared by stages on several ranks (tied
    embeddings) get their gradients summed over the pipeline; data-parallel stages synchronize
    their gradients once (:meth:`~.stage.PipelineStage.sync_gradients`); the loss is broadcast
@@ -81,7 +82,8 @@ class PipelineSchedule:
         record_timeline: time every action and wait (a pipeline barrier starts each step);
             the last step's events are in :attr:`timeline`.
         track_memory: measure the activation bytes held for backward; the last step's peak is in
-            :attr:`peak_activation_bytes`.
+            :attr:`peak_activation_bytes` (and the most send buffers held at once in
+            :attr:`peak_pending_sends`).
         lookahead: how many actions ahead receives are posted.
 
     Raises:
@@ -138,9 +140,11 @@ class PipelineSchedule:
         params = [p for s in stages for p in s.parameters()]
         device = params[0].device if params else torch.device("cpu")
         self.transport = StageTransport(self.pp_group, self.num_chunks, device)
+        self._releases = self._grad_send_releases()
         self.timeline: Timeline | None = Timeline(self.pp_rank) if record_timeline else None
         self.memory = ActivationMemoryTracker(params) if track_memory else None
         self.peak_activation_bytes = 0
+        self.peak_pending_sends = 0
 
     # -- what subclasses define -----------------------------------------------------------------
     @classmethod
@@ -222,6 +226,7 @@ class PipelineSchedule:
             self.timeline.begin()
         if self.memory is not None:
             self.memory.reset()
+            self.peak_pending_sends = 0
         with contextlib.ExitStack() as no_sync:
             for stage in self.stages:
                 no_sync.enter_context(stage.no_sync())
@@ -235,7 +240,8 @@ class PipelineSchedule:
                     self._weight(action, run)
                 if self.memory is not None:
                     self.memory.sample(sum(s.held_bytes for s in run.stores.values()))
-                self.transport.release_completed()
+                    pending = self.transport.pending_sends
+                    self.peak_pending_sends = max(self.peak_pending_sends, pending)
         self.transport.finish()
         if self.memory is not None:
             self.peak_activation_bytes = self.memory.peak
@@ -243,6 +249,35 @@ class PipelineSchedule:
         for stage in self.stages:
             stage.sync_gradients()
         return self._reduce_loss(run.losses)
+
+    def _grad_send_releases(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """When this rank's gradient sends have provably arrived, from every rank's action list.
+
+        The gradient that ``B(i, c)`` sends goes to virtual stage ``s - 1`` on rank ``q``, which
+        receives it before it runs its own ``B(i)``. The first forward that ``q`` runs after that
+        ``B`` and whose output comes to this rank tells us so when it arrives: returns
+        ``{(j, chunk) of that activation here: [(i, c) of the gradient sends it releases]}``.
+        (An activation's own send is released when its gradient comes back.)
+        """
+        pp, rank = self.pp, self.pp_rank
+        releases: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        if pp == 1:
+            return releases
+        for a in self.actions:
+            s = a.chunk * pp + rank
+            if a.kind != "B" or s == 0:
+                continue
+            q, q_chunk = (s - 1) % pp, (s - 1) // pp
+            theirs = self.actions_by_rank[q]
+            k = theirs.index(Action("B", a.microbatch, q_chunk))
+            for later in theirs[k + 1 :]:
+                dst = later.chunk * pp + q + 1  # where that forward's output goes
+                if later.kind == "F" and dst < self.num_stages and dst % pp == rank:
+                    releases.setdefault((later.microbatch, dst // pp), []).append(
+                        (a.microbatch, a.chunk)
+                    )
+                    break
+        return releases
 
     # -- the three kinds of action --------------------------------------------------------------
     def _recv_key(self, a: Action) -> tuple[str, int, int] | None:
@@ -285,7 +320,12 @@ class PipelineSchedule:
     def _forward(self, a: Action, run: _StepState) -> None:
         stage = self.stages[a.chunk]
         i = a.microbatch
-        x = run.inputs[i] if stage.is_first else self._wait(("act", i, a.chunk), run)
+        if stage.is_first:
+            x = run.inputs[i]
+        else:
+            x = self._wait(("act", i, a.chunk), run)
+            for j, c in self._releases.get((i, a.chunk), ()):  # those have arrived: free them
+                self.transport.release("grad", self.stages[c].stage_index, j)
         start = self._now()
         with contextlib.ExitStack() as ctx:
             if self.split_backward:
@@ -317,6 +357,7 @@ class PipelineSchedule:
         grad = None
         if not stage.is_last and root.requires_grad:
             grad = self._wait(("grad", i, a.chunk), run)
+            self.transport.release("act", stage.stage_index, i)  # it arrived: its gradient did
         store = WeightGradStore() if self.split_backward else None
         start = self._now()
         with store.capture() if store is not None else contextlib.nullcontext():

@@ -9,7 +9,11 @@ Under :func:`~.weight_grad.split_weight_grad` its ``dW`` part (sleep and all) is
 parallel linear layer's, so zero-bubble schedules move it into ``W``.
 
 The numbers are real (gradients are exact), so a pipeline of these layers can also be checked
-against one device.
+against one device. ``busy_s`` accumulates the time actually spent in the passes, so a bubble
+fraction can be measured from outside any schedule (``1 - busy / (p * step time)``), for this
+package's schedules and others' alike. (A schedule that splits the backward by calling autograd
+twice, as ``torch.distributed.pipelining``'s zero-bubble ones do, runs this layer's whole backward
+in both calls: compare those on real layers.)
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ from parallel_layers.pipeline.weight_grad import defer_weight_grad, splitting
 __all__ = ["TimedLayer"]
 
 
-def _sleep(seconds: float) -> None:
+def _sleep(layer: TimedLayer, seconds: float) -> None:
     if seconds > 0:
+        start = time.perf_counter()
         time.sleep(seconds)
+        layer.busy_s += time.perf_counter() - start
 
 
 class _TimedScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, layer: TimedLayer, split: bool):
-        _sleep(layer.forward_s)
+        _sleep(layer, layer.forward_s)
         ctx.save_for_backward(x, weight)
         ctx.layer, ctx.split = layer, split
         return x * weight  # (*, E) * (E,)
@@ -41,11 +47,11 @@ class _TimedScale(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
-        _sleep(layer.input_grad_s)
+        _sleep(layer, layer.input_grad_s)
         dx = dy * weight
 
         def weight_grad() -> torch.Tensor:
-            _sleep(layer.weight_grad_s)
+            _sleep(layer, layer.weight_grad_s)
             return (dy * x).reshape(-1, x.shape[-1]).sum(0)  # (E,)
 
         def deferred() -> None:
@@ -78,6 +84,8 @@ class TimedLayer(nn.Module):
             weight_grad_s,
         )
         self.weight = nn.Parameter(1.0 + 0.01 * torch.randn(width))
+        self.busy_s = 0.0
+        """Wall time spent in the passes so far (what a bubble measurement counts as busy)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _TimedScale.apply(x, self.weight, self, splitting())
