@@ -1,0 +1,416 @@
+"""Resharding, atomic checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+**Layout-free keys.** Every tensor is saved under the name it has in the *single-device* model
+(``model/blocks.3.mlp.fc1.weight``), as a ``DTensor`` over the tensor-parallel mesh whose placement
+says how this rank's local tensor sits in the full one::
+
+    ColumnParallelLinear weight (out/tp, in)  -> DTensor(local, tp_mesh, [Shard(0)]), shape (out, in)
+    RowParallelLinear weight    (out, in/tp)  -> DTensor(local, tp_mesh, [Shard(1)]), shape (out, in)
+    a norm weight, a row bias   (E,)          -> DTensor(local, tp_mesh, [Replicate()])
+
+DCP stores each tensor by its global shape and each shard by its global offset, so the checkpoint
+knows nothing of the layout that wrote it: a run at another ``tp`` asks for other slices of the same
+tensors and DCP reads exactly the overlapping pieces (saved at tp=2, loaded at tp=4 or tp=1). Ranks
+that hold the same slice (data-parallel replicas, a replicated norm on every TP rank) write it once
+(DCP deduplicates by key and offset). Pipeline stages each put their own names in the state dict,
+so a checkpoint saved at ``pp=2`` is one set of names, loaded by any ``pp``. A parameter shared by
+two modules (tied embeddings) is saved once under its first name; a pipeline that holds a copy of it
+on another stage saves and loads the copy under that same name.
+
+The optimizer state follows the parameters: ``optim/<param name>/<state key>``; state tensors of the
+parameter's shape (Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``) get the
+parameter's placement, scalars (Adam's ``step``) are saved as plain tensors.
+
+**Atomic.** :func:`save_checkpoint` writes into ``<root>/.tmp-step_<n>``, and only once DCP has
+written every rank's data and its ``.metadata`` does rank 0 add ``meta.json``, rename the folder to
+``<root>/step_<n>`` and then replace the ``<root>/latest`` pointer (write a temporary file, then
+``os.replace``). A process killed at any moment leaves either the old ``latest`` pointing at the
+previous, complete checkpoint, or the new one complete: never a pointer to a half-written one.
+Leftover ``.tmp-*`` folders are removed by the next save.
+
+**What a folder holds.** ``step_<n>/`` = DCP's ``.metadata`` and ``__<rank>_0.distcp`` files, plus
+``meta.json`` (written by the caller's ``meta`` dict: step, model description, layout, ...), which
+can be read without any process group (:func:`read_meta`), so a run can check a checkpoint before it
+builds anything distributed.
+
+All ranks must call :func:`save_checkpoint` and :func:`load_checkpoint` (collectives); the
+checkpoint folder must be visible to every rank (a shared file system for multi-node runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from parallel_layers.parallelize import param_sharding
+
+__all__ = [
+    "CheckpointError",
+    "ShardedParam",
+    "check_keys",
+    "find_checkpoint",
+    "init_optimizer_state_",
+    "load_checkpoint",
+    "model_state",
+    "optimizer_state",
+    "read_meta",
+    "save_checkpoint",
+    "sharded_params",
+    "to_dtensor",
+]
+
+META_FILE = "meta.json"
+LATEST = "latest"
+_STEP_PREFIX = "step_"
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, unreadable or does not fit the model asking for it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Local tensors <-> layout-free DTensors
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ShardedParam:
+    """One parameter as this rank holds it, and where it sits in the single-device model.
+
+    ``tensor`` is ``torch.chunk(full, tp, dim)[tp_rank]`` of the full ``full_shape`` tensor, or the
+    whole tensor when ``dim`` is ``None`` (replicated over the TP group).
+    """
+
+    name: str
+    """The parameter's name in the single-device model (its first name when shared)."""
+    param: nn.Parameter
+    dim: int | None
+    """The tensor dim sharded over the TP group, or ``None``."""
+    full_shape: torch.Size
+    """The parameter's shape in the single-device model."""
+
+
+def sharded_params(
+    modules: Iterable[tuple[str, nn.Module]], canonical: Mapping[tuple[str, str], str] | None = None
+) -> list[ShardedParam]:
+    """:class:`ShardedParam` s of the parameters owned by ``modules`` (``(qualified name, module)``
+    pairs, e.g. ``model.named_modules()``), each parameter once.
+
+    ``canonical`` maps ``(module name, param name)`` to the name to save under (for a parameter
+    shared by two modules, its first name); by default ``"<module name>.<param name>"``. Parameters
+    on the ``meta`` device (layers held by another pipeline stage) are skipped.
+    """
+    out: list[ShardedParam] = []
+    seen: set[int] = set()
+    for mname, module in modules:
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen or param.is_meta:
+                continue
+            seen.add(id(param))
+            qualified = f"{mname}.{pname}" if mname else pname
+            name = canonical.get((mname, pname), qualified) if canonical else qualified
+            dim, parts, _ = param_sharding(module, pname)
+            shape = list(param.shape)
+            if dim is not None:
+                shape[dim] *= parts
+            out.append(ShardedParam(name, param, dim, torch.Size(shape)))
+    return out
+
+
+def to_dtensor(
+    local: torch.Tensor, mesh: DeviceMesh, dim: int | None, full_shape: torch.Size
+) -> DTensor:
+    """``local`` (this rank's chunk along ``dim`` of a ``full_shape`` tensor, or all of it) as a
+    DTensor over the 1-D ``mesh``, sharing ``local``'s storage (DCP loads into it in place)."""
+    placement = Replicate() if dim is None else Shard(dim)
+    stride = torch.empty(full_shape, device="meta").stride()
+    return DTensor.from_local(
+        local.detach(), mesh, [placement], run_check=False, shape=full_shape, stride=stride
+    )
+
+
+def model_state(params: Iterable[ShardedParam], tp_mesh: DeviceMesh) -> dict[str, DTensor]:
+    """``{"model/<name>": DTensor}`` over ``tp_mesh`` for every parameter in ``params``."""
+    return {f"model/{p.name}": to_dtensor(p.param, tp_mesh, p.dim, p.full_shape) for p in params}
+
+
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, params: Iterable[ShardedParam], tp_mesh: DeviceMesh
+) -> dict[str, Any]:
+    """``{"optim/<name>/<key>": value}`` of ``optimizer.state`` for ``params``.
+
+    A state tensor with its parameter's shape gets the parameter's placement; any other tensor
+    (a scalar ``step``) is saved as it is; non-tensor values are saved as objects. Call
+    :func:`init_optimizer_state_` first when loading into a fresh optimizer.
+    """
+    out: dict[str, Any] = {}
+    for p in params:
+        state = optimizer.state.get(p.param, {})
+        for key, value in sorted(state.items()):
+            k = f"optim/{p.name}/{key}"
+            if isinstance(value, torch.Tensor) and value.shape == p.param.shape and value.dim():
+                out[k] = to_dtensor(value, tp_mesh, p.dim, p.full_shape)
+            else:
+                out[k] = value
+    return out
+
+
+@torch.no_grad()
+def init_optimizer_state_(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state (zeros) without changing any parameter, so a
+    checkpoint can be loaded into it: one step with zero gradients at learning rate 0 (the moments
+    stay 0, AdamW's decay multiplies by exactly 1). Parameters that already have state are left."""
+    missing = [p for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
+    if not missing:
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    grads = {p: p.grad for g in optimizer.param_groups for p in g["params"]}
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in grads:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    for p, grad in grads.items():
+        p.grad = grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and checking checkpoints (no process group needed)
+# ---------------------------------------------------------------------------------------------
+def _step_dirs(root: Path) -> list[Path]:
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith(_STEP_PREFIX) and d.name[len(_STEP_PREFIX) :].isdigit():
+            found.append(d)
+    return sorted(found, key=lambda d: int(d.name[len(_STEP_PREFIX) :]))
+
+
+def _is_complete(d: Path) -> bool:
+    return (d / META_FILE).is_file() and (d / ".metadata").is_file()
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder ``path`` names: a checkpoint itself (it holds ``meta.json``), or a
+    checkpoint root whose ``latest`` pointer (or, without one, its newest complete ``step_*``
+    folder) is followed.
+
+    Raises:
+        CheckpointError: nothing there, a dangling pointer, or an incomplete checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path} (no such file or directory)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder")
+    if (path / META_FILE).exists() or (path / ".metadata").exists():
+        if not _is_complete(path):
+            raise CheckpointError(
+                f"{path} is an incomplete checkpoint (meta.json or .metadata missing)"
+            )
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        target = path / name
+        if not name or not _is_complete(target):
+            raise CheckpointError(
+                f"{pointer} points to {name!r}, which is not a complete checkpoint"
+            )
+        return target
+    complete = [d for d in _step_dirs(path) if _is_complete(d)]
+    if not complete:
+        raise CheckpointError(f"no checkpoint in {path} (no '{LATEST}' pointer, no step_* folder)")
+    return complete[-1]
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict:
+    """The ``meta.json`` of a checkpoint folder (see :func:`find_checkpoint`)."""
+    path = Path(checkpoint) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not a checkpoint (no {META_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"corrupt checkpoint {path.parent}: cannot read {META_FILE} ({e})"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"corrupt checkpoint {path.parent}: {META_FILE} is not an object")
+    return meta
+
+
+def check_keys(checkpoint: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Check, before any collective, that ``checkpoint`` holds every key of ``state`` with the same
+    global shape (reads DCP's ``.metadata`` only).
+
+    Raises:
+        CheckpointError: unreadable metadata, missing keys or other shapes, naming a few of them.
+    """
+    path = Path(checkpoint)
+    try:
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle means a corrupt file
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: cannot read .metadata ({type(e).__name__}: {e})"
+        ) from None
+    missing = [k for k in state if k not in saved]
+    wrong = []
+    for key, value in state.items():
+        meta = saved.get(key)
+        if isinstance(value, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
+            if tuple(value.shape) != tuple(meta.size):
+                wrong.append(f"{key} {tuple(meta.size)} saved, {tuple(value.shape)} here")
+        elif isinstance(value, torch.Tensor) and isinstance(meta, BytesStorageMetadata):
+            wrong.append(f"{key} is an object in the checkpoint, a tensor here")
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CheckpointError(
+            f"checkpoint {path} lacks {len(missing)} of the {len(state)} entries this model needs "
+            f"({shown}): it was saved from another model or optimizer"
+        )
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {path} holds tensors of other shapes ({'; '.join(wrong[:3])}): it was "
+            "saved from another model"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Save and load (collectives)
+# ---------------------------------------------------------------------------------------------
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _barrier(group: dist.ProcessGroup | None) -> None:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    *,
+    keep: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Save ``state`` (DCP state dict: DTensors, tensors, objects) as ``<root>/step_<step>``,
+    atomically (see the module docstring), and point ``<root>/latest`` at it. Every rank calls it.
+
+    Args:
+        root: the checkpoint root folder (created when missing).
+        step: the training step the state is after.
+        state: this rank's state dict (:func:`model_state`, :func:`optimizer_state`, ...).
+        meta: JSON-serializable description written by rank 0 as ``meta.json`` (``step`` and
+            ``time`` are added).
+        keep: keep only the newest ``keep`` checkpoints (``None``: all).
+        process_group: the group of all ranks saving (default: the world).
+
+    Returns:
+        The final checkpoint folder.
+    """
+    root = Path(root)
+    name = f"{_STEP_PREFIX}{step:08d}"
+    final, tmp = root / name, root / f"{_TMP_PREFIX}{name}"
+    rank = dist.get_rank(process_group) if dist.is_initialized() else 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(process_group)
+    try:
+        dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group)
+    except CheckpointException as e:  # every rank gets it: the previous checkpoint stays latest
+        raise CheckpointError(f"saving checkpoint {final} failed ({_first_failure(e)})") from None
+    if rank == 0:
+        body = {**meta, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _fsync_write(tmp / META_FILE, json.dumps(body, indent=1, sort_keys=True))
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run): swap it out
+            old = root / f"{_TMP_PREFIX}old-{name}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        pointer_tmp = root / f"{LATEST}.tmp"
+        _fsync_write(pointer_tmp, name + "\n")
+        os.replace(pointer_tmp, root / LATEST)
+        _fsync_dir(root)
+        if keep is not None and keep > 0:
+            for old in _step_dirs(root)[:-keep]:
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+    _barrier(process_group)
+    return final
+
+
+def load_checkpoint(
+    checkpoint: str | os.PathLike,
+    state: dict[str, Any],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """Load ``checkpoint`` into ``state`` in place (tensors and DTensors are filled, object entries
+    replaced), resharding to this run's layout. Every rank calls it.
+
+    Checks the keys and global shapes first (:func:`check_keys`), so a checkpoint of another model
+    fails on every rank alike, before any collective.
+
+    Raises:
+        CheckpointError: a missing, incomplete, unreadable or mismatched checkpoint.
+    """
+    path = find_checkpoint(checkpoint)
+    check_keys(path, state)
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), process_group=process_group)
+    except CheckpointException as e:
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: reading it failed ({_first_failure(e)})"
+        ) from None
+    return state
+
+
+def _first_failure(e: CheckpointException) -> str:
+    """``"<ExceptionType>: <last line of its message>"`` of the lowest failing rank."""
+    failures = e.failures
+    if not failures:
+        return "unknown error"
+    exc = failures[min(failures)][0]
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")

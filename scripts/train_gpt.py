@@ -1,0 +1,17 @@
+"""Train the GPT on the Python standard library's sources (byte-level), at any (dp, pp, tp).
+
+    python -m torch.distributed.run --standalone --nproc-per-node=4 scripts/train_gpt.py --pp 2 --tp 2
+
+Flags: ``--help``. Outputs in ``--out`` (default ``runs/gpt-<model>``): ``metrics.jsonl``,
+``loss.png``, ``summary.json``, ``checkpoints/``. See the README's "Training" section.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("gpt"))

@@ -1,0 +1,192 @@
+"""The training scripts: the same losses at every layout, the CNN across layouts, bad input.
+
+* A tiny GPT trained 2 steps at (dp, pp, tp) = (1, 1, 1), at (2, 1, 2) with sequence parallelism
+  and 2 microbatches, and at (1, 2, 2) with the interleaved and ZB-H1 schedules gives the same
+  losses (fp32, rtol 1e-5): the global batch, the initialization, the gradient (tied embeddings
+  summed across stages) and the clipping do not depend on the layout.
+* The CNN trained at (2, 1, 2) and evaluated from its checkpoint at (1, 2, 1) gives the same test
+  loss and accuracy.
+* Bad input ends with one line on rank 0 (``error: ...``), nothing on the other ranks, status 1:
+  a layout that does not fit the world or the model, a missing, foreign or corrupt checkpoint.
+* One real ``torchrun`` run of ``scripts/train_gpt.py`` at (1, 2, 2) writes its outputs; resumed
+  from a corrupted checkpoint every rank exits non-zero with one error line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.trainer import main
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT_TINY = ["--n-layers", "2", "--embed-dim", "64", "--n-heads", "4", "--seq-len", "32",
+            "--data-bytes", "200000", "--batch-size", "8", "--eval-batches", "1",
+            "--sample-tokens", "0", "--no-progress", "--no-plot", "--log-interval", "0",
+            "--eval-interval", "0", "--ckpt-interval", "0", "--warmup-steps", "1"]  # fmt: skip
+RTOL = 1e-5
+
+
+def _main(kind: str, argv: list[str]) -> dict:
+    """``main(kind, argv)`` on this rank, with its exit status and what it printed."""
+    import torch.distributed as dist
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(kind, argv)
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue(), "rank": dist.get_rank()}
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+LAYOUTS = [
+    (1, ["--dp", "1"]),
+    (4, ["--dp", "2", "--tp", "2", "--sequence-parallel", "--microbatches", "2"]),
+    (4, ["--pp", "2", "--tp", "2", "--schedule", "interleaved", "--microbatches", "2"]),
+    (4, ["--pp", "2", "--tp", "2", "--schedule", "zb-h1", "--microbatches", "4"]),
+]
+
+
+def test_layouts_give_the_same_losses(dist_run, tmp_path):
+    losses = []
+    for i, (world, flags) in enumerate(LAYOUTS):
+        out = tmp_path / str(i)
+        args = [*GPT_TINY, *flags, "--max-steps", "2", "--out", str(out)]
+        results = dist_run(world, _main, "gpt", args, timeout=180)
+        assert [r["code"] for r in results] == [0] * world, results[0]["err"]
+        losses.append([r["loss"] for r in _metrics(out) if "loss" in r])
+    for flags, got in zip(LAYOUTS[1:], losses[1:]):
+        assert got == pytest.approx(losses[0], rel=RTOL), (flags, got, losses[0])
+    assert len(losses[0]) == 2 and losses[0][1] < losses[0][0]
+
+
+CNN_TINY = ["--width", "8", "--num-stages", "2", "--blocks-per-stage", "1", "--batch-size", "32",
+            "--no-progress", "--no-plot", "--log-interval", "0", "--eval-interval", "0",
+            "--ckpt-interval", "0"]  # fmt: skip
+
+
+def test_cnn_checkpoint_across_layouts(dist_run, tmp_path):
+    train = dist_run(4, _main, "cnn", [*CNN_TINY, "--dp", "2", "--tp", "2", "--max-steps", "6",
+                                       "--out", str(tmp_path / "a")], timeout=180)  # fmt: skip
+    assert train[0]["code"] == 0, train[0]["err"]
+    saved = json.loads((tmp_path / "a" / "summary.json").read_text())["eval"]
+    ckpt = str(tmp_path / "a" / "checkpoints")
+    evals = dist_run(2, _main, "cnn", [*CNN_TINY, "--pp", "2", "--resume", ckpt, "--eval-only",
+                                       "--out", str(tmp_path / "b")], timeout=180)  # fmt: skip
+    assert evals[0]["code"] == 0, evals[0]["err"]
+    again = json.loads((tmp_path / "b" / "summary.json").read_text())["eval"]
+    assert again["test_accuracy"] == saved["test_accuracy"]
+    assert again["test_loss"] == pytest.approx(saved["test_loss"], rel=RTOL)
+
+
+def _errors(cases: list[tuple[str, list[str]]]) -> list[dict]:
+    return [_main(kind, argv) for kind, argv in cases]
+
+
+def test_bad_input_one_line_on_rank_0(dist_run, tmp_path):
+    good = tmp_path / "good"
+    made = dist_run(
+        2, _main, "gpt", [*GPT_TINY, "--tp", "2", "--max-steps", "1", "--out", str(good)]
+    )
+    assert made[0]["code"] == 0, made[0]["err"]
+    ckpt = good / "checkpoints" / "step_00000001"
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ckpt, corrupt)
+    for f in corrupt.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated data files
+    garbled = tmp_path / "garbled"
+    shutil.copytree(ckpt, garbled)
+    (garbled / ".metadata").write_bytes(b"not a pickle")
+    cases = {
+        "layout vs world": ("gpt", [*GPT_TINY, "--tp", "4"]),
+        "layout vs model": ("gpt", [*GPT_TINY, "--tp", "2", "--n-heads", "3", "--embed-dim", "96"]),
+        "pipeline too deep": (
+            "gpt",
+            [
+                *GPT_TINY,
+                "--pp",
+                "2",
+                "--chunks",
+                "3",
+                "--schedule",
+                "interleaved",
+                "--microbatches",
+                "2",
+            ],
+        ),  # fmt: skip
+        "bad schedule": ("gpt", [*GPT_TINY, "--pp", "2", "--schedule", "zigzag"]),
+        "missing checkpoint": ("gpt", [*GPT_TINY, "--tp", "2", "--resume", str(tmp_path / "no")]),
+        "nothing to resume": ("gpt", [*GPT_TINY, "--tp", "2", "--resume", "--out", str(tmp_path)]),
+        "other model": ("gpt", [*GPT_TINY, "--tp", "2", "--n-layers", "3", "--resume", str(ckpt)]),
+        "other task": ("cnn", [*CNN_TINY, "--tp", "2", "--resume", str(ckpt)]),
+        "corrupt data": (
+            "gpt",
+            [*GPT_TINY, "--tp", "2", "--resume", str(corrupt), "--out", str(tmp_path / "c")],
+        ),  # fmt: skip
+        "corrupt metadata": (
+            "gpt",
+            [*GPT_TINY, "--tp", "2", "--resume", str(garbled), "--out", str(tmp_path / "d")],
+        ),  # fmt: skip
+    }
+    expected = {
+        "layout vs world": "needs 4 processes, but 2 were launched",
+        "layout vs model": "n_heads=3 is not divisible by --tp 2",
+        "pipeline too deep": "cannot fill 6 pipeline stages",
+        "bad schedule": "--schedule='zigzag'",
+        "missing checkpoint": "no checkpoint at",
+        "nothing to resume": "nothing to resume",
+        "other model": "n_layers=2 (here 3)",
+        "other task": "holds a gpt model, this run trains a cnn",
+        "corrupt data": "corrupt checkpoint",
+        "corrupt metadata": "cannot read .metadata",
+    }
+    results = dist_run(2, _errors, list(cases.values()), timeout=120)
+    for i, name in enumerate(cases):
+        r0, r1 = results[0][i], results[1][i]
+        assert r0["code"] == 1 and r1["code"] == 1, (name, r0, r1)
+        lines = r0["err"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, r0["err"])
+        assert expected[name] in lines[0], (name, lines[0])
+        assert r1["err"] == "", (name, r1["err"])
+
+
+def _torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(ROOT / "scripts" / "train_gpt.py"), *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_torchrun_train_then_corrupt_resume(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in GPT_TINY if a != "--no-plot"]
+    done = _torchrun(4, [*args, "--pp", "2", "--tp", "2", "--max-steps", "4", "--out", str(out)],
+                     tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done: 4 steps" in done.stdout and "layout dp=1 pp=2 tp=2" in done.stdout
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 4 and len(summary["peak_memory_bytes"]) == 4
+    assert (out / "loss.png").stat().st_size > 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+    for f in (out / "checkpoints" / "step_00000004").glob("*.distcp"):
+        f.write_bytes(b"")  # the data is gone
+    failed = _torchrun(2, [*args, "--tp", "2", "--resume", "--out", str(out)], tmp_path)
+    assert failed.returncode != 0
+    text = failed.stdout + failed.stderr
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "corrupt checkpoint" in errors[0], text
+    # the only traceback is torchrun's own report of the failed ranks, none from the script
+    assert 'train_gpt.py", line' not in text and "training/" not in text, text
+    assert "exitcode  : 1" in text

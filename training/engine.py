@@ -1,0 +1,327 @@
+"""This rank's share of a model, and one training step on it, at any (dp, pp, tp).
+
+:func:`build_engine` turns a single-device model (built on ``meta``) into what this rank runs:
+
+1. :func:`parallel_layers.parallelize` by the model's TP plan (still on ``meta``);
+2. the layer sequence (``model.pipeline_layers()``) cut into ``pp * chunks`` stages by parameter
+   count (:func:`parallel_layers.pipeline.partition_layers`); this rank keeps its stages;
+3. the model is materialized (``to_empty``) and initialized from ``(seed, parameter name)``
+   (``model.init_weights()``), so every layout starts from the shards of the same single-device
+   model; then the layers of other stages are released back to ``meta``;
+4. the step: **pp = 1** a plain step (DDP over ``dp`` when ``dp > 1``; ``microbatches`` is gradient
+   accumulation under ``no_sync``); **pp > 1** the pipeline schedule
+   (:mod:`parallel_layers.pipeline`) over :func:`~parallel_layers.pipeline.build_stages`' stages,
+   which wrap each stage in DDP over ``dp``.
+
+Both steps are behind one seam, :meth:`Engine.train_step` (forward + backward of the global
+batch's share of this dp replica; the optimizer is the trainer's), and :meth:`Engine.forward`
+(inference: logits on the last stage).
+
+**Tied embeddings across stages.** A GPT with ``tie_embeddings`` uses ``embed.tok.weight`` in the
+first stage and as ``head.proj.weight`` in the last one. With ``pp > 1`` each rank keeps its own
+copy (same values), and the pipeline schedule sums the copies' gradients over the ``pp`` group
+after each backward (:class:`parallel_layers.pipeline.stage.SharedParameters`), so both take the
+same optimizer step and stay equal. Checkpoints save (and load) every copy under the first name,
+``embed.tok.weight``; the gradient norm counts it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kernels.collectives import all_gather
+from parallel_layers import ParallelDims, parallelize
+from parallel_layers.checkpoint import ShardedParam, sharded_params
+from parallel_layers.pipeline import build_stages, get_schedule, partition_layers
+from training.config import ParallelConfig
+
+__all__ = ["Engine", "build_engine", "canonical_names"]
+
+_DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+
+
+def canonical_names(model: nn.Module) -> dict[tuple[str, str], str]:
+    """``{(module name, param name): name to save under}``: a parameter owned by several modules
+    (tied) gets its first qualified name everywhere."""
+    first: dict[int, str] = {}
+    out = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            qualified = f"{mname}.{pname}" if mname else pname
+            out[(mname, pname)] = first.setdefault(id(p), qualified)
+    return out
+
+
+def _release_(module: nn.Module, keep: set[int]) -> None:
+    """Replace the parameters ``module`` owns (recursively) by ``meta`` ones of the same shape,
+    except those whose ``id`` is in ``keep``. Per owner: a parameter tied to a module that is kept
+    stays alive there."""
+    for sub in module.modules():
+        for pname, p in list(sub.named_parameters(recurse=False)):
+            if not p.is_meta and id(p) not in keep:
+                setattr(sub, pname, nn.Parameter(torch.empty_like(p, device="meta"), False))
+
+
+@dataclass
+class Engine:
+    """What this rank runs. Build it with :func:`build_engine`."""
+
+    model: nn.Module
+    """The (parallelized) single-device model; on ``pp > 1`` other stages' layers are ``meta``."""
+    dims: ParallelDims
+    parallel: ParallelConfig
+    params: list[ShardedParam]
+    """This rank's parameters, by their single-device names (for the optimizer and checkpoints)."""
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    autocast_dtype: torch.dtype | None = None
+    ddp: DistributedDataParallel | None = None
+    stages: list | None = None
+    schedule: object | None = None
+    tied_copies: frozenset[str] = frozenset()
+    """Parameters this rank shares with an earlier pipeline rank (tied embeddings): counted there,
+    not here, in the gradient norm and the parameter count."""
+
+    # -- small helpers ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.dims.device
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.dims.is_last_stage
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.dims.is_first_stage
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when asked (fp32 master weights and optimizer), else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dims.device_type, dtype=self.autocast_dtype)
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(p.name, p.param) for p in self.params]
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole single-device model (summed over the layout, tied once)."""
+        local = sum(
+            p.param.numel()
+            for p in self.params
+            if (p.dim is not None or self.dims.tp_rank == 0) and p.name not in self.tied_copies
+        )
+        total = torch.tensor(float(local), dtype=torch.float64)
+        if self.dims.world_size > 1:
+            total = total.to(self.device)
+            dist.all_reduce(total)
+        return int(round(total.item() / self.dims.dp))
+
+    # -- training -----------------------------------------------------------------------------
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this dp replica's share of the batch; the gradients are the
+        mean loss's, averaged over ``dp`` and complete on every rank (tied copies summed).
+
+        Args:
+            inputs: ``(b, ...)``, this replica's rows of the global batch (every rank passes them;
+                only the first stage reads them).
+            targets: ``(b, ...)``; only the last stage reads them.
+
+        Returns:
+            This replica's mean loss (a 0-dim fp32 tensor), on every rank of its pipeline.
+        """
+        m = self.parallel.microbatches
+        if self.schedule is not None:
+            with self.autocast():
+                loss = self.schedule.step(
+                    inputs if self.is_first_stage else None,
+                    targets if self.is_last_stage else None,
+                    batch_size=inputs.shape[0],
+                )
+            return loss  # the schedule summed shared parameters' gradients over pp, then DDP
+        module = self.ddp if self.ddp is not None else self.model
+        losses = []
+        pairs = list(zip(inputs.tensor_split(m), targets.tensor_split(m)))
+        for i, (x, y) in enumerate(pairs):
+            sync = self.ddp is None or i == m - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self.autocast():
+                    loss = self.loss_fn(module(x), y)
+                (loss / m).backward()
+            losses.append(loss.detach().float())
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """The global gradient norm (each parameter counted once over tp, pp and dp), and the
+        gradients scaled down to ``max_norm`` when it is exceeded (``max_norm = 0``: no clipping)."""
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in self.params:
+            g = p.param.grad
+            counted = (
+                p.dim is not None or self.dims.tp_rank == 0
+            ) and p.name not in self.tied_copies
+            if g is not None and counted:
+                sq += g.float().pow(2).sum()
+        if self.dims.world_size > 1:
+            dist.all_reduce(sq)  # dp replicas hold the same gradients: divide them out
+        norm = (sq / self.dims.dp).sqrt()
+        if max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            grads = [p.param.grad for p in self.params if p.param.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef)
+        return float(norm)
+
+    # -- inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The model's output for ``inputs`` ``(b, ...)`` (eval mode, no gradients): on the last
+        pipeline stage the logits (GPT: vocabulary-sharded ``(b, S, V/tp)``), elsewhere ``None``.
+        Every rank of the pipeline calls it."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.stages is None:
+                with self.autocast():
+                    return self.model(inputs)
+            out = None
+            x = inputs
+            last = self.stages[-1].num_stages - 1
+            for stage in self.stages:
+                s = stage.stage_index
+                if s > 0:
+                    x = self._recv(self.dims.pp_peer(s - 1))
+                with self.autocast():
+                    y = stage.layers(x)
+                if s < last:
+                    self._send(y, self.dims.pp_peer(s + 1))
+                else:
+                    out = y
+            return out
+        finally:
+            self.model.train(was_training)
+
+    def _send(self, t: torch.Tensor, dst: int) -> None:
+        header = torch.zeros(2 + 8, dtype=torch.int64)
+        header[0], header[1] = _DTYPE_CODES.index(t.dtype), t.dim()
+        header[2 : 2 + t.dim()] = torch.tensor(t.shape)
+        dist.send(header.to(self.device), dst=dst, group=self.dims.pp_group)
+        dist.send(t.contiguous(), dst=dst, group=self.dims.pp_group)
+
+    def _recv(self, src: int) -> torch.Tensor:
+        header = torch.zeros(2 + 8, dtype=torch.int64, device=self.device)
+        dist.recv(header, src=src, group=self.dims.pp_group)
+        header = header.cpu()
+        shape = tuple(int(d) for d in header[2 : 2 + int(header[1])])
+        t = torch.empty(shape, dtype=_DTYPE_CODES[int(header[0])], device=self.device)
+        dist.recv(t, src=src, group=self.dims.pp_group)
+        return t
+
+    def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the last pipeline stage holds it, on every rank of the pipeline (same shape
+        and dtype on every rank; the other ranks' values are ignored)."""
+        if self.dims.pp > 1:
+            dist.broadcast(t, src=self.dims.pp_peer(self.dims.pp - 1), group=self.dims.pp_group)
+        return t
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a batch (no gradients), on every rank of the pipeline (0-dim fp32)."""
+        logits = self.forward(inputs)
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        if logits is not None:
+            loss = self.loss_fn(logits, targets).float().reshape(())
+        return self.broadcast_from_last(loss)
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Vocabulary-sharded logits ``(..., V/tp)`` -> whole ``(..., V)`` on every TP rank."""
+        return all_gather(logits.contiguous(), self.dims.tp_group, dim=-1)
+
+
+def build_engine(
+    model_fn: Callable[[], nn.Module],
+    plan: dict,
+    dims: ParallelDims,
+    parallel: ParallelConfig,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    tp_plan_kwargs: dict | None = None,
+) -> Engine:
+    """Build this rank's part of ``model_fn()`` at ``dims``' layout (see the module docstring).
+
+    Args:
+        model_fn: builds the single-device model; called under ``torch.device("meta")``. It must
+            fix the model's seed (``GPT(config, seed=...)``) and provide ``pipeline_layers()``,
+            ``init_weights()`` and ``loss(logits, target)``.
+        plan: the model's tensor-parallel plan.
+        dims: the layout.
+        parallel: schedule, microbatches, chunks, sequence parallel, overlap.
+        autocast_dtype: ``torch.bfloat16`` to run forwards under autocast, or ``None``.
+    """
+    with torch.device("meta"):
+        model = model_fn()
+    kwargs = dict(sequence_parallel=parallel.sequence_parallel, overlap_comm=parallel.overlap)
+    kwargs.update(tp_plan_kwargs or {})
+    model = parallelize(model, plan, dims, **kwargs)
+    canonical = canonical_names(model)
+    names_of = {id(m): n for n, m in model.named_modules()}
+    model.to_empty(device=dims.device)
+    model.init_weights()  # re-ties tied parameters, then fills every shard from (seed, name)
+    layers = model.pipeline_layers()
+
+    if dims.pp == 1:
+        params = sharded_params(model.named_modules(), canonical)
+        engine = Engine(model, dims, parallel, params, model.loss, autocast_dtype)
+        if dims.dp > 1:
+            kw = {"device_ids": [dims.device.index]} if dims.device.type == "cuda" else {}
+            engine.ddp = DistributedDataParallel(model, process_group=dims.dp_group, **kw)
+        return engine
+
+    num_stages = dims.pp * parallel.chunks
+    partition = partition_layers(layers, num_stages, "params")
+    mine = [s for s in range(num_stages) if s % dims.pp == dims.pp_rank]
+    local = {j for s in mine for j in range(*partition.bounds[s])}
+
+    # parameters used by layers on several ranks (tied embeddings): the pipeline keeps one copy
+    # per rank and sums their gradients after each backward (SharedParameters); every rank,
+    # holder or not, keeps them materialized for that all-reduce
+    used_on: dict[int, set[int]] = {}
+    for j, layer in enumerate(layers):
+        for q in layer.parameters():
+            used_on.setdefault(id(q), set()).add(partition.stage_of(j) % dims.pp)
+    shared = {pid for pid, ranks in used_on.items() if len(ranks) > 1}
+    for j, layer in enumerate(layers):
+        if j not in local:
+            _release_(layer, keep=shared)
+
+    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
+    modules = [
+        (f"{names_of[id(layers[j])]}.{n}" if n else names_of[id(layers[j])], m)
+        for j in sorted(local)
+        for n, m in layers[j].named_modules()
+    ]
+    params = sharded_params(modules, canonical)
+    # a shared parameter counts (in the gradient norm, the parameter count) on its first rank
+    first_rank = {pid: min(ranks) for pid, ranks in used_on.items()}
+    copies = frozenset(
+        p.name for p in params if first_rank.get(id(p.param), dims.pp_rank) != dims.pp_rank
+    )
+    schedule = get_schedule(parallel.schedule)(stages, parallel.microbatches, model.loss)
+    return Engine(
+        model,
+        dims,
+        parallel,
+        params,
+        model.loss,
+        autocast_dtype,
+        stages=stages,
+        schedule=schedule,
+        tied_copies=copies,
+    )

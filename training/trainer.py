@@ -1,0 +1,599 @@
+"""The training loop shared by ``scripts/train_gpt.py`` and ``scripts/train_cnn.py``.
+
+One run, on every rank::
+
+    main(argv)                          # parse flags into the config dataclasses
+      task.validate(layout, world)      # before any process group: one-line errors
+      check the --resume checkpoint     # meta.json: same model? same optimizer?
+      init the process group            # nccl on CUDA (one GPU per local rank), gloo on CPU
+      Trainer.setup()                   # ParallelDims, build_engine, optimizer, load checkpoint
+      Trainer.fit()                     # steps, evaluation, checkpoints, progress; summary
+
+A step: the learning rate of the schedule at this step; this rank's rows of the global batch
+(:mod:`training.data`); :meth:`training.engine.Engine.train_step` (plain or pipelined);
+the global gradient norm clipped; the optimizer step; the loss averaged over ``dp``.
+
+**Checkpoints** (:mod:`parallel_layers.checkpoint`) hold the model and optimizer state under
+single-device names (DTensors over the TP mesh, so any layout loads them), each rank's RNG state
+(``rng/rank<r>/...``, restored only at the same layout), and in ``meta.json`` the step (which is the
+data position: batches are addressed by step), the LR schedule's state, the optimizer's
+hyperparameters, the model's description and the layout. ``--resume`` at the same layout continues
+bit for bit; at another layout it continues from the same weights and optimizer moments.
+
+**Errors.** Known error types (bad flags, a layout that does not fit, a missing, corrupt or
+foreign checkpoint, a missing optional package, a diverged loss) end the run with one line on
+rank 0 (``error: ...``) and exit status 1 on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from parallel_layers import ParallelDims
+from parallel_layers.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    init_optimizer_state_,
+    load_checkpoint,
+    model_state,
+    optimizer_state,
+    read_meta,
+    save_checkpoint,
+)
+from parallel_layers.parallelize import name_seed
+from parallel_layers.testing import free_port
+from training.config import OptimConfig, ParallelConfig, RunConfig, build_parser, from_args
+from training.engine import Engine, build_engine
+from training.report import (
+    Reporter,
+    format_summary,
+    gather_peak_memory,
+    gpu_peak_tflops,
+    plot_metrics,
+)
+
+__all__ = ["FORMAT", "LRSchedule", "Trainer", "check_resume", "main", "run_main"]
+
+FORMAT = "triton-parallel-layers/train-v1"
+KNOWN_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError, CheckpointError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LRSchedule:
+    """Linear warm-up to ``lr``, then cosine or linear decay to ``lr * min_lr_ratio`` at
+    ``max_steps`` (or constant). A pure function of the step: its state is the step."""
+
+    lr: float
+    warmup_steps: int
+    max_steps: int
+    kind: str = "cosine"
+    min_lr_ratio: float = 0.1
+    last_step: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step after ``step`` steps."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.lr
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if self.kind == "cosine" else 1.0 - t
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * shape)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["last_step"])
+
+
+def _make_optimizer(engine: Engine, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """Matrices decay, vectors (biases, norm weights) do not; groups are named for checkpoints."""
+    decay = [p.param for p in engine.params if p.param.dim() >= 2]
+    other = [p.param for p in engine.params if p.param.dim() < 2]
+    wd = 0.0 if cfg.optimizer == "adam" else cfg.weight_decay
+    groups = [
+        {"params": ps, "weight_decay": w, "name": n}
+        for ps, w, n in ((decay, wd, "decay"), (other, 0.0, "no_decay"))
+        if ps
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """Trains ``task`` at ``parallel``'s layout. Every rank builds one; see the module docstring.
+
+    ``on_step(step, record)`` is called on every rank after each step (tests use it to stop a
+    run as if it were killed).
+    """
+
+    task: Any
+    parallel: ParallelConfig
+    optim: OptimConfig
+    run: RunConfig
+    resume: Path | None = None
+    resume_meta: dict | None = None
+    on_step: Callable[[int, dict], None] | None = None
+    task_data_info: dict | None = None
+    """What ``task.load_data()`` returned (loaded in ``setup`` when ``None``)."""
+    history: list[dict] = field(default_factory=list)
+
+    # -- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Layout, model, optimizer, data and (with ``resume``) the checkpoint's state."""
+        p = self.parallel
+        self.dims = ParallelDims(dp=p.dp, pp=p.pp, tp=p.tp)
+        dims = self.dims
+        self.rank = dims.rank
+        self.out = Path(self.run.out or f"runs/{self.task.name}")
+        self.ckpt_root = self.out / "checkpoints"
+        if self.rank == 0 and self.resume is None:
+            _move_aside_previous_run(self.out)
+        # dropout and any other randomness: one stream per (dp, pp) position, shared by TP ranks
+        torch.manual_seed(name_seed(self.run.seed, f"rng/dp{dims.dp_rank}/pp{dims.pp_rank}"))
+        if dims.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dims.device)
+        if self.task_data_info is None:
+            self.task_data_info = self.task.load_data()
+        dtype = self.run.dtype
+        if dtype == "auto":
+            dtype = "bf16" if dims.device.type == "cuda" else "fp32"
+        self.dtype = dtype
+        self.engine = build_engine(
+            self.task.build_model,
+            self.task.plan,
+            dims,
+            p,
+            autocast_dtype=torch.bfloat16 if dtype == "bf16" else None,
+        )
+        self.num_params = self.engine.num_parameters()
+        self.max_steps = self.run.max_steps or self.task.default_steps
+        lr = self.optim.lr or self.task.default_lr
+        warmup = self.optim.warmup_steps
+        if warmup is None:
+            warmup = min(200, max(1, self.max_steps // 10))
+        self.schedule = LRSchedule(
+            lr, warmup, self.max_steps, self.optim.lr_schedule, self.optim.min_lr_ratio
+        )
+        self.optimizer = _make_optimizer(self.engine, self.optim, lr)
+        self.step = 0
+        self.notes: list[str] = []
+        if self.resume is not None:
+            path = find_checkpoint(self.resume)
+            self._load(path, self.resume_meta or read_meta(path))
+
+    def _layout(self) -> dict:
+        p = self.parallel
+        return {
+            "dp": p.dp, "pp": p.pp, "tp": p.tp, "schedule": p.schedule,
+            "microbatches": p.microbatches, "chunks": p.chunks,
+            "sequence_parallel": p.sequence_parallel,
+        }  # fmt: skip
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _rng_keys(self) -> dict[str, torch.Tensor]:
+        keys = {f"rng/rank{self.rank}/cpu": torch.get_rng_state()}
+        if self.dims.device.type == "cuda":
+            keys[f"rng/rank{self.rank}/cuda"] = torch.cuda.get_rng_state(self.dims.device)
+        return keys
+
+    def state_dict(self, *, optimizer: bool = True, rng: bool = True) -> dict[str, Any]:
+        """This rank's checkpoint entries (see :mod:`parallel_layers.checkpoint`)."""
+        mesh = self.dims.tp_mesh
+        state: dict[str, Any] = model_state(self.engine.params, mesh)
+        if optimizer:
+            state.update(optimizer_state(self.optimizer, self.engine.params, mesh))
+        if rng:
+            state.update(self._rng_keys())
+        return state
+
+    def save(self) -> Path:
+        """Checkpoint the state after ``self.step`` steps (every rank calls it)."""
+        meta = {
+            "format": FORMAT,
+            "model": self.task.model_meta(),
+            "layout": self._layout(),
+            "world_size": self.dims.world_size,
+            "optimizer": {
+                "name": self.optim.optimizer,
+                "param_groups": [
+                    {k: v for k, v in g.items() if k != "params"}
+                    for g in self.optimizer.param_groups
+                ],
+            },
+            "scheduler": self.schedule.state_dict(),
+            "data": {"position": self.step, **(self.task_data_info or {})},
+            "items_seen": self.step * self.task.items_per_step,
+            "seed": self.run.seed,
+            "last_loss": self.history[-1]["loss"] if self.history else None,
+        }
+        self.schedule.last_step = self.step
+        meta["scheduler"] = self.schedule.state_dict()
+        path = save_checkpoint(
+            self.ckpt_root, self.step, self.state_dict(), meta, keep=self.run.keep_checkpoints
+        )
+        self._saved_step = self.step
+        return path
+
+    def _load(self, path: Path, meta: dict) -> None:
+        """Load model, optimizer, schedule, data position and (same layout) RNG state."""
+        same_layout = all(
+            meta.get("layout", {}).get(k) == getattr(self.parallel, k) for k in ("dp", "pp", "tp")
+        )
+        init_optimizer_state_(self.optimizer)
+        state = self.state_dict(rng=same_layout)
+        load_checkpoint(path, state)
+        if same_layout:
+            torch.set_rng_state(state[f"rng/rank{self.rank}/cpu"])
+            if self.dims.device.type == "cuda":
+                torch.cuda.set_rng_state(state[f"rng/rank{self.rank}/cuda"], self.dims.device)
+        else:
+            old = meta.get("layout", {})
+            self.notes.append(
+                f"resharded: saved at dp={old.get('dp')} pp={old.get('pp')} tp={old.get('tp')}, "
+                f"loaded at {self.parallel.describe()} (same weights and optimizer state; "
+                "RNG streams restart)"
+            )
+        saved_groups = {g.get("name"): g for g in meta.get("optimizer", {}).get("param_groups", [])}
+        for g in self.optimizer.param_groups:
+            for k, v in saved_groups.get(g.get("name"), {}).items():
+                if k not in ("params", "name"):
+                    g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
+        self.schedule.load_state_dict(meta.get("scheduler", {"last_step": meta["step"]}))
+        self.step = int(meta["step"])
+        self._saved_step = self.step
+        data = meta.get("data", {})
+        info = self.task_data_info or {}
+        if data.get("fingerprint") and data.get("fingerprint") != info.get("fingerprint"):
+            self.notes.append(
+                f"the training data differs from the checkpoint's ({data.get('corpus')} "
+                f"{data.get('fingerprint')} then, {info.get('corpus')} {info.get('fingerprint')} "
+                "now): batches after the resume differ from an uninterrupted run"
+            )
+        self.loaded_from = path
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _evaluate(self) -> dict:
+        return self.task.evaluate(self.engine)
+
+    def fit(self) -> dict:
+        """Train from ``self.step`` to ``max_steps``; evaluate, checkpoint, report. Returns the
+        summary (on every rank; rank 0 also prints it and writes the run folder)."""
+        dims, engine, task, run = self.dims, self.engine, self.task, self.run
+        device = dims.device
+        rep = Reporter(
+            self.out, self.rank, self.max_steps, self.step, task.unit,
+            progress=run.progress, log_interval=run.log_interval,
+        )  # fmt: skip
+        rep.print(
+            f"{task.name}: {self.num_params / 1e6:.2f}M parameters | layout "
+            f"{self.parallel.describe()} | {dims.world_size} x {device.type} ({dims.backend}) | "
+            f"{self.dtype} | global batch {task.batch_size} ({task.items_per_step} {task.unit}) | "
+            f"{self.optim.optimizer} lr {self.schedule.lr:g} {self.schedule.kind}, warm-up "
+            f"{self.schedule.warmup_steps}"
+        )
+        rep.print(f"data: {task.describe_data()} | run folder {self.out}")
+        if getattr(self, "loaded_from", None) is not None:
+            rep.print(f"resumed from {self.loaded_from} at step {self.step}")
+        for note in self.notes:
+            rep.print(f"note: {note}")
+        if self.run.eval_only:
+            self.max_steps = self.step
+        start_step = self.step
+        step_times: list[float] = []
+        first_loss = last_loss = None
+        last_eval: dict = {}
+        try:
+            while self.step < self.max_steps:
+                lr = self.schedule.lr_at(self.step)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                x, y = task.train_batch(self.step, dims.dp_rank, dims.dp)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                t0 = time.perf_counter()
+                loss = engine.train_step(x, y)
+                grad_norm = engine.clip_grad_norm_(self.optim.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if dims.dp > 1:
+                    dist.all_reduce(loss, group=dims.dp_group)
+                    loss = loss / dims.dp
+                loss_value = float(loss)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                step_times.append(dt)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"the loss is {loss_value} at step {self.step}: training diverged (try a "
+                        "lower --lr or --grad-clip)"
+                    )
+                first_loss = loss_value if first_loss is None else first_loss
+                last_loss = loss_value
+                record = {
+                    "step": self.step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "step_seconds": dt,
+                    f"{task.unit}_per_s": task.items_per_step / dt,
+                    f"{task.unit}_seen": self.step * task.items_per_step,
+                }
+                evaluate = run.eval_interval and self.step % run.eval_interval == 0
+                if evaluate and self.step < self.max_steps:
+                    last_eval = self._evaluate()
+                    record.update(last_eval)
+                    rep.print(
+                        f"step {self.step:>6} | train loss {loss_value:.4f} | "
+                        + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                    )
+                self.history.append(record)
+                rep.log(record)
+                rep.step(self.step, loss_value, task.items_per_step / dt, lr)
+                if self.on_step is not None:
+                    self.on_step(self.step, record)
+                if (
+                    run.ckpt_interval
+                    and self.step % run.ckpt_interval == 0
+                    and self.step < self.max_steps
+                ):
+                    self.save()
+        finally:
+            rep.close()
+
+        final_eval = self._evaluate()
+        if self.history and self.step > start_step:
+            self.history[-1].update(final_eval)
+            rep.log({"step": self.step, **final_eval})
+        checkpoint = None
+        if self.step > start_step and getattr(self, "_saved_step", None) != self.step:
+            checkpoint = str(self.save())
+        elif self.step > start_step:
+            checkpoint = str(self.ckpt_root / f"step_{self.step:08d}")
+        extra = task.final_report(engine)
+        summary = self._summary(step_times, first_loss, last_loss, final_eval, checkpoint)
+        summary.update(extra)
+        if self.rank == 0:
+            self._write_outputs(summary, rep)
+        return summary
+
+    def _summary(self, times, first_loss, last_loss, final_eval, checkpoint) -> dict:
+        task, dims = self.task, self.dims
+        steady = times[1:] if len(times) > 1 else times
+        items_per_s = task.items_per_step * len(steady) / sum(steady) if steady else 0.0
+        peak = self.run.peak_tflops or gpu_peak_tflops(dims.device)
+        flops = task.flops_per_item(self.num_params)
+        tflops = flops * items_per_s / dims.world_size / 1e12 if flops else None
+        mfu = tflops / peak if (tflops and peak and self.dtype == "bf16") else None
+        return {
+            "model": task.name,
+            "num_params": self.num_params,
+            "layout": self.parallel.describe(),
+            "world_size": dims.world_size,
+            "device": dims.device.type
+            if dims.device.type == "cpu"
+            else torch.cuda.get_device_name(dims.device),
+            "backend": dims.backend,
+            "dtype": self.dtype,
+            "steps_run": len(times),
+            "final_step": self.step,
+            "train_seconds": sum(times),
+            "first_loss": first_loss if first_loss is not None else float("nan"),
+            "last_loss": last_loss if last_loss is not None else float("nan"),
+            "eval": final_eval,
+            "unit": task.unit,
+            "items_per_s": items_per_s,
+            "tflops_per_device": tflops if dims.device.type == "cuda" else None,
+            "peak_tflops": peak,
+            "mfu": mfu,
+            "peak_memory_bytes": gather_peak_memory(dims.device),
+            "checkpoint": checkpoint,
+            "metrics": str(self.out / "metrics.jsonl"),
+        }
+
+    def _write_outputs(self, summary: dict, rep: Reporter) -> None:
+        import json
+
+        if self.run.plot and rep.metrics_path.exists():
+            png = self.out / "loss.png"
+            note = plot_metrics(
+                rep.metrics_path, png, f"{self.task.name}, {self.parallel.describe()}"
+            )
+            if note:
+                print(note, flush=True)
+            else:
+                summary["plot"] = str(png)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if summary.get("steps_run"):
+            print(format_summary(summary), flush=True)
+        else:
+            print(
+                f"evaluated {self.loaded_from if getattr(self, 'loaded_from', None) else 'the model'} "
+                f"at step {self.step}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()),
+                flush=True,
+            )
+        if summary.get("sample"):
+            print(f"sample (prompt {self.task.cfg.prompt!r}):\n{summary['sample']}", flush=True)
+
+
+def _move_aside_previous_run(out: Path) -> None:
+    """A fresh run in a folder that holds another run's files: move those to ``<out>.prev-<time>``
+    (nothing is deleted) and say so."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    dest = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(out, dest)
+    print(
+        f"note: moved the previous run in {out} to {dest} (pass --resume to continue a run)",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+def check_resume(resume: str, out: Path, task, optim: OptimConfig) -> tuple[Path, dict]:
+    """Find the checkpoint ``--resume`` names and check it fits this run; no process group
+    needed, so every rank fails alike, before anything distributed exists."""
+    where = out / "checkpoints" if resume == "latest" else Path(resume)
+    if resume == "latest" and not where.exists():
+        raise CheckpointError(f"nothing to resume: no checkpoints in {where}")
+    path = find_checkpoint(where)
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this trainer (format {meta.get('format')!r})"
+        )
+    mine, theirs = task.model_meta(), meta.get("model", {})
+    if theirs.get("kind") != mine["kind"]:
+        raise CheckpointError(
+            f"{path} holds a {theirs.get('kind')} model, this run trains a {mine['kind']}"
+        )
+    if theirs.get("config") != mine["config"]:
+        diff = [
+            f"{k}={theirs['config'].get(k)!r} (here {v!r})"
+            for k, v in mine["config"].items()
+            if theirs.get("config", {}).get(k) != v
+        ]
+        raise CheckpointError(
+            f"{path} holds another {mine['kind']}: {', '.join(diff[:4])}; pass the same model flags"
+        )
+    saved_opt = meta.get("optimizer", {}).get("name")
+    if saved_opt != optim.optimizer:
+        raise CheckpointError(
+            f"{path} was saved with --optimizer {saved_opt}, this run uses {optim.optimizer}"
+        )
+    return path, meta
+
+
+def _init_distributed(timeout: float) -> bool:
+    """Join (or, run without torchrun, make) the process group; ``True`` if this call made it."""
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ:  # plain `python scripts/...`: a world of one
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+        )  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, CheckpointException):
+        from parallel_layers.checkpoint import _first_failure
+
+        return f"checkpoint failure ({_first_failure(e)})"
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, ImportError | OSError | FloatingPointError | TypeError):
+        text = f"{type(e).__name__}: {text}" if not isinstance(e, CheckpointError) else text
+    return text
+
+
+def run_main(
+    description: str,
+    task_cls: type,
+    task_cfg_cls: type,
+    argv: list[str] | None = None,
+    *,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> int:
+    """Parse flags, validate, train; returns the exit status (0, or 1 after a one-line error on
+    rank 0). ``argv`` defaults to ``sys.argv[1:]``."""
+    parser = build_parser(
+        description,
+        {
+            "parallel layout": ParallelConfig,
+            "model and data": task_cfg_cls,
+            "optimizer": OptimConfig,
+            "run": RunConfig,
+        },
+    )
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    created = False
+    try:
+        parallel = from_args(args, ParallelConfig)
+        task_cfg = from_args(args, task_cfg_cls)
+        optim = from_args(args, OptimConfig)
+        run = from_args(args, RunConfig)
+        task = task_cls(task_cfg, run)
+        world = (
+            dist.get_world_size()
+            if dist.is_initialized()
+            else int(os.environ.get("WORLD_SIZE", "1"))
+        )
+        task.validate(parallel, world)
+        out = Path(run.out or f"runs/{task.name}")
+        resume = meta = None
+        if run.eval_only and run.resume is None:
+            raise ValueError("--eval-only needs --resume (the checkpoint to evaluate)")
+        if run.resume is not None:
+            resume, meta = check_resume(run.resume, out, task, optim)
+        data_info = task.load_data()
+        created = _init_distributed(run.timeout)
+        rank = dist.get_rank()
+        trainer = Trainer(task, parallel, optim, run, resume, meta, on_step, data_info)
+        trainer.setup()
+        trainer.fit()
+        return 0
+    except (*KNOWN_ERRORS, CheckpointException) as e:
+        if rank == 0:
+            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        if created and dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def main(kind: str, argv: list[str] | None = None) -> int:
+    """``main("gpt")`` / ``main("cnn")``: the two training scripts."""
+    from training.tasks import CNNTask, CNNTaskConfig, GPTTask, GPTTaskConfig
+
+    if kind == "gpt":
+        return run_main(
+            "Train the GPT (byte-level) on the Python standard library's sources, at any "
+            "(dp, pp, tp) under torchrun.",
+            GPTTask,
+            GPTTaskConfig,
+            argv,
+        )
+    return run_main(
+        "Train the ResNet-style CNN on scikit-learn's digits, at any (dp, pp, tp) under torchrun.",
+        CNNTask,
+        CNNTaskConfig,
+        argv,
+    )
