@@ -204,7 +204,8 @@ def format_summary(s: dict) -> str:
         f"done: {s['steps_run']} steps in {_fmt_time(s['train_seconds'])} "
         f"({s['model']}, {s['num_params'] / 1e6:.2f}M parameters, layout {s['layout']}, "
         f"{s['world_size']} x {s['device']} over {s['backend']})",
-        f"  loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
+        f"  train loss {s['first_loss']:.4f} (first step) -> {s['last_loss']:.4f} (mean of the "
+        f"last {s.get('last_loss_steps', 1)} steps)"
         + "".join(f", {k} {v:.4f}" for k, v in s.get("eval", {}).items()),
         f"  throughput {_fmt_rate(s['items_per_s'])} {s['unit']}/s"
         + (

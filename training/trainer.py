@@ -304,7 +304,8 @@ class Trainer:
             self.max_steps = self.step
         start_step = self.step
         step_times: list[float] = []
-        first_loss = last_loss = None
+        first_loss = None
+        recent: list[float] = []  # this session's last losses, for a less noisy final figure
         last_eval: dict = {}
         try:
             while self.step < self.max_steps:
@@ -331,7 +332,7 @@ class Trainer:
                         "lower --lr or --grad-clip)"
                     )
                 first_loss = loss_value if first_loss is None else first_loss
-                last_loss = loss_value
+                recent = [*recent[-9:], loss_value]
                 record = {
                     "step": self.step,
                     "loss": loss_value,
@@ -373,7 +374,9 @@ class Trainer:
         elif self.step > start_step:
             checkpoint = str(self.ckpt_root / f"step_{self.step:08d}")
         extra = task.final_report(engine)
+        last_loss = sum(recent) / len(recent) if recent else None
         summary = self._summary(step_times, first_loss, last_loss, final_eval, checkpoint)
+        summary["last_loss_steps"] = len(recent)
         summary.update(extra)
         if self.rank == 0:
             self._write_outputs(summary, rep)
