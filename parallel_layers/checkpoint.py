@@ -63,6 +63,7 @@ __all__ = [
     "CheckpointError",
     "ShardedParam",
     "check_keys",
+    "failure_summary",
     "find_checkpoint",
     "init_optimizer_state_",
     "load_checkpoint",
@@ -356,7 +357,7 @@ def save_checkpoint(
     try:
         dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group)
     except CheckpointException as e:  # every rank gets it: the previous checkpoint stays latest
-        raise CheckpointError(f"saving checkpoint {final} failed ({_first_failure(e)})") from None
+        raise CheckpointError(f"saving checkpoint {final} failed ({failure_summary(e)})") from None
     if rank == 0:
         body = {**meta, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         _fsync_write(tmp / META_FILE, json.dumps(body, indent=1, sort_keys=True))
@@ -401,12 +402,12 @@ def load_checkpoint(
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), process_group=process_group)
     except CheckpointException as e:
         raise CheckpointError(
-            f"corrupt checkpoint {path}: reading it failed ({_first_failure(e)})"
+            f"corrupt checkpoint {path}: reading it failed ({failure_summary(e)})"
         ) from None
     return state
 
 
-def _first_failure(e: CheckpointException) -> str:
+def failure_summary(e: CheckpointException) -> str:
     """``"<ExceptionType>: <last line of its message>"`` of the lowest failing rank."""
     failures = e.failures
     if not failures:

@@ -38,7 +38,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "fp32", "bf16")
 
 
-def _positive(cls: str, name: str, value: Any, *, allow_none: bool = False, zero: bool = False):
+def _positive(name: str, value: Any, *, allow_none: bool = False, zero: bool = False) -> None:
     if value is None and allow_none:
         return
     low = 0 if zero else 1
@@ -75,9 +75,9 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp"):
-            _positive("ParallelConfig", name, getattr(self, name))
-        _positive("ParallelConfig", "microbatches", self.microbatches, allow_none=True)
-        _positive("ParallelConfig", "chunks", self.chunks, allow_none=True)
+            _positive(name, getattr(self, name))
+        _positive("microbatches", self.microbatches, allow_none=True)
+        _positive("chunks", self.chunks, allow_none=True)
         _choice("schedule", self.schedule, SCHEDULE_NAMES)
         if self.microbatches is None:
             self.microbatches = 2 * self.pp if self.pp > 1 else 1
@@ -137,7 +137,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _positive("OptimConfig", "warmup_steps", self.warmup_steps, allow_none=True, zero=True)
+        _positive("warmup_steps", self.warmup_steps, allow_none=True, zero=True)
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr={self.lr}: expected a positive learning rate")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -159,7 +159,7 @@ class RunConfig:
     ckpt_interval: int = 100
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_checkpoints: int = 2
-    """How many checkpoints to keep (the newest)."""
+    """How many checkpoints to keep (the newest); 0 keeps all."""
     out: str | None = None
     """Run folder (metrics.jsonl, loss.png, summary.json, checkpoints/); default runs/<model>."""
     resume: str | None = field(default=None, metadata={"nargs": "?", "const": "latest"})
@@ -182,10 +182,10 @@ class RunConfig:
     """Seconds a collective may wait before the process group gives up."""
 
     def __post_init__(self) -> None:
-        _positive("RunConfig", "max_steps", self.max_steps, allow_none=True)
-        _positive("RunConfig", "batch_size", self.batch_size, allow_none=True)
+        _positive("max_steps", self.max_steps, allow_none=True)
+        _positive("batch_size", self.batch_size, allow_none=True)
         for name in ("eval_interval", "ckpt_interval", "keep_checkpoints", "log_interval"):
-            _positive("RunConfig", name, getattr(self, name), zero=True)
+            _positive(name, getattr(self, name), zero=True)
         _choice("dtype", self.dtype, DTYPES)
 
 

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from parallel_layers import ParallelDims
 from parallel_layers.checkpoint import (
     CheckpointError,
+    failure_summary,
     find_checkpoint,
     init_optimizer_state_,
     load_checkpoint,
@@ -512,9 +513,7 @@ def _init_distributed(timeout: float) -> bool:
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, CheckpointException):
-        from parallel_layers.checkpoint import _first_failure
-
-        return f"checkpoint failure ({_first_failure(e)})"
+        return f"checkpoint failure ({failure_summary(e)})"
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, ImportError | OSError | FloatingPointError | TypeError):
         text = f"{type(e).__name__}: {text}" if not isinstance(e, CheckpointError) else text
