@@ -112,7 +112,8 @@ def layer_costs(
 
     ``"flops"`` and ``"time"`` run ``sample_input`` (a microbatch, shaped as the model input)
     through the layers in order. ``"time"`` is the median of ``repeats`` forward+backward runs per
-    layer, averaged over ``group`` when given (a collective: every rank of ``group`` calls this).
+    layer, averaged over ``group`` when given (a collective: every rank of ``group`` calls this);
+    it leaves the layers' ``.grad`` cleared.
     """
     if method == "params":
         return [_layer_params(layer) for layer in layers]
