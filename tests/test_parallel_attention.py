@@ -105,9 +105,9 @@ def _init_parity_case():
     """Built after the same seed, the TP shards are the chunks of the single-device weights."""
     dims = ParallelDims(tp=dist.get_world_size())
     torch.manual_seed(5)
-    ref = ParallelSelfAttention(64, 8, 4, bias=True)
+    ref = ParallelSelfAttention(128, 8, 4, bias=True)
     torch.manual_seed(5)
-    par = ParallelSelfAttention(64, 8, 4, bias=True, tp_group=dims.tp_group)
+    par = ParallelSelfAttention(128, 8, 4, bias=True, tp_group=dims.tp_group)
     assert_close(par.qkv.weight.detach(), chunk(ref.qkv.weight.detach(), 0), exact=True)
     assert_close(par.proj.weight.detach(), chunk(ref.proj.weight.detach(), 1), exact=True)
     assert_close(par.proj.bias.detach(), ref.proj.bias.detach(), exact=True)
@@ -124,9 +124,9 @@ def _bad_input_case():
     expect_error(ValueError, r"num_heads=6 is not divisible by the tensor-parallel size 4",
                  ParallelSelfAttention, 96, 6, tp_group=g)  # fmt: skip
     expect_error(ValueError, r"num_kv_heads=2 is not divisible by the tensor-parallel size 4",
-                 ParallelSelfAttention, 64, 8, 2, tp_group=g)  # fmt: skip
+                 ParallelSelfAttention, 128, 8, 2, tp_group=g)  # fmt: skip
     expect_error(ValueError, r"num_heads=8 is not a multiple of num_kv_heads=3",
-                 ParallelSelfAttention, 64, 8, 3, tp_group=g)  # fmt: skip
+                 ParallelSelfAttention, 128, 8, 3, tp_group=g)  # fmt: skip
     expect_error(ValueError, r"head dim embed_dim / num_heads = 48 / 2 = 24 is not supported",
                  ParallelSelfAttention, 48, 2)  # fmt: skip
     attn = ParallelSelfAttention(64, 4, tp_group=g)
