@@ -109,7 +109,8 @@ class _ParallelConv2d(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(shape, **kw))
         bias_size = out_channels // self.tp_size if self._shard_dim == 0 else out_channels
-        self.bias = nn.Parameter(torch.empty(bias_size, **kw)) if bias else None
+        bias_param = nn.Parameter(torch.empty(bias_size, **kw)) if bias else None
+        self.register_parameter("bias", bias_param)  # registered even when None, as nn.Conv2d
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

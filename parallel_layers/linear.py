@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels import all_gather_matmul, matmul_reduce_scatter
 from kernels.collectives import group_rank, group_size
 from parallel_layers.comm import (
     copy_to_tp,
@@ -67,15 +68,80 @@ def _full_linear_init(
     return w, b
 
 
-def _check_overlap(overlap_comm: bool, sequence_parallel: bool, name: str) -> None:
-    if overlap_comm and not sequence_parallel:
-        raise ValueError(
-            f"{name}(overlap_comm=True) overlaps the sequence-parallel all-gather/reduce-scatter "
-            "with the matmul: it needs sequence_parallel=True"
+class _ParallelLinear(nn.Module):
+    """What the column- and row-parallel layers share: arguments, parameters, initialization."""
+
+    _shard_dim: int  # the weight dim split over the group: 0 (output features) or 1 (input)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp_group: dist.ProcessGroup | None,
+        sequence_parallel: bool,
+        overlap_comm: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        if overlap_comm and not sequence_parallel:
+            raise ValueError(
+                f"{type(self).__name__}(overlap_comm=True) overlaps the sequence-parallel "
+                "all-gather/reduce-scatter with the matmul: it needs sequence_parallel=True"
+            )
+        self.tp_group = tp_group
+        self.tp_size, self.tp_rank = group_size(tp_group), group_rank(tp_group)
+        self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel = sequence_parallel and self.tp_size > 1
+        self.overlap_comm = overlap_comm and self.tp_size > 1
+        shape = [out_features, in_features]
+        what = ("out_features", "in_features")[self._shard_dim]
+        shape[self._shard_dim] = divide(shape[self._shard_dim], self.tp_size, what)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(shape, **kw))
+        # The bias follows the output features: sharded with them (column), whole (row).
+        bias_param = nn.Parameter(torch.empty(shape[0], **kw)) if bias else None
+        self.register_parameter("bias", bias_param)  # registered even when None, as nn.Linear
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the full ``nn.Linear`` initialization on the CPU; keep this rank's shard."""
+        if self.weight.is_meta:
+            return
+        self._load_full(
+            *_full_linear_init(
+                self.out_features, self.in_features, self.bias is not None, self.weight.dtype
+            )
         )
 
+    def _load_full(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Copy this rank's shards of a full single-device weight and bias."""
+        copy_shard_(self.weight, weight, self.tp_size, self.tp_rank, dim=self._shard_dim)
+        if bias is not None:
+            if self._shard_dim == 0:
+                copy_shard_(self.bias, bias, self.tp_size, self.tp_rank, dim=0)
+            else:
+                copy_shard_(self.bias, bias, 1, 0, dim=0)
 
-class ColumnParallelLinear(nn.Module):
+    @classmethod
+    def _from_linear(cls, linear: nn.Linear, tp_group: dist.ProcessGroup | None, **options):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            tp_group=tp_group,
+            device="meta",
+            dtype=linear.weight.dtype,
+            **options,
+        ).to_empty(device=linear.weight.device)
+        layer._load_full(linear.weight, linear.bias)
+        return layer
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """``Y = X A^T + b`` with ``A``'s rows (the output features) split over the TP group.
 
     Args:
@@ -93,6 +159,8 @@ class ColumnParallelLinear(nn.Module):
         output ``(*, S, F/p)``, or ``(*, S, F)`` with ``gather_output``.
     """
 
+    _shard_dim = 0
+
     def __init__(
         self,
         in_features: int,
@@ -106,33 +174,13 @@ class ColumnParallelLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        _check_overlap(overlap_comm, sequence_parallel, type(self).__name__)
-        self.tp_group = tp_group
-        self.tp_size, self.tp_rank = group_size(tp_group), group_rank(tp_group)
-        self.in_features, self.out_features = in_features, out_features
-        self.out_features_per_partition = divide(out_features, self.tp_size, "out_features")
         self.gather_output = gather_output
-        self.sequence_parallel = sequence_parallel and self.tp_size > 1
-        self.overlap_comm = overlap_comm and self.tp_size > 1
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(self.out_features_per_partition, in_features, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features_per_partition, **kw))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        super().__init__(in_features, out_features, bias, tp_group, sequence_parallel,
+                         overlap_comm, device, dtype)  # fmt: skip
 
-    def reset_parameters(self) -> None:
-        """Draw the full ``nn.Linear`` initialization on the CPU; keep this rank's rows."""
-        if self.weight.is_meta:
-            return
-        w, b = _full_linear_init(
-            self.out_features, self.in_features, self.bias is not None, self.weight.dtype
-        )
-        copy_shard_(self.weight, w, self.tp_size, self.tp_rank, dim=0)
-        if b is not None:
-            copy_shard_(self.bias, b, self.tp_size, self.tp_rank, dim=0)
+    @property
+    def out_features_per_partition(self) -> int:
+        return self.weight.shape[0]
 
     @classmethod
     def from_linear(
@@ -145,31 +193,14 @@ class ColumnParallelLinear(nn.Module):
         overlap_comm: bool = False,
     ) -> ColumnParallelLinear:
         """The column-parallel shard of ``linear`` (its weight rows ``chunk(tp, 0)[tp_rank]``)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            tp_group=tp_group,
-            gather_output=gather_output,
-            sequence_parallel=sequence_parallel,
-            overlap_comm=overlap_comm,
-            device="meta",
-            dtype=linear.weight.dtype,
-        ).to_empty(device=linear.weight.device)
-        copy_shard_(layer.weight, linear.weight, layer.tp_size, layer.tp_rank, dim=0)
-        if linear.bias is not None:
-            copy_shard_(layer.bias, linear.bias, layer.tp_size, layer.tp_rank, dim=0)
-        return layer
+        return cls._from_linear(linear, tp_group, gather_output=gather_output,
+                                sequence_parallel=sequence_parallel, overlap_comm=overlap_comm)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_width(x, self.in_features, type(self).__name__)
         if self.sequence_parallel:
             check_sequence_divisible(x, 1, type(self).__name__)  # (*, S/p, E): any S/p
             if self.overlap_comm:
-                from kernels import all_gather_matmul
-
                 # (*, S/p, E) gathered over the sequence while it is multiplied: (*, S, F/p)
                 out = all_gather_matmul(
                     x, self.weight, self.tp_group, gather_dim=x.dim() - 2, bias=self.bias
@@ -193,7 +224,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """``Y = X A^T + b`` with ``A``'s columns (the input features) split over the TP group.
 
     Each rank multiplies its slice of the input features and the partial results are summed
@@ -216,6 +247,8 @@ class RowParallelLinear(nn.Module):
         output ``(*, S, E)``, or ``(*, S/p, E)`` with ``sequence_parallel``.
     """
 
+    _shard_dim = 1
+
     def __init__(
         self,
         in_features: int,
@@ -229,33 +262,13 @@ class RowParallelLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        _check_overlap(overlap_comm, sequence_parallel, type(self).__name__)
-        self.tp_group = tp_group
-        self.tp_size, self.tp_rank = group_size(tp_group), group_rank(tp_group)
-        self.in_features, self.out_features = in_features, out_features
-        self.in_features_per_partition = divide(in_features, self.tp_size, "in_features")
         self.input_is_parallel = input_is_parallel
-        self.sequence_parallel = sequence_parallel and self.tp_size > 1
-        self.overlap_comm = overlap_comm and self.tp_size > 1
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_features_per_partition, **kw))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        super().__init__(in_features, out_features, bias, tp_group, sequence_parallel,
+                         overlap_comm, device, dtype)  # fmt: skip
 
-    def reset_parameters(self) -> None:
-        """Draw the full ``nn.Linear`` initialization on the CPU; keep this rank's columns."""
-        if self.weight.is_meta:
-            return
-        w, b = _full_linear_init(
-            self.out_features, self.in_features, self.bias is not None, self.weight.dtype
-        )
-        copy_shard_(self.weight, w, self.tp_size, self.tp_rank, dim=1)
-        if b is not None:
-            copy_shard_(self.bias, b, 1, 0, dim=0)
+    @property
+    def in_features_per_partition(self) -> int:
+        return self.weight.shape[1]
 
     @classmethod
     def from_linear(
@@ -268,23 +281,8 @@ class RowParallelLinear(nn.Module):
         overlap_comm: bool = False,
     ) -> RowParallelLinear:
         """The row-parallel shard of ``linear`` (its weight columns ``chunk(tp, 1)[tp_rank]``)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            tp_group=tp_group,
-            input_is_parallel=input_is_parallel,
-            sequence_parallel=sequence_parallel,
-            overlap_comm=overlap_comm,
-            device="meta",
-            dtype=linear.weight.dtype,
-        ).to_empty(device=linear.weight.device)
-        copy_shard_(layer.weight, linear.weight, layer.tp_size, layer.tp_rank, dim=1)
-        if linear.bias is not None:
-            copy_shard_(layer.bias, linear.bias, 1, 0, dim=0)
-        return layer
+        return cls._from_linear(linear, tp_group, input_is_parallel=input_is_parallel,
+                                sequence_parallel=sequence_parallel, overlap_comm=overlap_comm)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
@@ -298,8 +296,6 @@ class RowParallelLinear(nn.Module):
             x = scatter_to_tp(x, self.tp_group, dim=-1)  # (*, S, F) -> (*, S, F/p)
         if self.sequence_parallel:
             if self.overlap_comm:
-                from kernels import matmul_reduce_scatter
-
                 # (*, S, F/p) @ (F/p, E), reduce-scattered over the sequence as it is computed
                 out = matmul_reduce_scatter(x, self.weight, self.tp_group, scatter_dim=x.dim() - 2)
             else:
