@@ -71,6 +71,7 @@ import triton.testing
 from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import autocast_inputs, use_triton
+from kernels._tiles import grouped_tile
 
 __all__ = [
     "Conv2dBiasReLUFunction",
@@ -137,15 +138,9 @@ def _conv2d_fwd_kernel(
 ):
     # ---- which output tile: programs are grouped GROUP_M row-tiles at a time, so that the
     # programs running together share weight columns and neighbouring input rows in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
-    num_pid_n = tl.cdiv(K_OUT, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_pid_m = group * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(
+        tl.program_id(0), tl.cdiv(GEMM_M, BLOCK_M), tl.cdiv(K_OUT, BLOCK_N), GROUP_M
+    )
 
     # ---- rows: m -> (n, oh, ow), and the top-left input pixel each output pixel reads.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]

@@ -44,6 +44,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import use_triton
+from kernels._tiles import grouped_tile
 
 __all__ = ["MatmulFunction", "matmul", "matmul_ref"]
 
@@ -84,15 +85,7 @@ def _matmul_fwd_kernel(
 ):
     # ---- which output tile: GROUP_M row-tiles at a time sweep all column tiles, so the programs
     # in flight together reuse the same columns of w (and rows of x) from L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_pid_m = group * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of out
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] columns of out
