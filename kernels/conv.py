@@ -452,7 +452,7 @@ class Conv2dBiasReLUFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _pair(value: int | tuple[int, int], name: str, minimum: int) -> tuple[int, int]:
+def int_pair(value: int | tuple[int, int], name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair."""
     pair = (value, value) if isinstance(value, int) else value
     if (
@@ -508,9 +508,9 @@ def _check_args(
             raise ValueError(f"{name}.device={t.device}: expected x.device={x.device}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x.dtype={x.dtype}: expected a floating-point dtype")
-    stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
-    dilation = _pair(dilation, "dilation", 1)
+    stride = int_pair(stride, "stride", 1)
+    padding = int_pair(padding, "padding", 0)
+    dilation = int_pair(dilation, "dilation", 1)
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
     if oh < 1 or ow < 1:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import conv2d_bias_relu
-from parallel_layers.parallelize import init_by_name_
+from parallel_layers.parallelize import draw_seed, init_by_name_
 
 __all__ = [
     "CNN_TP_PLAN",
@@ -98,11 +98,6 @@ def _init_param(
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
-def _draw_seed(seed: int | None) -> int:
-    # explicit CPU device: also under `with torch.device("meta")`
-    return int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else seed
-
-
 class _SeededModel(nn.Module):
     """``seed``, ``init_weights`` and ``loss`` shared by the CNNs."""
 
@@ -147,7 +142,7 @@ class SimpleCNN(_SeededModel):
         super().__init__()
         if image_size % 2:
             raise ValueError(f"SimpleCNN: image_size={image_size} must be even (one 2x2 pool)")
-        self.seed = _draw_seed(seed)
+        self.seed = draw_seed(seed)
         self.conv1 = Conv2dReLU(in_channels, channels, 3, padding=1)
         self.pool = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
@@ -238,7 +233,7 @@ class ResNetCNN(_SeededModel):
     def __init__(self, config: CNNConfig, *, seed: int | None = None) -> None:
         super().__init__()
         self.config = config
-        self.seed = _draw_seed(seed)
+        self.seed = draw_seed(seed)
         c = config.width
         self.stem = Conv2dReLU(config.in_channels, c, 3, padding=1)
         blocks: list[nn.Module] = []

@@ -78,7 +78,7 @@ from kernels.collectives import group_size
 from parallel_layers import ColumnParallelLinear, ParallelSelfAttention
 from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
 from parallel_layers.embedding import check_token_ids
-from parallel_layers.parallelize import init_by_name_
+from parallel_layers.parallelize import draw_seed, init_by_name_
 
 __all__ = ["GPT", "GPTBlock", "GPTConfig", "GPTEmbedding", "GPTHead", "GPT_TP_PLAN", "MLP"]
 
@@ -269,9 +269,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, *, seed: int | None = None) -> None:
         super().__init__()
         self.config = config
-        if seed is None:  # explicit CPU device: also under `with torch.device("meta")`
-            seed = int(torch.randint(0, 2**62, (), device="cpu"))
-        self.seed = seed
+        self.seed = draw_seed(seed)
         self.embed = GPTEmbedding(config)
         self.blocks = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layers))
         self.head = GPTHead(config)

@@ -24,6 +24,7 @@ from torch import nn
 
 from kernels import conv2d_bias_act
 from kernels.collectives import group_rank, group_size
+from kernels.conv import int_pair
 from parallel_layers.comm import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
 from parallel_layers.linear import init_linear_
 from parallel_layers.utils import copy_shard_, divide
@@ -31,13 +32,6 @@ from parallel_layers.utils import copy_shard_, divide
 __all__ = ["ColumnParallelConv2d", "RowParallelConv2d"]
 
 IntPair = int | tuple[int, int]
-
-
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise TypeError(f"{name}={value!r}: expected an int or a pair of ints")
-    return pair  # type: ignore[return-value]
 
 
 def _conv_args(conv: nn.Conv2d) -> dict:
@@ -100,9 +94,9 @@ class _ParallelConv2d(nn.Module):
         self.tp_group = tp_group
         self.tp_size, self.tp_rank = group_size(tp_group), group_rank(tp_group)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
+        self.stride, self.padding = int_pair(stride, "stride", 1), int_pair(padding, "padding", 0)
+        self.dilation = int_pair(dilation, "dilation", 1)
         shape = [out_channels, in_channels, *self.kernel_size]
         what = ("out_channels", "in_channels")[self._shard_dim]
         shape[self._shard_dim] = divide(shape[self._shard_dim], self.tp_size, what)

@@ -591,6 +591,12 @@ def _tied_groups(
 InitFn = Callable[[str, nn.Module, torch.Size, torch.Generator], torch.Tensor]
 
 
+def draw_seed(seed: int | None = None) -> int:
+    """``seed``, or a fresh one drawn from the global CPU generator (so ``torch.manual_seed``
+    fixes it, also inside ``with torch.device("meta")``): a model's init seed."""
+    return int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else seed
+
+
 def name_seed(seed: int, name: str) -> int:
     """A 63-bit seed derived from ``(seed, name)`` (SHA-256: stable across runs and machines)."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()

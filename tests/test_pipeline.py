@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import expect_error
+from helpers import expect_error, rel_err
 from kernels.collectives import record_comm
 from parallel_layers import ColumnParallelLinear, ParallelDims
 from parallel_layers.parallelize import parallelize, param_sharding
@@ -115,12 +115,6 @@ def _batch(name: str, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor
     return torch.randn(batch, 16, generator=gen), torch.randn(batch, 16, generator=gen)
 
 
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().item()
-    diff = (actual.float() - expected.float()).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
 def _param_errors(stages, ref_layers) -> dict[str, float]:
     """Normwise error of every parameter this rank holds against its shard of the reference."""
     errors = {}
@@ -133,7 +127,7 @@ def _param_errors(stages, ref_layers) -> dict[str, float]:
                     full = getattr(ref_layer.get_submodule(mname), pname)
                     dim, parts, rank = param_sharding(module, pname)
                     expected = full if dim is None else full.chunk(parts, dim)[rank]
-                    errors[f"layer{start + k}.{mname}.{pname}"] = _rel_err(p, expected)
+                    errors[f"layer{start + k}.{mname}.{pname}"] = rel_err(p, expected)
     return errors
 
 
@@ -174,7 +168,7 @@ def _parity(name: str, schedules: list[str], m: int, dp: int = 1, tp: int = 1) -
             ref_loss.backward()
             ref_opt.step()
             ref_opt.zero_grad()
-            loss_err = max(loss_err, _rel_err(loss, ref_loss.detach()))
+            loss_err = max(loss_err, rel_err(loss, ref_loss.detach()))
         errors = _param_errors(stages, ref.pipeline_layers())
         worst = max(errors, key=errors.get)
         out[sched_name] = {
