@@ -8,7 +8,11 @@ memory.
 Messages travel with ``batch_isend_irecv`` on the ``pp`` group (this rank's pipeline: same ``dp``
 and ``tp`` coordinates, so each tensor-parallel rank exchanges its own shard or replica with its
 peer). Each stream has its own tag, so gloo matches messages by (peer, tag) in posting order and
-the order between streams never matters:
+the order between streams does not matter there. NCCL ignores tags and runs a group's p2p in
+order on one stream: the schedules then post no receive ahead of an earlier send to the same peer
+(``lookahead=0``). Pipelines over NCCL have not been run yet (no multi-GPU machine so far); two
+ranks sending to each other in separate batches could still block on large messages, which
+pairing each send with the next receive in one batch (as Megatron-LM does) would rule out.
 
 ===================  ==========  ===========================================
 stream               tag         shape
@@ -120,6 +124,10 @@ class StageTransport:
         # (stream, stage, microbatch) -> the works and the buffers they read (kept alive)
         self._sends: dict[tuple[str, int, int], tuple[list[dist.Work], list[torch.Tensor]]] = {}
         self._local: dict[tuple[str, int, int], torch.Tensor] = {}  # p == 1 hand-over
+        if self.pp > 2 and dist.get_backend(pp_group) == "nccl":
+            # NCCL sets up batched p2p lazily, and needs every rank of the group in the first
+            # call; a barrier makes it so before the first pairwise exchange.
+            dist.barrier(group=pp_group)
 
     # -- addressing -------------------------------------------------------------------------------
     def _peer(self, stage: int) -> int:
@@ -166,7 +174,8 @@ class StageTransport:
             return
         ops = []
         if known is None:  # first message of this stream: its shape goes first
-            ops.append((dist.isend, _encode_meta(*meta), dst, self._tag("meta", dst)))
+            header = _encode_meta(*meta).to(self.device)  # NCCL sends device tensors only
+            ops.append((dist.isend, header, dst, self._tag("meta", dst)))
         ops.append((dist.isend, y, dst, self._tag("act", dst)))
         record("send", y.numel() * y.element_size())
         self._sends[("act", stage, microbatch)] = (self._post(ops), [t for _, t, _, _ in ops])
@@ -178,7 +187,7 @@ class StageTransport:
             return PendingRecv(lambda: self._local.pop(key))
         if stage in self._in_meta:
             return self._post_recv_act(stage)
-        meta_buf = torch.zeros(3 + MAX_DIMS, dtype=torch.int64)
+        meta_buf = torch.zeros(3 + MAX_DIMS, dtype=torch.int64, device=self.device)
         works = self._post([(dist.irecv, meta_buf, stage - 1, self._tag("meta", stage))])
 
         def finish() -> torch.Tensor:

@@ -145,7 +145,9 @@ def layer_costs(
         costs.append(sorted(samples)[len(samples) // 2])
         x = _detach_like(y)
     if group is not None and dist.get_world_size(group) > 1:
-        t = torch.tensor(costs, dtype=torch.float64)
+        # On the group's own device: NCCL reduces CUDA tensors only.
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        t = torch.tensor(costs, dtype=torch.float64, device=device)
         dist.all_reduce(t, group=group)
         costs = (t / dist.get_world_size(group)).tolist()
     return costs

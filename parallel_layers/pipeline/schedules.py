@@ -84,7 +84,9 @@ class PipelineSchedule:
         track_memory: measure the activation bytes held for backward; the last step's peak is in
             :attr:`peak_activation_bytes` (and the most send buffers held at once in
             :attr:`peak_pending_sends`).
-        lookahead: how many actions ahead receives are posted.
+        lookahead: how many actions ahead receives are posted; ``None``: 2 on gloo, 0 on NCCL
+            (NCCL ignores tags and runs one group's p2p in order on one stream, so a receive
+            posted ahead of an earlier send to the same peer would block that send).
 
     Raises:
         TypeError, ValueError: stages that do not form this rank's share of one pipeline, or a
@@ -104,7 +106,7 @@ class PipelineSchedule:
         *,
         record_timeline: bool = False,
         track_memory: bool = False,
-        lookahead: int = 2,
+        lookahead: int | None = None,
     ) -> None:
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
@@ -134,6 +136,9 @@ class PipelineSchedule:
         self.stages = stages
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
+        if lookahead is None:
+            nccl = self.pp > 1 and dist.get_backend(self.pp_group) == "nccl"
+            lookahead = 0 if nccl else 2
         self.lookahead = lookahead
         self.actions_by_rank = self.build_actions(self.pp, n_microbatches, self.num_chunks)
         self.actions: list[Action] = self.actions_by_rank[self.pp_rank]
