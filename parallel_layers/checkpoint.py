@@ -390,14 +390,26 @@ def load_checkpoint(
     """Load ``checkpoint`` into ``state`` in place (tensors and DTensors are filled, object entries
     replaced), resharding to this run's layout. Every rank calls it.
 
-    Checks the keys and global shapes first (:func:`check_keys`), so a checkpoint of another model
-    fails on every rank alike, before any collective.
+    Checks the keys and global shapes first (:func:`check_keys`). Each rank checks the keys it
+    loads (its own pipeline stages), so the verdicts are shared in one small exchange before
+    ``dcp.load``: a checkpoint that lacks only some stage's keys fails on every rank alike, with
+    the first failing rank's message, instead of leaving the others waiting inside the load.
 
     Raises:
         CheckpointError: a missing, incomplete, unreadable or mismatched checkpoint.
     """
     path = find_checkpoint(checkpoint)
-    check_keys(path, state)
+    try:
+        check_keys(path, state)
+        problem = None
+    except CheckpointError as e:
+        problem = str(e)
+    if dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        verdicts: list[str | None] = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(verdicts, problem, group=process_group)
+        problem = next((v for v in verdicts if v is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
     try:
         dcp.load(state, storage_reader=dcp.FileSystemReader(path), process_group=process_group)
     except CheckpointException as e:

@@ -181,3 +181,28 @@ def test_find_checkpoint_errors(tmp_path):
     assert find_checkpoint(tmp_path) == tmp_path / "step_00000005"
     with pytest.raises(CheckpointError, match="corrupt checkpoint"):
         read_meta(tmp_path / "step_00000005")
+
+
+def _partly_missing_keys(out) -> str:
+    """Rank 1 asks for a key the checkpoint lacks (as a stage of another model would): every rank
+    raises the same error, and none waits inside the load for a partner that has left."""
+    import torch.distributed as dist
+
+    from parallel_layers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    rank = dist.get_rank()
+    state = {"model/w": torch.full((4,), float(rank))}
+    save_checkpoint(out, 1, state, {"kind": "test"})
+    wanted = {"model/w": torch.zeros(4)}
+    if rank == 1:
+        wanted["model/other_stage.weight"] = torch.zeros(2)
+    try:
+        load_checkpoint(out, wanted)
+    except CheckpointError as e:
+        return str(e)
+    raise AssertionError("load_checkpoint did not raise")
+
+
+def test_keys_missing_on_one_rank_fail_on_every_rank(dist_run, tmp_path):
+    messages = dist_run(2, _partly_missing_keys, str(tmp_path / "ckpt"), timeout=60)
+    assert messages[0] == messages[1] and "other_stage.weight" in messages[0], messages
