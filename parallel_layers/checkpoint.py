@@ -229,6 +229,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if pointer.is_file():
         name = pointer.read_text().strip()
         target = path / name
+        if name.startswith(_TMP_PREFIX) and not target.exists():
+            # a re-save of one step was cut short after its rename (see save_checkpoint)
+            name = name[len(_TMP_PREFIX) :]
+            target = path / name
         if not name or not _is_complete(target):
             raise CheckpointError(
                 f"{pointer} points to {name!r}, which is not a complete checkpoint"
@@ -350,8 +354,10 @@ def save_checkpoint(
     rank = dist.get_rank(process_group) if dist.is_initialized() else 0
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
+        current = _pointer_name(root)
         for stale in root.glob(f"{_TMP_PREFIX}*"):  # left by a save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.name != current:  # (a re-save killed midway may leave `latest` on one)
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier(process_group)
     try:
@@ -362,23 +368,33 @@ def save_checkpoint(
         body = {**meta, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         _fsync_write(tmp / META_FILE, json.dumps(body, indent=1, sort_keys=True))
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run): swap it out
-            old = root / f"{_TMP_PREFIX}old-{name}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        pointer_tmp = root / f"{LATEST}.tmp"
-        _fsync_write(pointer_tmp, name + "\n")
-        os.replace(pointer_tmp, root / LATEST)
-        _fsync_dir(root)
+        if final.exists():
+            # The same step saved again (a run resumed from an older checkpoint). `latest` points
+            # at the complete new folder while the old one is replaced; if the rename below is
+            # cut short, find_checkpoint reads the pointer to `.tmp-step_N` as `step_N`.
+            _point_latest(root, tmp.name)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _point_latest(root, name)
         if keep is not None and keep > 0:
             for old in _step_dirs(root)[:-keep]:
                 if old.name != name:
                     shutil.rmtree(old, ignore_errors=True)
     _barrier(process_group)
     return final
+
+
+def _pointer_name(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Atomically make ``<root>/latest`` name ``name`` (temporary file + ``os.replace``)."""
+    pointer_tmp = root / f"{LATEST}.tmp"
+    _fsync_write(pointer_tmp, name + "\n")
+    os.replace(pointer_tmp, root / LATEST)
+    _fsync_dir(root)
 
 
 def load_checkpoint(

@@ -206,3 +206,51 @@ def _partly_missing_keys(out) -> str:
 def test_keys_missing_on_one_rank_fail_on_every_rank(dist_run, tmp_path):
     messages = dist_run(2, _partly_missing_keys, str(tmp_path / "ckpt"), timeout=60)
     assert messages[0] == messages[1] and "other_stage.weight" in messages[0], messages
+
+
+def test_resaving_a_step_killed_midway_stays_loadable(tmp_path, monkeypatch):
+    """A step saved again (a run resumed from an older checkpoint) and cut short at either
+    point of the folder swap leaves `latest` on a complete checkpoint with the new values."""
+    import parallel_layers.checkpoint as ckpt
+
+    root = tmp_path / "ckpt"
+    ckpt.save_checkpoint(root, 3, {"model/w": torch.zeros(2)}, {"kind": "test"})
+
+    def load_w() -> torch.Tensor:
+        state = {"model/w": torch.empty(2)}
+        ckpt.load_checkpoint(root, state)
+        return state["model/w"]
+
+    # Killed after the old folder is removed, before the new one is renamed into place.
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_after_removing(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        if Path(path).name == "step_00000003":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.shutil, "rmtree", killed_after_removing)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(root, 3, {"model/w": torch.ones(2)}, {"kind": "test"})
+    assert torch.equal(load_w(), torch.ones(2))
+    # The next save does not sweep the folder `latest` names, and finishes normally.
+    ckpt.save_checkpoint(root, 4, {"model/w": torch.full((2,), 4.0)}, {"kind": "test"})
+    assert find_checkpoint(root).name == "step_00000004"
+
+    # Killed after the rename, before `latest` names the step again.
+    calls = []
+    real_point = ckpt._point_latest
+
+    def killed_second_pointer(root_, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_point(root_, name)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "_point_latest", killed_second_pointer)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(root, 4, {"model/w": torch.full((2,), 5.0)}, {"kind": "test"})
+    assert find_checkpoint(root).name == "step_00000004"
+    assert torch.equal(load_w(), torch.full((2,), 5.0))
