@@ -40,11 +40,10 @@ from kernels.collectives import all_gather
 from parallel_layers import ParallelDims, parallelize
 from parallel_layers.checkpoint import ShardedParam, sharded_params
 from parallel_layers.pipeline import build_stages, get_schedule, partition_layers
+from parallel_layers.pipeline.p2p import MAX_DIMS, decode_meta, encode_meta
 from training.config import ParallelConfig
 
 __all__ = ["Engine", "build_engine", "canonical_names"]
-
-_DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
 
 
 def canonical_names(model: nn.Module) -> dict[tuple[str, str], str]:
@@ -209,18 +208,15 @@ class Engine:
             self.model.train(was_training)
 
     def _send(self, t: torch.Tensor, dst: int) -> None:
-        header = torch.zeros(2 + 8, dtype=torch.int64)
-        header[0], header[1] = _DTYPE_CODES.index(t.dtype), t.dim()
-        header[2 : 2 + t.dim()] = torch.tensor(t.shape)
-        dist.send(header.to(self.device), dst=dst, group=self.dims.pp_group)
+        header = encode_meta(tuple(t.shape), t.dtype, False).to(self.device)
+        dist.send(header, dst=dst, group=self.dims.pp_group)
         dist.send(t.contiguous(), dst=dst, group=self.dims.pp_group)
 
     def _recv(self, src: int) -> torch.Tensor:
-        header = torch.zeros(2 + 8, dtype=torch.int64, device=self.device)
+        header = torch.zeros(3 + MAX_DIMS, dtype=torch.int64, device=self.device)
         dist.recv(header, src=src, group=self.dims.pp_group)
-        header = header.cpu()
-        shape = tuple(int(d) for d in header[2 : 2 + int(header[1])])
-        t = torch.empty(shape, dtype=_DTYPE_CODES[int(header[0])], device=self.device)
+        shape, dtype, _ = decode_meta(header)
+        t = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(t, src=src, group=self.dims.pp_group)
         return t
 

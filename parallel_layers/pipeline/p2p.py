@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from kernels.collectives import group_rank, group_size, record
 
-__all__ = ["MAX_DIMS", "PendingRecv", "StageTransport"]
+__all__ = ["MAX_DIMS", "PendingRecv", "StageTransport", "decode_meta", "encode_meta"]
 
 MAX_DIMS = 8
 _DTYPES = [
@@ -65,7 +65,7 @@ _DTYPES = [
 ]
 
 
-def _encode_meta(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
+def encode_meta(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
     """``[requires_grad, dtype code, ndim, *shape, 0 ..]``: ``(3 + MAX_DIMS,)`` int64."""
     if len(shape) > MAX_DIMS or dtype not in _DTYPES:
         raise ValueError(
@@ -80,7 +80,9 @@ def _encode_meta(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool
     return meta
 
 
-def _decode_meta(meta: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
+def decode_meta(meta: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
+    """``(shape, dtype, requires_grad)`` of an :func:`encode_meta` header (on any device)."""
+    meta = meta.cpu()
     ndim = int(meta[2])
     return tuple(int(d) for d in meta[3 : 3 + ndim]), _DTYPES[int(meta[1])], bool(meta[0])
 
@@ -174,7 +176,7 @@ class StageTransport:
             return
         ops = []
         if known is None:  # first message of this stream: its shape goes first
-            header = _encode_meta(*meta).to(self.device)  # NCCL sends device tensors only
+            header = encode_meta(*meta).to(self.device)  # NCCL sends device tensors only
             ops.append((dist.isend, header, dst, self._tag("meta", dst)))
         ops.append((dist.isend, y, dst, self._tag("act", dst)))
         record("send", y.numel() * y.element_size())
@@ -193,7 +195,7 @@ class StageTransport:
         def finish() -> torch.Tensor:
             for w in works:
                 w.wait()
-            self._in_meta[stage] = _decode_meta(meta_buf)
+            self._in_meta[stage] = decode_meta(meta_buf)
             return self._post_recv_act(stage).wait()
 
         return PendingRecv(finish)
