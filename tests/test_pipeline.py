@@ -407,3 +407,34 @@ def test_activation_memory_1f1b_bounded_gpipe_grows(dist_run):
 def test_render_schedules():
     text = ScheduleGPipe.render(2, 4)
     assert text.splitlines()[1].startswith("rank 0 | F0 F1 F2 F3")
+
+
+def test_deferred_linear_under_autocast_matches_nn_linear():
+    """Forward under bf16 autocast, backward outside it (PyTorch's recommended pattern), weight
+    gradient deferred to a W pass: the same numbers as nn.Linear under autocast."""
+    from parallel_layers.pipeline.weight_grad import (
+        WeightGradStore,
+        deferrable_linear,
+        split_weight_grad,
+    )
+
+    torch.manual_seed(0)
+    lin, ref = nn.Linear(8, 4), nn.Linear(8, 4)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(3, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    with split_weight_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = deferrable_linear(x, lin.weight, lin.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = ref(x_ref)
+    store = WeightGradStore()
+    with store.capture():
+        y.float().sum().backward()
+    assert lin.weight.grad is None  # deferred to the W pass
+    store.flush()
+    y_ref.float().sum().backward()
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(lin.weight.grad, ref.weight.grad) and torch.equal(
+        lin.bias.grad, ref.bias.grad
+    )

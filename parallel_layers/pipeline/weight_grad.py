@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from kernels._dispatch import autocast_inputs, autocast_off
+
 __all__ = [
     "WeightGradStore",
     "defer_weight_grad",
@@ -131,9 +133,13 @@ class _DeferrableLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        ctx.save_for_backward(x, weight)
         ctx.params = (weight, bias)  # the leaves whose .grad the deferred pass adds to
-        return F.linear(x, weight, bias)
+        # Cast as F.linear does under autocast and save the cast tensors, so the backward
+        # computes in those dtypes whether or not it runs under autocast.
+        x, weight, bias = autocast_inputs(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        with autocast_off(x):
+            return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
