@@ -91,7 +91,12 @@ class SharedParameters:
                 grad = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
             total = all_reduce(grad, self.pp_group)  # (shape of param), summed over pp
             if held:
-                param.grad = total
+                # In place, so a gradient that is a view into DDP's buckets
+                # (gradient_as_bucket_view=True) stays one.
+                if param.grad is None:
+                    param.grad = total
+                else:
+                    param.grad.copy_(total)
 
     def __repr__(self) -> str:
         names = [f"{n}{'' if held else ' (not here)'}" for n, _, held in self.entries]
