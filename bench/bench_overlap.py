@@ -59,6 +59,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import cpu_model, machine_name  # noqa: E402
 
 from kernels import force_backend  # noqa: E402
 from kernels.collectives import all_gather, all_reduce, record_comm, reduce_scatter  # noqa: E402
@@ -72,22 +75,6 @@ DEFAULT_SIZES = [(4096, 32), (4096, 64), (4096, 128), (2048, 256), (2048, 512)]
 SMOKE_SIZES = [(64, 16), (128, 32)]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = ("plain", "overlap", "comm", "compute")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,8 +49,6 @@ import argparse
 import copy
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -62,6 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import cpu_name  # noqa: E402
 
 from parallel_layers import ColumnParallelLinear, ParallelDims  # noqa: E402
 from parallel_layers.pipeline import (  # noqa: E402
@@ -86,16 +87,6 @@ TORCH_SCHEDULES = {
 }
 LAYER_MS = 5.0  # timed workload: each pass of each TimedLayer
 WIDTH_TIMED, WIDTH_MLP, ROWS_MLP = 8, 512, 64
-
-
-def machine_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def formula(schedule: str, pp: int, m: int, v: int) -> float:
@@ -358,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {k: {"median": statistics.median(v), "max": max(v), "min": min(v)}
                for k, v in ratios.items()}  # fmt: skip
     meta = {
-        "machine": machine_name(),
+        "machine": cpu_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "backend": "gloo (CPU), 1 thread per process",

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,24 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_name  # noqa: E402
 
 from parallel_layers import ColumnParallelLinear, ParallelDims, RowParallelLinear  # noqa: E402
 from parallel_layers.testing import run_distributed  # noqa: E402
 
 # (batch, sequence, hidden): the MLP's FFN width is 4 * hidden.
 DEFAULT_SHAPES = [(4, 64, 128), (4, 128, 256), (8, 128, 512), (4, 256, 1024)]
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 class MLP(nn.Module):
