@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["ParallelDims"]
+__all__ = ["ParallelDims", "env_world_size"]
 
 
-def _env_world_size() -> int:
+def env_world_size() -> int:
+    """The number of processes: the default group's size, else torchrun's ``WORLD_SIZE`` (1
+    without torchrun). Read locally, with no communication."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,7 +68,7 @@ class ParallelDims:
             self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device_type not in ("cuda", "cpu"):
             raise ValueError(f"device_type={self.device_type!r}: expected 'cuda' or 'cpu'")
-        world_size = _env_world_size()
+        world_size = env_world_size()
         if self.dp * self.pp * self.tp != world_size:
             raise ValueError(
                 f"dp*pp*tp = {self.dp}*{self.pp}*{self.tp} = {self.dp * self.pp * self.tp} does "

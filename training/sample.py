@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from parallel_layers import ParallelDims
 from parallel_layers.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -26,6 +25,7 @@ from parallel_layers.checkpoint import (
     model_state,
     read_meta,
 )
+from parallel_layers.dims import ParallelDims, env_world_size
 from training.config import DTYPES, ParallelConfig, RunConfig, build_parser, from_args
 from training.engine import build_engine
 from training.tasks import GPTTask, GPTTaskConfig, sample_text
@@ -84,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             RunConfig(batch_size=parallel.dp * parallel.microbatches, seed=cfg.seed),
         )
         task.config = config
-        world = (
-            dist.get_world_size()
-            if dist.is_initialized()
-            else int(os.environ.get("WORLD_SIZE", "1"))
-        )
-        task.validate(parallel, world)
+        task.validate(parallel, env_world_size())
         created = _init_distributed(600.0)
         rank = dist.get_rank()
         dims = ParallelDims(dp=parallel.dp, pp=parallel.pp, tp=parallel.tp)

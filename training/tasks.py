@@ -14,7 +14,6 @@ one line instead of deep inside a collective.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -382,8 +381,3 @@ def _check_batch(problems: list[str], batch: int, parallel: ParallelConfig) -> N
             f"the per-replica batch {per_dp} (--batch-size / --dp) is not divisible by "
             f"--microbatches {parallel.microbatches}"
         )
-
-
-def env_world_size() -> int:
-    """The world size torchrun announces (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -42,7 +42,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from parallel_layers import ParallelDims
 from parallel_layers.checkpoint import (
     CheckpointError,
     failure_summary,
@@ -54,6 +53,7 @@ from parallel_layers.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from parallel_layers.dims import ParallelDims, env_world_size
 from parallel_layers.parallelize import name_seed
 from parallel_layers.testing import free_port
 from training.config import OptimConfig, ParallelConfig, RunConfig, build_parser, from_args
@@ -548,12 +548,7 @@ def run_main(
         optim = from_args(args, OptimConfig)
         run = from_args(args, RunConfig)
         task = task_cls(task_cfg, run)
-        world = (
-            dist.get_world_size()
-            if dist.is_initialized()
-            else int(os.environ.get("WORLD_SIZE", "1"))
-        )
-        task.validate(parallel, world)
+        task.validate(parallel, env_world_size())
         out = Path(run.out or f"runs/{task.name}")
         resume = meta = None
         if run.eval_only and run.resume is None:
