@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from parallel_layers.utils import check_positive_int
+
 __all__ = ["ParallelDims", "env_world_size"]
 
 
@@ -59,11 +61,7 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}={value!r}: expected a positive int")
-            if value < 1:
-                raise ValueError(f"{name}={value}: expected a positive int")
+            check_positive_int(name, getattr(self, name))
         if self.device_type is None:
             self.device_type = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device_type not in ("cuda", "cpu"):

@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def check_positive_int(name: str, value: object) -> None:
+    """A ``TypeError`` unless ``value`` is an int (not a bool), a ``ValueError`` unless it is >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: expected a positive int")
+    if value < 1:
+        raise ValueError(f"{name}={value}: expected a positive int")
+
+
 def divide(size: int, parts: int, what: str) -> int:
     """``size // parts``, or a ``ValueError`` naming ``what`` when ``parts`` does not divide it."""
     if size % parts:

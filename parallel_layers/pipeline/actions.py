@@ -43,6 +43,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from parallel_layers.utils import check_positive_int
+
 __all__ = [
     "Action",
     "ScheduledAction",
@@ -85,10 +87,7 @@ class ScheduledAction:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}={value!r}: expected a positive int")
-        if value < 1:
-            raise ValueError(f"{name}={value}: expected a positive int")
+        check_positive_int(name, value)
 
 
 # ---------------------------------------------------------------------------------------------

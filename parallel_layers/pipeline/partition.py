@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel_layers.utils import check_positive_int
+
 __all__ = ["Partition", "layer_costs", "partition_layers"]
 
 METHODS = ("params", "flops", "time")
@@ -203,10 +205,7 @@ def partition_layers(
         ValueError: fewer layers than stages, or an explicit list that does not fit; raised on
             every rank alike (these checks use only the arguments) before any measurement.
     """
-    if isinstance(num_stages, bool) or not isinstance(num_stages, int):
-        raise TypeError(f"num_stages={num_stages!r}: expected a positive int")
-    if num_stages < 1:
-        raise ValueError(f"num_stages={num_stages}: expected a positive int")
+    check_positive_int("num_stages", num_stages)
     layers = list(layers)
     n = len(layers)
     if n < num_stages:

@@ -57,6 +57,7 @@ from parallel_layers.pipeline.p2p import PendingRecv, StageTransport
 from parallel_layers.pipeline.stage import PipelineStage
 from parallel_layers.pipeline.timeline import ActivationMemoryTracker, Timeline, render_ascii
 from parallel_layers.pipeline.weight_grad import WeightGradStore, split_weight_grad
+from parallel_layers.utils import check_positive_int
 
 __all__ = [
     "SCHEDULES",
@@ -111,10 +112,7 @@ class PipelineSchedule:
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
             raise TypeError(f"stages={stages!r}: expected PipelineStage(s) (see build_stages)")
-        if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int):
-            raise TypeError(f"n_microbatches={n_microbatches!r}: expected a positive int")
-        if n_microbatches < 1:
-            raise ValueError(f"n_microbatches={n_microbatches}: expected a positive int")
+        check_positive_int("n_microbatches", n_microbatches)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn={loss_fn!r}: expected a callable (logits, target) -> loss")
         stages = sorted(stages, key=lambda s: s.stage_index)
