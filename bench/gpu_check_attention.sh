@@ -21,27 +21,8 @@
 # Without a GPU it runs the same steps at smoke size on the CPU (a check of the script itself).
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT_DIR="${OUT:-bench/results}"
-mkdir -p "$OUT_DIR"
-unset TRITON_INTERPRET              # compiled kernels on the GPU
-export TPL_KERNEL_BACKEND=auto      # CUDA tensors take the Triton path
-
-if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    GPU=1
-    TAG="${TAG:-h200}"
-else
-    GPU=0
-    TAG="${TAG:-cpu_smoke}"
-    echo "no CUDA GPU: running the steps at smoke size on the CPU" >&2
-fi
-
-{
-    date -u +"%Y-%m-%dT%H:%M:%SZ"
-    if [ "$GPU" = 1 ]; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; fi
-    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT_DIR/attention_gpu_tests.log"
+source "$(dirname "$0")/_gpu_env.sh"
+log_environment "$OUT_DIR/attention_gpu_tests.log"
 
 # 1. GPU tests (skipped, not failed, without a GPU).
 TPL_ATTENTION_AUTOTUNE=0 timeout 240 python3 -m pytest -m gpu tests/test_attention.py -q \
