@@ -1,4 +1,4 @@
-"""Benchmark :func:`kernels.flash_attention` against PyTorch's SDPA backends.
+"""Benchmark :func:`triton_parallel_layers.kernels.flash_attention` against PyTorch's SDPA backends.
 
 For every (dtype, head dim, causal, sequence length) of the grid and every provider, measures the
 forward, the backward and forward+backward, and reports TFLOP/s:
@@ -53,7 +53,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import flash_attention, force_backend, interpreter_enabled, use_triton
+from triton_parallel_layers.kernels import (
+    flash_attention,
+    force_backend,
+    interpreter_enabled,
+    use_triton,
+)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -319,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backend",
         choices=["auto", "triton", "ref"],
         default="auto",
-        help="kernels.force_backend for the flash provider",
+        help="triton_parallel_layers.kernels.force_backend for the flash provider",
     )
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     p.add_argument("--tag", default="", help="suffix of the output file names")

@@ -2,7 +2,7 @@
 
 Providers, all computing ``relu(conv2d(x, w, b))`` on channels_last fp16/bf16 tensors:
 
-* ``triton``  -- ``kernels.conv2d_bias_relu`` (Triton forward, cuDNN backward);
+* ``triton``  -- ``triton_parallel_layers.kernels.conv2d_bias_relu`` (Triton forward, cuDNN backward);
 * ``torch``   -- ``F.relu(F.conv2d(...))``, i.e. cuDNN plus a separate ReLU kernel
   (``torch.backends.cudnn.benchmark = True``, so cuDNN picks its best algorithm as we autotune);
 * ``compile`` -- ``torch.compile`` of the same two calls (static shapes, recompiled per shape).
@@ -58,7 +58,7 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from kernels import conv2d_bias_relu, force_backend  # noqa: E402
+from triton_parallel_layers.kernels import conv2d_bias_relu, force_backend  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("triton", "torch", "compile")

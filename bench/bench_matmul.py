@@ -3,7 +3,7 @@
 Two measurements on one GPU:
 
 1. **Triton vs cuBLAS**: ``out = x @ w.T`` with ``x (S, S)``, ``w (S, S)`` (``--sizes``, default
-   4096 and 8192, bf16), both writing into a preallocated output: :func:`kernels.matmul.matmul`
+   4096 and 8192, bf16), both writing into a preallocated output: :func:`triton_parallel_layers.kernels.matmul.matmul`
    against ``torch.mm(x, w.t(), out=...)``. Also the fused epilogue, ``x @ w.T + bias + partial``
    in one kernel, against ``torch.addmm`` followed by an add. Goal: the Triton kernel at
    >= 0.9x cuBLAS's TFLOP/s.
@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 
-from kernels import force_backend  # noqa: E402
-from kernels.matmul import matmul  # noqa: E402
+from triton_parallel_layers.kernels import force_backend  # noqa: E402
+from triton_parallel_layers.kernels.matmul import matmul  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

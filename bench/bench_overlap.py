@@ -6,8 +6,8 @@ gradient included, as inside a network) is timed four ways, interleaved step by 
 processes so machine noise hits all four alike:
 
 * ``plain``: ``overlap_comm=False``: each collective, then its matmul.
-* ``overlap``: ``overlap_comm=True``: :func:`kernels.all_gather_matmul` and
-  :func:`kernels.matmul_reduce_scatter` (ring-decomposed, see ``kernels/collective_matmul.py``).
+* ``overlap``: ``overlap_comm=True``: :func:`triton_parallel_layers.kernels.all_gather_matmul` and
+  :func:`triton_parallel_layers.kernels.matmul_reduce_scatter` (ring-decomposed, see ``kernels/collective_matmul.py``).
 * ``comm``: the step's collectives alone, same sizes: forward all-gather ``(1, T/p, E)`` and
   reduce-scatter ``(1, T, E)``, backward reduce-scatter ``(1, T, E)`` and all-gather
   ``(1, T/p, E)``, and the row bias gradient's all-reduce ``(E,)``.
@@ -23,7 +23,7 @@ more than it hides. The same formula applied to ``t_plain`` is reported as a con
 from the copies, bias adds and autograd work neither timing covers), and the time overlap saves
 against the real plain step, ``saved_vs_plain = (t_plain - t_overlap) / min(t_comm, t_compute)``
 (the efficiency with the plain step as its baseline). The ledger of
-:mod:`kernels.collectives` checks that both paths send the same bytes.
+:mod:`triton_parallel_layers.kernels.collectives` checks that both paths send the same bytes.
 
 On CPU the ranks are gloo processes with ``torch.set_num_threads(--threads)`` each: more ranks
 (x threads) than cores oversubscribes the machine (the output says so), and gloo's transport
@@ -63,10 +63,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_model, machine_name  # noqa: E402
 
-from kernels import force_backend  # noqa: E402
-from kernels.collectives import all_gather, all_reduce, record_comm, reduce_scatter  # noqa: E402
-from parallel_layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
-from parallel_layers.testing import free_port, run_distributed  # noqa: E402
+from triton_parallel_layers.kernels import force_backend  # noqa: E402
+from triton_parallel_layers.kernels.collectives import (  # noqa: E402
+    all_gather,
+    all_reduce,
+    record_comm,
+    reduce_scatter,
+)
+from triton_parallel_layers.parallel_layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from triton_parallel_layers.parallel_layers.testing import free_port, run_distributed  # noqa: E402
 
 # (tokens T, hidden E): on CPU, compute grows as T*E^2/p and communication as T*E, so small E
 # is where the two are comparable (the interesting regime for overlap) and large E is

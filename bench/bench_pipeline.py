@@ -16,7 +16,7 @@ zero-bubble        ``ScheduleZBH1``                 ``ScheduleInterleavedZeroBub
 
 Two workloads:
 
-* ``timed``: every rank holds two :class:`~parallel_layers.pipeline.TimedLayer` per stage whose
+* ``timed``: every rank holds two :class:`~triton_parallel_layers.parallel_layers.pipeline.TimedLayer` per stage whose
   forward, input-gradient and weight-gradient passes each sleep a fixed time (5 ms per layer),
   so 4 processes on a 2-core machine behave like 4 devices and the *bubble fraction* is measured
   the same way for both implementations: ``1 - sum over ranks of busy time / (pp x step time)``,
@@ -24,7 +24,7 @@ Two workloads:
   call autograd twice per backward, which runs a custom layer's whole backward twice: they are
   compared on the ``mlp`` workload only.)
 * ``mlp``: real compute: each stage is two ``Linear(512, 512)`` + GELU layers
-  (:class:`~parallel_layers.ColumnParallelLinear`, one rank), 64 rows per microbatch, one thread
+  (:class:`~triton_parallel_layers.parallel_layers.ColumnParallelLinear`, one rank), 64 rows per microbatch, one thread
   per process. At pp = 4 the 4 processes share 2 cores, so step times include contention (alike
   for both). Our bubble fraction here comes from our own timeline (a separate recorded step).
 
@@ -64,8 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import cpu_name  # noqa: E402
 
-from parallel_layers import ColumnParallelLinear, ParallelDims  # noqa: E402
-from parallel_layers.pipeline import (  # noqa: E402
+from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelDims  # noqa: E402
+from triton_parallel_layers.parallel_layers.pipeline import (  # noqa: E402
     TimedLayer,
     bubble_fraction,
     build_stages,
@@ -75,7 +75,7 @@ from parallel_layers.pipeline import (  # noqa: E402
     render_ascii,
     render_png,
 )
-from parallel_layers.testing import WorkerPool  # noqa: E402
+from triton_parallel_layers.parallel_layers.testing import WorkerPool  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1"]

@@ -37,8 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_name  # noqa: E402
 
-from parallel_layers import ColumnParallelLinear, ParallelDims, RowParallelLinear  # noqa: E402
-from parallel_layers.testing import run_distributed  # noqa: E402
+from triton_parallel_layers.parallel_layers import (  # noqa: E402
+    ColumnParallelLinear,
+    ParallelDims,
+    RowParallelLinear,
+)
+from triton_parallel_layers.parallel_layers.testing import run_distributed  # noqa: E402
 
 # (batch, sequence, hidden): the MLP's FFN width is 4 * hidden.
 DEFAULT_SHAPES = [(4, 64, 128), (4, 128, 256), (8, 128, 512), (4, 256, 1024)]

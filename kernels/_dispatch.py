@@ -11,7 +11,8 @@ The rule (DESIGN.md, "Kernel dispatch"):
   precedence over it, the context manager :func:`force_backend`.
 
 Forcing ``triton`` on CPU tensors without the interpreter is an error, not a silent fallback:
-Triton cannot launch a compiled kernel on CPU memory.
+Triton cannot launch a compiled kernel on CPU memory. Without Triton installed (macOS, Windows)
+every call takes the reference path, and forcing ``triton`` is an error that says how to get it.
 
 Note that Triton reads ``TRITON_INTERPRET`` once, when ``triton`` is first imported; set it before
 importing this package.
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 
 import torch
 
+from triton_parallel_layers.kernels._triton import HAS_TRITON, TRITON_MISSING
+
 BACKENDS = ("auto", "triton", "ref")
 _ENV_VAR = "TPL_KERNEL_BACKEND"
 _forced: list[str] = []  # stack of force_backend() overrides, innermost last
@@ -32,7 +35,7 @@ _forced: list[str] = []  # stack of force_backend() overrides, innermost last
 
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def kernel_backend() -> str:
@@ -66,6 +69,10 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     """
     backend = kernel_backend()
     if backend == "ref":
+        return False
+    if not HAS_TRITON:
+        if backend == "triton":
+            raise RuntimeError(TRITON_MISSING)
         return False
     devices = {t.device.type for t in tensors if t is not None}
     if devices - {"cuda", "cpu"}:

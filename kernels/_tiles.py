@@ -1,7 +1,6 @@
 """Triton helpers shared by the GEMM-shaped kernels (the matmul and the implicit-GEMM conv)."""
 
-import triton
-import triton.language as tl
+from triton_parallel_layers.kernels._triton import tl, triton
 
 
 @triton.jit

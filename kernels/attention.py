@@ -53,7 +53,7 @@ Block sizes are autotuned on CUDA (set ``TPL_ATTENTION_AUTOTUNE=0`` before impor
 default configuration and skip the tuning); under the interpreter one small configuration is used.
 
 Dispatch (DESIGN.md): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, run the kernels;
-other CPU tensors run :func:`attention_ref`; :func:`kernels.force_backend` overrides.
+other CPU tensors run :func:`attention_ref`; :func:`triton_parallel_layers.kernels.force_backend` overrides.
 """
 
 # No `from __future__ import annotations`: Triton reads the `tl.constexpr` annotations of the jitted
@@ -62,11 +62,15 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
 from einops import repeat
 
-from kernels._dispatch import autocast_inputs, autocast_off, interpreter_enabled, use_triton
+from triton_parallel_layers.kernels._dispatch import (
+    autocast_inputs,
+    autocast_off,
+    interpreter_enabled,
+    use_triton,
+)
+from triton_parallel_layers.kernels._triton import tl, triton
 
 __all__ = [
     "FlashAttentionFunction",
@@ -937,6 +941,6 @@ def flash_attention(
     Returns: ``(B, Hq, Sq, D)`` in the input dtype.
 
     CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) run the Triton kernels, other CPU
-    tensors :func:`attention_ref`; :func:`kernels.force_backend` picks one explicitly.
+    tensors :func:`attention_ref`; :func:`triton_parallel_layers.kernels.force_backend` picks one explicitly.
     """
     return flash_attention_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale)[0]

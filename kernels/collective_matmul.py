@@ -23,7 +23,7 @@ Design trade-offs
   identical on gloo and NCCL: at step ``s`` each rank passes the chunk it just received to its
   next neighbour (all-gather), or the partial sum it just computed to its previous one
   (reduce-scatter), exactly the messages of the ring algorithms themselves, so the ledger of
-  :mod:`kernels.collectives` counts the same bytes as the plain collectives by construction.
+  :mod:`triton_parallel_layers.kernels.collectives` counts the same bytes as the plain collectives by construction.
   Only neighbours talk, which suits rings, PCIe chains and TCP as well as NVSwitch. The cost:
   ``p - 1`` sequential hops of latency, so tiny messages are better sent plainly.
 * **One exchange in flight.** Step ``s + 1``'s exchange is posted right before step ``s``'s
@@ -60,9 +60,9 @@ Design trade-offs
 Shapes, with ``p`` ranks, ``n`` rows per rank along the gathered/scattered dim, ``K`` input and
 ``N`` output features: ``all_gather_matmul`` maps ``x_shard (.., n, .., K)`` and ``W (N, K)`` to
 ``(.., p*n, .., N)``; ``matmul_reduce_scatter`` maps ``x (.., p*n, .., K)`` to ``(.., n, .., N)``.
-``group=None`` or a group of one rank: a plain :func:`kernels.matmul.matmul`, no communication.
-The matmuls run on the Triton kernel of :mod:`kernels.matmul` or its torch reference, as
-:mod:`kernels._dispatch` says.
+``group=None`` or a group of one rank: a plain :func:`triton_parallel_layers.kernels.matmul.matmul`, no communication.
+The matmuls run on the Triton kernel of :mod:`triton_parallel_layers.kernels.matmul` or its torch reference, as
+:mod:`triton_parallel_layers.kernels._dispatch` says.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import autocast_inputs
-from kernels.collectives import (
+from triton_parallel_layers.kernels._dispatch import autocast_inputs
+from triton_parallel_layers.kernels.collectives import (
     all_gather,
     group_rank,
     group_size,
@@ -83,7 +83,7 @@ from kernels.collectives import (
     send_recv,
     wait_all,
 )
-from kernels.matmul import _matmul_impl, matmul
+from triton_parallel_layers.kernels.matmul import _matmul_impl, matmul
 
 __all__ = [
     "AllGatherMatmulFunction",

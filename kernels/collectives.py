@@ -20,7 +20,7 @@ send               ``n``
 =================  ======================================
 
 The point-to-point steps of a decomposed collective (the ring steps of
-:mod:`kernels.collective_matmul`) go through :func:`send_recv` with ``kind`` set to the collective
+:mod:`triton_parallel_layers.kernels.collective_matmul`) go through :func:`send_recv` with ``kind`` set to the collective
 they implement: ``p - 1`` ring steps of an all-gather each send one shard, those of a
 reduce-scatter one ``n / p`` chunk, so a decomposed collective and the plain one count the same
 bytes under the same kind (only the call counts differ).

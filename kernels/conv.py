@@ -65,13 +65,11 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
-import triton.testing
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import autocast_inputs, use_triton
-from kernels._tiles import grouped_tile
+from triton_parallel_layers.kernels._dispatch import autocast_inputs, use_triton
+from triton_parallel_layers.kernels._tiles import grouped_tile
+from triton_parallel_layers.kernels._triton import tl, triton
 
 __all__ = [
     "Conv2dBiasReLUFunction",
@@ -358,7 +356,7 @@ def _conv2d_fwd(
     grid = lambda meta: (
         triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),
     )
-    if not x.is_cuda:  # CPU tensors: only reached under TRITON_INTERPRET=1 (kernels._dispatch)
+    if not x.is_cuda:  # CPU tensors: only reached under TRITON_INTERPRET=1 (triton_parallel_layers.kernels._dispatch)
         _conv2d_fwd_kernel[grid](*args, **consts, **_INTERPRETER_META)
     elif os.environ.get(_AUTOTUNE_ENV, "1") == "0":  # one tile, no tuning: quick GPU tests
         cfg = _prune_configs(_CUDA_CONFIGS, {"K_OUT": k_out, "GEMM_K": gemm_k, "x_ptr": x})[0]
@@ -585,7 +583,7 @@ def conv2d_bias_act(
         ``OH = (H + 2*padding - dilation*(KH-1) - 1) // stride + 1`` (likewise OW).
         Differentiable in x, weight and bias.
 
-    Runs the Triton kernel or the torch reference as :func:`kernels._dispatch.use_triton` says.
+    Runs the Triton kernel or the torch reference as :func:`triton_parallel_layers.kernels._dispatch.use_triton` says.
     """
     x, weight, bias = autocast_inputs(x, weight, bias)  # as F.conv2d under torch.autocast
     stride, padding, dilation = _check_args(

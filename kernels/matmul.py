@@ -1,7 +1,7 @@
 """A Triton GEMM ``out = x @ w.T (+ bias) (+ partial)`` that writes into any strided output.
 
 This is the compute half of the communication-overlapped matmuls
-(:mod:`kernels.collective_matmul`): they cut one large GEMM into ``tp`` row chunks, each
+(:mod:`triton_parallel_layers.kernels.collective_matmul`): they cut one large GEMM into ``tp`` row chunks, each
 multiplied as soon as its input has arrived and written straight into its rows of a preallocated
 output, so the kernel here is built for that:
 
@@ -33,18 +33,17 @@ operands use TF32 tensor cores exactly when PyTorch's own matmuls do
 
 Tiles are autotuned on CUDA (keyed by ``M, N, K``); under Triton's interpreter one small fixed
 tile runs. The pure-torch reference is :func:`matmul_ref`; :func:`matmul` dispatches between them
-by :func:`kernels._dispatch.use_triton` and is differentiable when no ``out`` is given.
+by :func:`triton_parallel_layers.kernels._dispatch.use_triton` and is differentiable when no ``out`` is given.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import use_triton
-from kernels._tiles import grouped_tile
+from triton_parallel_layers.kernels._dispatch import use_triton
+from triton_parallel_layers.kernels._tiles import grouped_tile
+from triton_parallel_layers.kernels._triton import tl, triton
 
 __all__ = ["MatmulFunction", "matmul", "matmul_ref"]
 
@@ -246,7 +245,7 @@ def _matmul_fwd(
         even_k = all(k % cfg.kwargs["BLOCK_K"] == 0 for cfg in _CUDA_CONFIGS)
         with torch.cuda.device(x.device):
             _matmul_fwd_kernel_autotuned[grid](*args, **consts, EVEN_K=even_k)
-    else:  # CPU tensors: only reached under TRITON_INTERPRET=1 (kernels._dispatch)
+    else:  # CPU tensors: only reached under TRITON_INTERPRET=1 (triton_parallel_layers.kernels._dispatch)
         meta = _INTERPRETER_META
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _matmul_fwd_kernel[grid](*args, **consts, EVEN_K=k % meta["BLOCK_K"] == 0, **meta)
@@ -421,7 +420,7 @@ def matmul(
     Returns:
         ``(*, N)``: ``out`` when given, else a new tensor of x's dtype.
 
-    Runs the Triton kernel or :func:`matmul_ref` as :func:`kernels._dispatch.use_triton` says.
+    Runs the Triton kernel or :func:`matmul_ref` as :func:`triton_parallel_layers.kernels._dispatch.use_triton` says.
     """
     _check_matmul_args(x, weight, bias, partial, out)
     if out is not None:

@@ -1,13 +1,13 @@
 """Models written for one device, each with its tensor-parallel plan.
 
-``models.gpt``: :class:`~models.gpt.GPT` (decoder-only Transformer), ``GPTConfig``, ``GPT_TP_PLAN``.
-``models.cnn``: :class:`~models.cnn.SimpleCNN` (the seed example), :class:`~models.cnn.ResNetCNN`,
-``CNNConfig``, ``CNN_TP_PLAN``. ``models.data``: small bundled data sets (``load_digits_28``).
+``triton_parallel_layers.models.gpt``: :class:`~triton_parallel_layers.models.gpt.GPT` (decoder-only Transformer), ``GPTConfig``, ``GPT_TP_PLAN``.
+``triton_parallel_layers.models.cnn``: :class:`~triton_parallel_layers.models.cnn.SimpleCNN` (the seed example), :class:`~triton_parallel_layers.models.cnn.ResNetCNN`,
+``CNNConfig``, ``CNN_TP_PLAN``. ``triton_parallel_layers.models.data``: small bundled data sets (``load_digits_28``).
 
 Each model exposes ``pipeline_layers()`` (the ordered modules whose composition is the forward
 pass) and ``loss(logits, target, tp_group=None)`` for the pipeline schedules.
 
-The names are imported lazily, so ``python -m models.cnn`` runs the module once, cleanly.
+The names are imported lazily, so ``python -m triton_parallel_layers.models.cnn`` runs the module once, cleanly.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "GPT": "models.gpt",
-    "GPTConfig": "models.gpt",
-    "GPT_TP_PLAN": "models.gpt",
-    "CNNConfig": "models.cnn",
-    "CNN_TP_PLAN": "models.cnn",
-    "ResNetCNN": "models.cnn",
-    "SIMPLE_CNN_TP_PLAN": "models.cnn",
-    "SimpleCNN": "models.cnn",
+    "GPT": "triton_parallel_layers.models.gpt",
+    "GPTConfig": "triton_parallel_layers.models.gpt",
+    "GPT_TP_PLAN": "triton_parallel_layers.models.gpt",
+    "CNNConfig": "triton_parallel_layers.models.cnn",
+    "CNN_TP_PLAN": "triton_parallel_layers.models.cnn",
+    "ResNetCNN": "triton_parallel_layers.models.cnn",
+    "SIMPLE_CNN_TP_PLAN": "triton_parallel_layers.models.cnn",
+    "SimpleCNN": "triton_parallel_layers.models.cnn",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,19 +4,19 @@
   max-pool, fully connected to 10 classes), made correct for 28x28 inputs. It trains to over 90%
   test accuracy on scikit-learn's bundled digits in seconds on a CPU::
 
-      python -m models.cnn --train-digits
+      python -m triton_parallel_layers.models.cnn --train-digits
 
 * :class:`ResNetCNN`: a deeper, ResNet-style network (configurable width, stages and blocks per
   stage) whose residual blocks are ``relu(x + conv2(relu(conv1(x))))``. Under tensor parallelism
-  (:data:`CNN_TP_PLAN`) ``conv1`` becomes a :class:`~parallel_layers.ColumnParallelConv2d`
+  (:data:`CNN_TP_PLAN`) ``conv1`` becomes a :class:`~triton_parallel_layers.parallel_layers.ColumnParallelConv2d`
   (output channels sharded, bias and ReLU fused in the kernel's epilogue) and ``conv2`` a
-  :class:`~parallel_layers.RowParallelConv2d` (input channels sharded, partial sums all-reduced):
+  :class:`~triton_parallel_layers.parallel_layers.RowParallelConv2d` (input channels sharded, partial sums all-reduced):
   one all-reduce per block forward and one backward, the activation between the two convs never
   leaves its rank. It has no batch norm (a channel-sharded batch norm would need its own
   collectives); at the depths it is meant for it trains without one.
 
 Every conv followed by a ReLU is a :class:`Conv2dReLU`: an ``nn.Conv2d`` (so ``from_conv`` takes it)
-whose forward is :func:`kernels.conv2d_bias_relu`, one fused kernel.
+whose forward is :func:`triton_parallel_layers.kernels.conv2d_bias_relu`, one fused kernel.
 
 Shapes: images NCHW ``(N, C, H, W)``, contiguous or channels_last; logits ``(N, num_classes)``,
 replicated over the TP group.
@@ -43,8 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import conv2d_bias_relu
-from parallel_layers.parallelize import draw_seed, init_by_name_
+from triton_parallel_layers.kernels import conv2d_bias_relu
+from triton_parallel_layers.parallel_layers.init import draw_seed, init_by_name_
 
 __all__ = [
     "CNN_TP_PLAN",
@@ -59,10 +59,10 @@ __all__ = [
 
 
 class Conv2dReLU(nn.Conv2d):
-    """``relu(conv2d(x, weight) + bias)`` in one kernel (:func:`kernels.conv2d_bias_relu`).
+    """``relu(conv2d(x, weight) + bias)`` in one kernel (:func:`triton_parallel_layers.kernels.conv2d_bias_relu`).
 
     An ``nn.Conv2d`` (same parameters, same initialization) with ``groups=1``, zero padding given
-    as ints. ``activation = "relu"`` tells :func:`parallel_layers.parallelize` to keep the ReLU
+    as ints. ``activation = "relu"`` tells :func:`triton_parallel_layers.parallel_layers.parallelize` to keep the ReLU
     fused when the conv becomes column-parallel.
     """
 
@@ -105,7 +105,7 @@ class _SeededModel(nn.Module):
 
     def init_weights(self, seed: int | None = None) -> None:
         """(Re)initialize every parameter from ``(seed, its name)``, keeping local shards
-        (:func:`parallel_layers.parallelize.init_by_name_`); ``seed`` defaults to ``self.seed``."""
+        (:func:`triton_parallel_layers.parallel_layers.init.init_by_name_`); ``seed`` defaults to ``self.seed``."""
         init_by_name_(self, self.seed if seed is None else seed, _init_param)
 
     def _maybe_init(self) -> None:
@@ -287,10 +287,10 @@ def train_digits(
 ) -> dict:
     """Train :class:`SimpleCNN` on scikit-learn's digits upsampled to 28x28 (no download).
 
-    Adam with the learning rate decayed linearly to 0, cross-entropy, the 80/20 split of :func:`models.data.load_digits_28`. Returns
+    Adam with the learning rate decayed linearly to 0, cross-entropy, the 80/20 split of :func:`triton_parallel_layers.models.data.load_digits_28`. Returns
     ``{"test_accuracy", "train_accuracy", "seconds", "epochs"}``.
     """
-    from models.data import load_digits_28
+    from triton_parallel_layers.models.data import load_digits_28
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -322,7 +322,9 @@ def train_digits(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="models.cnn: train the seed CNN on digits")
+    parser = argparse.ArgumentParser(
+        description="triton_parallel_layers.models.cnn: train the seed CNN on digits"
+    )
     parser.add_argument("--train-digits", action="store_true", help="train SimpleCNN on digits")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

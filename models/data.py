@@ -2,7 +2,7 @@
 
 ``load_digits_28``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, shipped
 inside the ``scikit-learn`` package, no network), upsampled to 28x28 so MNIST-shaped models
-(:class:`models.cnn.SimpleCNN`) take them as they are.
+(:class:`triton_parallel_layers.models.cnn.SimpleCNN`) take them as they are.
 """
 
 from __future__ import annotations

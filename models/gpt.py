@@ -2,13 +2,13 @@
 
 The model is plain ``nn`` modules: pre-norm blocks ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``,
 rotary position embeddings, causal grouped-query self-attention through
-:func:`kernels.flash_attention`, a GELU MLP, a final norm and a linear head (tied to the token
-embedding by default). Its attention module is :class:`parallel_layers.ParallelSelfAttention`
+:func:`triton_parallel_layers.kernels.flash_attention`, a GELU MLP, a final norm and a linear head (tied to the token
+embedding by default). Its attention module is :class:`triton_parallel_layers.parallel_layers.ParallelSelfAttention`
 built with ``tp_group=None``, which *is* the single-device attention (fused grouped QKV, RoPE,
 GQA), so the package has one attention implementation.
 
 Tensor parallelism is applied afterwards by :data:`GPT_TP_PLAN` through
-:func:`parallel_layers.parallelize`::
+:func:`triton_parallel_layers.parallel_layers.parallelize`::
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50257, n_layers=12, n_heads=12, embed_dim=768))
@@ -39,10 +39,10 @@ over the TP group (and whose dropout masks are the single-device ones), so nothi
 user.
 
 **Dropout** (``config.dropout``) is applied to the embedding output and to each residual branch
-(not to attention probabilities: :func:`kernels.flash_attention` has no dropout). Under TP it
+(not to attention probabilities: :func:`triton_parallel_layers.kernels.flash_attention` has no dropout). Under TP it
 stays equal to one device provided every rank of the TP group holds the same RNG state (seed the
 ranks alike): without sequence parallelism the activations are replicated and every rank draws
-the single-device mask; with it, :class:`~parallel_layers.parallelize.SequenceParallelDropout`
+the single-device mask; with it, :class:`~triton_parallel_layers.parallel_layers.sequence_parallel.SequenceParallelDropout`
 draws the whole sequence's mask and keeps its chunk (a transient full-size mask per call). With
 per-rank seeds, replicated activations would diverge across ranks: do not do that.
 
@@ -73,12 +73,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.attention import SUPPORTED_HEAD_DIMS
-from kernels.collectives import group_size
-from parallel_layers import ColumnParallelLinear, ParallelSelfAttention
-from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
-from parallel_layers.embedding import check_token_ids
-from parallel_layers.parallelize import draw_seed, init_by_name_
+from triton_parallel_layers.kernels.attention import SUPPORTED_HEAD_DIMS
+from triton_parallel_layers.kernels.collectives import group_size
+from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelSelfAttention
+from triton_parallel_layers.parallel_layers.cross_entropy import vocab_parallel_cross_entropy
+from triton_parallel_layers.parallel_layers.embedding import check_token_ids
+from triton_parallel_layers.parallel_layers.init import draw_seed, init_by_name_
 
 __all__ = ["GPT", "GPTBlock", "GPTConfig", "GPTEmbedding", "GPTHead", "GPT_TP_PLAN", "MLP"]
 
@@ -295,7 +295,7 @@ class GPT(nn.Module):
         ``mlp.fc2``) ``N(0, init_std / sqrt(2 L))`` (GPT-2); biases 0; norm weights 1; padded
         vocabulary rows 0. Works on the single-device model, the parallelized one and one
         materialized from ``meta`` with ``to_empty``, with the same values (shards) in all three:
-        see :func:`parallel_layers.parallelize.init_by_name_`. ``seed`` defaults to ``self.seed``.
+        see :func:`triton_parallel_layers.parallel_layers.init.init_by_name_`. ``seed`` defaults to ``self.seed``.
         Re-ties the embeddings first (:meth:`tie_weights`).
         """
         self.tie_weights()
@@ -380,7 +380,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# The tensor-parallel plan (see parallel_layers.parallelize): Megatron-style, one all-reduce (or
+# The tensor-parallel plan (see triton_parallel_layers.parallel_layers.parallelize): Megatron-style, one all-reduce (or
 # reduce-scatter + all-gather under SP) per attention and per MLP, forward and backward.
 GPT_TP_PLAN: dict[str, str] = {
     "embed.tok": "vocab",  # (V/p, E) rows by vocabulary range

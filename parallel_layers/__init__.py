@@ -4,14 +4,14 @@ Groups and meshes are always passed in (``tp_group=...``, ``ParallelDims``); not
 process-group state at module level.
 """
 
-from parallel_layers.attention import ParallelSelfAttention
-from parallel_layers.conv import ColumnParallelConv2d, RowParallelConv2d
-from parallel_layers.cross_entropy import vocab_parallel_cross_entropy
-from parallel_layers.dims import ParallelDims
-from parallel_layers.embedding import VocabParallelEmbedding
-from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
-from parallel_layers.parallelize import parallelize
-from parallel_layers.pipeline import (  # noqa: F401
+from triton_parallel_layers.parallel_layers.attention import ParallelSelfAttention
+from triton_parallel_layers.parallel_layers.conv import ColumnParallelConv2d, RowParallelConv2d
+from triton_parallel_layers.parallel_layers.cross_entropy import vocab_parallel_cross_entropy
+from triton_parallel_layers.parallel_layers.dims import ParallelDims
+from triton_parallel_layers.parallel_layers.embedding import VocabParallelEmbedding
+from triton_parallel_layers.parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers.parallelize import parallelize
+from triton_parallel_layers.parallel_layers.pipeline import (  # noqa: F401
     PipelineStage,
     Schedule1F1B,
     ScheduleGPipe,

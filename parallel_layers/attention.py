@@ -33,11 +33,11 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
-from kernels import flash_attention
-from kernels.attention import SUPPORTED_HEAD_DIMS
-from kernels.collectives import group_size
-from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
-from parallel_layers.utils import check_width, copy_shard_, divide
+from triton_parallel_layers.kernels import flash_attention
+from triton_parallel_layers.kernels.attention import SUPPORTED_HEAD_DIMS
+from triton_parallel_layers.kernels.collectives import group_size
+from triton_parallel_layers.parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers.utils import check_width, copy_shard_, divide
 
 __all__ = ["ParallelSelfAttention", "apply_rotary", "rotary_cos_sin"]
 

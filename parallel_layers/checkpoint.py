@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from parallel_layers.parallelize import param_sharding
+from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
 __all__ = [
     "CheckpointError",

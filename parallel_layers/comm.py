@@ -28,7 +28,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.collectives import all_gather, all_reduce, group_rank, group_size, reduce_scatter
+from triton_parallel_layers.kernels.collectives import (
+    all_gather,
+    all_reduce,
+    group_rank,
+    group_size,
+    reduce_scatter,
+)
 
 __all__ = [
     "copy_to_tp",

@@ -8,7 +8,7 @@ split carries over with channels in place of features::
         --all-reduce--> + bias --> (N, K2, H'', W'')
 
 one all-reduce forward and one backward per block, and the activation between the two convs
-never leaves its rank. The column conv runs :func:`kernels.conv2d_bias_act` (bias and ReLU in the
+never leaves its rank. The column conv runs :func:`triton_parallel_layers.kernels.conv2d_bias_act` (bias and ReLU in the
 kernel's epilogue); the row conv runs it without bias or activation, since both must come after
 the sum over ranks. Activations may be contiguous or channels_last; the layers keep the format.
 
@@ -22,12 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels import conv2d_bias_act
-from kernels.collectives import group_rank, group_size
-from kernels.conv import int_pair
-from parallel_layers.comm import copy_to_tp, gather_from_tp, reduce_from_tp, scatter_to_tp
-from parallel_layers.linear import init_linear_
-from parallel_layers.utils import copy_shard_, divide
+from triton_parallel_layers.kernels import conv2d_bias_act
+from triton_parallel_layers.kernels.collectives import group_rank, group_size
+from triton_parallel_layers.kernels.conv import int_pair
+from triton_parallel_layers.parallel_layers.comm import (
+    copy_to_tp,
+    gather_from_tp,
+    reduce_from_tp,
+    scatter_to_tp,
+)
+from triton_parallel_layers.parallel_layers.linear import init_linear_
+from triton_parallel_layers.parallel_layers.utils import copy_shard_, divide
 
 __all__ = ["ColumnParallelConv2d", "RowParallelConv2d"]
 

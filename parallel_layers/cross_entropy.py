@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.collectives import all_reduce, group_rank, group_size
+from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
 
 __all__ = ["vocab_parallel_cross_entropy"]
 

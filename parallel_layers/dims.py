@@ -13,16 +13,59 @@ group state anywhere in the package.
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from parallel_layers.utils import check_positive_int
+from triton_parallel_layers.parallel_layers.utils import check_positive_int
 
-__all__ = ["ParallelDims", "env_world_size"]
+__all__ = ["ParallelDims", "env_world_size", "free_port", "init_distributed"]
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str | None = None, timeout: float | None = None) -> bool:
+    """Join torchrun's default process group, the one place the package initializes it.
+
+    Reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/
+    ``MASTER_PORT``); run without torchrun it makes a world of one on a free local port. On CUDA
+    (``device_type`` ``"cuda"``, or ``None`` with a GPU present) the backend is nccl, this process
+    takes GPU ``LOCAL_RANK``, and the group is bound to that device (``device_id``: eager NCCL
+    communicator set-up, and no guessing which GPU a rank uses); on CPU it is gloo. ``timeout``
+    (seconds) bounds every collective; ``None`` keeps PyTorch's default.
+
+    Returns ``True`` if this call created the group (the caller then destroys it), ``False`` if
+    one existed already (tests, or a user who initialized it).
+    """
+    if dist.is_initialized():
+        return False
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+        )  # fmt: skip
+    kwargs: dict = {}
+    if timeout is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+    if device_type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, **kwargs)
+    else:
+        dist.init_process_group("gloo", **kwargs)
+    return True
 
 
 def env_world_size() -> int:
@@ -75,8 +118,7 @@ class ParallelDims:
             )
         if self.device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if not dist.is_initialized():
-            dist.init_process_group(backend=self.backend)
+        init_distributed(self.device_type)
         self.mesh = init_device_mesh(
             self.device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp")
         )

@@ -13,9 +13,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.collectives import group_rank, group_size
-from parallel_layers.comm import reduce_from_tp, reduce_scatter_to_sequence_parallel
-from parallel_layers.utils import check_sequence_divisible, copy_shard_, divide
+from triton_parallel_layers.kernels.collectives import group_rank, group_size
+from triton_parallel_layers.parallel_layers.comm import (
+    reduce_from_tp,
+    reduce_scatter_to_sequence_parallel,
+)
+from triton_parallel_layers.parallel_layers.utils import (
+    check_sequence_divisible,
+    copy_shard_,
+    divide,
+)
 
 __all__ = ["VocabParallelEmbedding", "check_token_ids"]
 

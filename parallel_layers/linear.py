@@ -10,8 +10,8 @@ outside the block stay sharded along the sequence, ``(B, S/p, E)``: the column l
 the sequence on the way in (reduce-scatter of the gradient on the way back) and the row layer
 reduce-scatters on the way out (all-gather backward). Same bytes on the wire, and the norms and
 dropouts between blocks do ``1/p`` of the work. ``overlap_comm=True`` then hides that gather and
-reduce-scatter behind the matmul (:func:`kernels.all_gather_matmul`,
-:func:`kernels.matmul_reduce_scatter`).
+reduce-scatter behind the matmul (:func:`triton_parallel_layers.kernels.all_gather_matmul`,
+:func:`triton_parallel_layers.kernels.matmul_reduce_scatter`).
 
 Initialization: :meth:`reset_parameters` draws the *full* weight exactly as ``nn.Linear`` does,
 from the default CPU generator, and keeps this rank's chunk. So a layer built after
@@ -19,7 +19,7 @@ from the default CPU generator, and keeps this rank's chunk. So a layer built af
 seed on the CPU (and both consume the generator alike, so the layers after it match too).
 
 Zero-bubble pipeline schedules: the (non-overlapped) matmuls go through
-:func:`~parallel_layers.pipeline.weight_grad.deferrable_linear`, which is ``F.linear`` except under
+:func:`~triton_parallel_layers.parallel_layers.weight_grad.deferrable_linear`, which is ``F.linear`` except under
 ``split_weight_grad()``, where the weight gradient can be deferred to a later ``W`` pass.
 """
 
@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels import all_gather_matmul, matmul_reduce_scatter
-from kernels.collectives import group_rank, group_size
-from parallel_layers.comm import (
+from triton_parallel_layers.kernels import all_gather_matmul, matmul_reduce_scatter
+from triton_parallel_layers.kernels.collectives import group_rank, group_size
+from triton_parallel_layers.parallel_layers.comm import (
     copy_to_tp,
     gather_from_sequence_parallel,
     gather_from_tp,
@@ -41,8 +41,13 @@ from parallel_layers.comm import (
     reduce_scatter_to_sequence_parallel,
     scatter_to_tp,
 )
-from parallel_layers.pipeline.weight_grad import deferrable_linear
-from parallel_layers.utils import check_sequence_divisible, check_width, copy_shard_, divide
+from triton_parallel_layers.parallel_layers.utils import (
+    check_sequence_divisible,
+    check_width,
+    copy_shard_,
+    divide,
+)
+from triton_parallel_layers.parallel_layers.weight_grad import deferrable_linear
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "init_linear_"]
 

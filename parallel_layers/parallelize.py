@@ -46,13 +46,13 @@ style                  replaces                                        options
 entry that takes them; an entry's own option overrides. With sequence parallelism the
 activations between the parallel layers are ``(B, S/tp, E)``, so a module in that region sees only
 this rank's tokens: the ``sequence_parallel`` style then replaces a norm by one whose weight and
-bias pass through :func:`~parallel_layers.comm.copy_to_tp` (their gradients are summed over the
+bias pass through :func:`~triton_parallel_layers.parallel_layers.comm.copy_to_tp` (their gradients are summed over the
 TP group in backward, as the row-parallel bias does), and a dropout by one that draws the mask of
 the whole sequence and keeps its chunk (so it drops exactly what the single-device model drops).
 Without sequence parallelism such entries change nothing: the activations are replicated and so
 are the gradients.
 
-An ``nn.Conv2d`` whose class sets ``activation = "relu"`` (``models.cnn.Conv2dReLU``) is a fused
+An ``nn.Conv2d`` whose class sets ``activation = "relu"`` (``triton_parallel_layers.models.cnn.Conv2dReLU``) is a fused
 conv + ReLU: ``colwise_conv`` keeps the ReLU fused (``relu=True``), ``rowwise_conv`` refuses it (the
 ReLU must follow the sum over ranks).
 
@@ -76,37 +76,28 @@ does).
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.collectives import group_rank, group_size
-from parallel_layers.attention import ParallelSelfAttention
-from parallel_layers.comm import copy_to_tp
-from parallel_layers.conv import ColumnParallelConv2d, RowParallelConv2d
-from parallel_layers.dims import ParallelDims
-from parallel_layers.embedding import VocabParallelEmbedding
-from parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.kernels.collectives import group_size
+from triton_parallel_layers.parallel_layers.attention import ParallelSelfAttention
+from triton_parallel_layers.parallel_layers.conv import ColumnParallelConv2d, RowParallelConv2d
+from triton_parallel_layers.parallel_layers.dims import ParallelDims
+from triton_parallel_layers.parallel_layers.embedding import VocabParallelEmbedding
+from triton_parallel_layers.parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers.mha import MHASelfAttention
+from triton_parallel_layers.parallel_layers.sequence_parallel import (
+    SequenceParallelDropout,
+    SequenceParallelLayerNorm,
+    SequenceParallelRMSNorm,
+)
 
-__all__ = [
-    "MHASelfAttention",
-    "STYLES",
-    "SequenceParallelDropout",
-    "SequenceParallelLayerNorm",
-    "SequenceParallelRMSNorm",
-    "init_by_name_",
-    "match_plan",
-    "name_seed",
-    "param_sharding",
-    "parallelize",
-]
+__all__ = ["STYLES", "match_plan", "parallelize"]
 
 Group = dist.ProcessGroup | None
 PlanValue = str | Mapping[str, Any]
@@ -121,114 +112,6 @@ STYLES: dict[str, dict[str, Any]] = {
     "rowwise_conv": {"input_is_parallel": True},
     "sequence_parallel": {},
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Replicated modules inside the sequence-parallel region
-# ---------------------------------------------------------------------------------------------
-class SequenceParallelLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` on a sequence shard ``(B, S/p, E)``: same parameters (same names), whose
-    gradients are summed over the TP group (each rank saw only its own tokens)."""
-
-    tp_group: Group = None
-
-    @classmethod
-    def from_norm(cls, norm: nn.LayerNorm, tp_group: Group) -> SequenceParallelLayerNorm:
-        """Wrap ``norm`` sharing its parameter objects (no copy, meta stays meta)."""
-        new = cls(norm.normalized_shape, norm.eps, elementwise_affine=False, bias=False)
-        new.elementwise_affine = norm.elementwise_affine
-        new.weight, new.bias = norm.weight, norm.bias
-        new.tp_group = tp_group
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else copy_to_tp(self.weight, self.tp_group)
-        b = None if self.bias is None else copy_to_tp(self.bias, self.tp_group)
-        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-
-
-class SequenceParallelRMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` on a sequence shard ``(B, S/p, E)``; its weight's gradient is summed over
-    the TP group."""
-
-    tp_group: Group = None
-
-    @classmethod
-    def from_norm(cls, norm: nn.RMSNorm, tp_group: Group) -> SequenceParallelRMSNorm:
-        """Wrap ``norm`` sharing its parameter object."""
-        new = cls(norm.normalized_shape, norm.eps, elementwise_affine=False)
-        new.elementwise_affine = norm.elementwise_affine
-        new.weight = norm.weight
-        new.tp_group = tp_group
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else copy_to_tp(self.weight, self.tp_group)
-        return F.rms_norm(x, self.normalized_shape, w, self.eps)
-
-
-class SequenceParallelDropout(nn.Dropout):
-    """``nn.Dropout`` on a sequence shard ``(*, S/p, E)`` that drops what the single-device model
-    drops: it draws the dropout mask of the whole ``(*, S, E)`` activation (the same draw
-    ``nn.Dropout`` makes on it, from the same generator state) and keeps this rank's chunk.
-
-    That needs every rank of the TP group to hold the same RNG state (seed the ranks alike, which
-    the initialization rule asks anyway), and costs a transient full-size mask per call. If the
-    ranks' generators differ, each chunk still gets a valid, independent dropout mask, just not
-    the single-device one.
-    """
-
-    tp_group: Group = None
-
-    @classmethod
-    def from_dropout(cls, drop: nn.Dropout, tp_group: Group) -> SequenceParallelDropout:
-        new = cls(drop.p, drop.inplace)
-        new.tp_group = tp_group
-        new.train(drop.training)
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = group_size(self.tp_group)
-        if not self.training or self.p == 0 or p == 1:
-            return super().forward(x)
-        full = (*x.shape[:-2], x.shape[-2] * p, x.shape[-1])
-        # F.dropout of ones is the scaled mask nn.Dropout multiplies the full activation by.
-        mask = F.dropout(x.new_ones(full), self.p, True)
-        return x * mask.chunk(p, -2)[group_rank(self.tp_group)]
-
-
-class MHASelfAttention(ParallelSelfAttention):
-    """What ``nn.MultiheadAttention`` becomes under the ``attention`` style: the head-sharded
-    :class:`ParallelSelfAttention` (built by ``from_mha``) behind MHA's call signature, so the
-    model's ``attn(x, x, x, need_weights=False)[0]`` keeps working.
-
-    Self-attention only (``key`` and ``value`` are ``query`` or ``None``); masking is the
-    ``causal`` fixed at conversion (``attn_mask``/``key_padding_mask`` raise, ``is_causal`` must
-    agree). Returns ``(output, None)``: attention weights are never materialized.
-    """
-
-    def forward(  # type: ignore[override]
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor | None = None,
-        value: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, None]:
-        name = type(self).__name__
-        if (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError(f"{name}: self-attention only (key and value must be the query)")
-        if key_padding_mask is not None or attn_mask is not None:
-            raise ValueError(
-                f"{name}: masks are not supported; causal={self.causal} was fixed by the plan's "
-                "'causal' option"
-            )
-        if is_causal and not self.causal:
-            raise ValueError(f"{name}: is_causal=True, but the plan converted it with causal=False")
-        return super().forward(query), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,14 +264,6 @@ def _check_module(entry: _Entry, module: nn.Module, tp: int, problems: list[str]
             )
 
 
-# Which dim of each parameter of a parallel module is sharded over its TP group (None: whole).
-_SHARD_DIMS: dict[type, dict[str, int | None]] = {
-    ColumnParallelLinear: {"weight": 0, "bias": 0},
-    RowParallelLinear: {"weight": 1, "bias": None},
-    VocabParallelEmbedding: {"weight": 0},
-    ColumnParallelConv2d: {"weight": 0, "bias": 0},
-    RowParallelConv2d: {"weight": 1, "bias": None},
-}
 # The same for the single-device module a style turns into that parallel module.
 _STYLE_SHARD_DIMS: dict[str, dict[str, int | None]] = {
     "colwise": {"weight": 0, "bias": 0},
@@ -397,23 +272,6 @@ _STYLE_SHARD_DIMS: dict[str, dict[str, int | None]] = {
     "colwise_conv": {"weight": 0, "bias": 0},
     "rowwise_conv": {"weight": 1, "bias": None},
 }
-
-
-def param_sharding(module: nn.Module, param_name: str) -> tuple[int | None, int, int]:
-    """``(dim, tp_size, tp_rank)``: how ``module``'s own parameter ``param_name`` is held.
-
-    ``dim`` is the tensor dim sharded over the module's TP group (this rank holds
-    ``torch.chunk(full, tp_size, dim)[tp_rank]``), or ``None`` for a parameter held whole (every
-    parameter of a non-parallel module, the row-parallel biases, the norms).
-    """
-    for cls, dims in _SHARD_DIMS.items():
-        if isinstance(module, cls):
-            tp = module.tp_size
-            dim = dims.get(param_name)
-            if dim is None or tp == 1:
-                return None, 1, 0
-            return dim, tp, module.tp_rank
-    return None, 1, 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,68 +441,3 @@ def _tied_groups(
             )
         groups.append(pairs)
     return groups
-
-
-# ---------------------------------------------------------------------------------------------
-# Initialization by name: the same values at every TP size, meta builds included
-# ---------------------------------------------------------------------------------------------
-InitFn = Callable[[str, nn.Module, torch.Size, torch.Generator], torch.Tensor]
-
-
-def draw_seed(seed: int | None = None) -> int:
-    """``seed``, or a fresh one drawn from the global CPU generator (so ``torch.manual_seed``
-    fixes it, also inside ``with torch.device("meta")``): a model's init seed."""
-    return int(torch.randint(0, 2**62, (), device="cpu")) if seed is None else seed
-
-
-def name_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from ``(seed, name)`` (SHA-256: stable across runs and machines)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@torch.no_grad()
-def init_by_name_(model: nn.Module, seed: int, init_fn: InitFn) -> None:
-    """Initialize every parameter from ``(seed, its qualified name)`` alone, keeping local shards.
-
-    For each parameter (a tied one once, under its first name) this draws the *full*,
-    single-device tensor on the CPU with a generator seeded by ``name_seed(seed, name)``::
-
-        full = init_fn(name, module, full_shape, generator)      # CPU, full_shape
-
-    and copies this rank's shard of it (:func:`param_sharding`) into the parameter. The values
-    therefore depend on neither the TP degree nor the construction order nor what was built
-    before: a model parallelized on ``meta``, materialized with ``to_empty`` and initialized here
-    holds exactly the shards of the single-device model initialized here with the same seed. Only
-    one full tensor exists at a time, on the CPU.
-
-    Args:
-        model: the single-device or parallelized model (no ``meta`` parameters left).
-        seed: the model's seed.
-        init_fn: ``(name, module, full_shape, generator) -> tensor`` of ``full_shape``, drawn only
-            from ``generator``; ``module`` is the (possibly parallel) module owning the parameter.
-    """
-    seen: set[int] = set()
-    for mname, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            if param.is_meta:
-                raise ValueError(
-                    f"init_by_name_: {mname}.{pname} is still on the meta device; call "
-                    "model.to_empty(device=...) first"
-                )
-            name = f"{mname}.{pname}" if mname else pname
-            dim, parts, rank = param_sharding(module, pname)
-            shape = list(param.shape)
-            if dim is not None:
-                shape[dim] *= parts
-            gen = torch.Generator().manual_seed(name_seed(seed, name))
-            full = init_fn(name, module, torch.Size(shape), gen)
-            if tuple(full.shape) != tuple(shape):
-                raise ValueError(
-                    f"init_fn returned shape {tuple(full.shape)} for {name}, expected {tuple(shape)}"
-                )
-            local = full if dim is None else full.chunk(parts, dim)[rank]
-            param.copy_(local)

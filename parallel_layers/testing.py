@@ -31,13 +31,14 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DistributedError", "WorkerPool", "WorkerPools", "free_port", "run_distributed"]
+from triton_parallel_layers.parallel_layers.dims import free_port, init_distributed
+
+__all__ = ["DistributedError", "WorkerPool", "WorkerPools", "run_distributed"]
 
 # How long the other ranks get to finish once one rank has failed, before the pool is torn down.
 _FAILURE_GRACE_S = 5.0
@@ -47,13 +48,6 @@ _STARTUP_TIMEOUT_S = 120.0
 
 class DistributedError(RuntimeError):
     """One or more ranks raised; the message holds each failing rank's traceback."""
-
-
-def free_port() -> int:
-    """A TCP port on localhost that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _new_groups_since(known: set) -> list:
@@ -71,8 +65,6 @@ def _worker_main(
     results: mp.Queue,
     num_threads: int,
 ) -> None:
-    import datetime
-
     import torch
     import torch.distributed as dist
 
@@ -86,12 +78,7 @@ def _worker_main(
         LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
-        dist.init_process_group(
-            "gloo",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=300),
-        )
+        init_distributed("cpu", timeout=300)
     except Exception:  # pragma: no cover - reported to the parent
         results.put((None, rank, False, traceback.format_exc()))
         return

@@ -20,14 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel_layers import (
+from triton_parallel_layers.parallel_layers import (
     ColumnParallelLinear,
     ParallelDims,
     RowParallelLinear,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from parallel_layers.comm import gather_from_sequence_parallel
+from triton_parallel_layers.parallel_layers.comm import gather_from_sequence_parallel
 
 
 class TinyLM(nn.Module):

@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import force_backend, interpreter_enabled  # noqa: E402
-from parallel_layers.testing import WorkerPools  # noqa: E402
+from triton_parallel_layers.kernels import force_backend, interpreter_enabled  # noqa: E402
+from triton_parallel_layers.parallel_layers.testing import WorkerPools  # noqa: E402
 
 
 @pytest.fixture

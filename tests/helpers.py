@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kernels import interpreter_enabled
+from triton_parallel_layers.kernels import interpreter_enabled
 
 # For multi-process tests that run a Triton kernel on CPU tensors (the workers are CPU processes).
 needs_interpreter = pytest.mark.skipif(

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import force_backend
-from kernels.attention import (
+from triton_parallel_layers.kernels import force_backend
+from triton_parallel_layers.kernels.attention import (
     FlashAttentionFunction,
     attention_ref,
     attention_ref_with_lse,

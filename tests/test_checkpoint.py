@@ -1,7 +1,7 @@
 """Checkpoints of the trainer on gloo: bit-exact resume, resharding across (pp, tp), atomic saves.
 
 A tiny GPT (2 blocks, E=64, 4 heads, sequences of 32 bytes of the standard library, batch 8) is
-trained through :class:`training.trainer.Trainer` in the shared worker pools:
+trained through :class:`triton_parallel_layers.training.trainer.Trainer` in the shared worker pools:
 
 * a run stopped after step 4 (its last checkpoint: step 3) and resumed reaches the same losses
   at steps 4..6 as the uninterrupted run, bit for bit, at (dp, pp, tp) = (1, 2, 2);
@@ -21,10 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_layers.checkpoint import CheckpointError, find_checkpoint, read_meta
-from training.config import OptimConfig, ParallelConfig, RunConfig
-from training.tasks import GPTTask, GPTTaskConfig
-from training.trainer import Trainer
+from triton_parallel_layers.parallel_layers.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    read_meta,
+)
+from triton_parallel_layers.training.config import OptimConfig, ParallelConfig, RunConfig
+from triton_parallel_layers.training.tasks import GPTTask, GPTTaskConfig
+from triton_parallel_layers.training.trainer import Trainer
 
 TINY = dict(n_layers=2, embed_dim=64, n_heads=4, seq_len=32, data_bytes=200_000,
             eval_batches=1, sample_tokens=0)  # fmt: skip
@@ -188,7 +192,11 @@ def _partly_missing_keys(out) -> str:
     raises the same error, and none waits inside the load for a partner that has left."""
     import torch.distributed as dist
 
-    from parallel_layers.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from triton_parallel_layers.parallel_layers.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     rank = dist.get_rank()
     state = {"model/w": torch.full((4,), float(rank))}
@@ -211,7 +219,7 @@ def test_keys_missing_on_one_rank_fail_on_every_rank(dist_run, tmp_path):
 def test_resaving_a_step_killed_midway_stays_loadable(tmp_path, monkeypatch):
     """A step saved again (a run resumed from an older checkpoint) and cut short at either
     point of the folder swap leaves `latest` on a complete checkpoint with the new values."""
-    import parallel_layers.checkpoint as ckpt
+    import triton_parallel_layers.parallel_layers.checkpoint as ckpt
 
     root = tmp_path / "ckpt"
     ckpt.save_checkpoint(root, 3, {"model/w": torch.zeros(2)}, {"kind": "test"})

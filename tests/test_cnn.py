@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import expect_error, rel_err
-from models.cnn import (
+from triton_parallel_layers.models.cnn import (
     CNN_TP_PLAN,
     SIMPLE_CNN_TP_PLAN,
     CNNConfig,
@@ -23,8 +23,13 @@ from models.cnn import (
     SimpleCNN,
     train_digits,
 )
-from parallel_layers import ColumnParallelConv2d, ParallelDims, RowParallelConv2d, parallelize
-from parallel_layers.parallelize import param_sharding
+from triton_parallel_layers.parallel_layers import (
+    ColumnParallelConv2d,
+    ParallelDims,
+    RowParallelConv2d,
+    parallelize,
+)
+from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
 RTOL = 1e-5
 STEPS = 10
@@ -166,7 +171,7 @@ def test_conv_relu_and_resnet_shapes():
 
 
 def test_seed_cnn_learns_digits():
-    """``python -m models.cnn --train-digits``: over 90% test accuracy, on CPU, in seconds."""
+    """``python -m triton_parallel_layers.models.cnn --train-digits``: over 90% test accuracy, on CPU, in seconds."""
     pytest.importorskip("sklearn", reason="the digits ship with scikit-learn (dev extra)")
     result = train_digits(epochs=3, seed=0)
     print(f"digits: {result}")

@@ -2,7 +2,7 @@
 
 Each worker body below runs on every rank of a gloo group (the ``dist_run`` fixture) and asserts
 there; a failing rank fails the test with its traceback. The references are the plain paths
-(a collective, then ``F.linear``, through ``parallel_layers.comm``'s autograd collectives) and,
+(a collective, then ``F.linear``, through ``triton_parallel_layers.parallel_layers.comm``'s autograd collectives) and,
 for the MLP block, the single-device ``nn.Linear -> GELU -> nn.Linear`` with copied weights.
 Row counts per rank are odd (3, 13) so no tile or chunk boundary lines up by accident.
 """
@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import needs_interpreter
-from kernels import all_gather_matmul, force_backend, matmul_reduce_scatter
-from kernels.collectives import record_comm
-from parallel_layers import ColumnParallelLinear, RowParallelLinear
-from parallel_layers.comm import gather_from_sequence_parallel, reduce_scatter_to_sequence_parallel
+from triton_parallel_layers.kernels import all_gather_matmul, force_backend, matmul_reduce_scatter
+from triton_parallel_layers.kernels.collectives import record_comm
+from triton_parallel_layers.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers.comm import (
+    gather_from_sequence_parallel,
+    reduce_scatter_to_sequence_parallel,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32; the chunked weight gradient sums in another order

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from helpers import assert_close, chunk
-from kernels.collectives import record_comm
-from parallel_layers import comm
+from triton_parallel_layers.kernels.collectives import record_comm
+from triton_parallel_layers.parallel_layers import comm
 
 
 def _full(shape, seed):

@@ -27,9 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers import needs_interpreter
-from kernels import conv as conv_mod
-from kernels import conv2d_bias_relu, force_backend
-from kernels.conv import conv2d_bias_act, conv2d_bias_act_ref, conv2d_bias_relu_ref
+from triton_parallel_layers.kernels import conv as conv_mod
+from triton_parallel_layers.kernels import conv2d_bias_relu, force_backend
+from triton_parallel_layers.kernels.conv import (
+    conv2d_bias_act,
+    conv2d_bias_act_ref,
+    conv2d_bias_relu_ref,
+)
 
 # atol relative to max|reference|, per dtype
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from helpers import assert_close, assert_close_lowp, chunk, expect_error
-from parallel_layers import ParallelDims, vocab_parallel_cross_entropy
+from triton_parallel_layers.parallel_layers import ParallelDims, vocab_parallel_cross_entropy
 
 
 def _loss_case(shape, vocab, ignore_index, label_smoothing, reduction, dtype):
@@ -62,7 +62,7 @@ def _column_parallel_head_case():
     """The intended use: logits from a column-parallel head, never gathered, trained end to end."""
     from torch import nn
 
-    from parallel_layers import ColumnParallelLinear
+    from triton_parallel_layers.parallel_layers import ColumnParallelLinear
 
     dims = ParallelDims(tp=dist.get_world_size())
     torch.manual_seed(3)

@@ -4,8 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import conv2d_bias_relu, flash_attention, force_backend, use_triton
-from kernels._dispatch import kernel_backend
+from triton_parallel_layers.kernels import (
+    conv2d_bias_relu,
+    flash_attention,
+    force_backend,
+    use_triton,
+)
+from triton_parallel_layers.kernels._dispatch import kernel_backend
 
 
 def test_force_backend_nests_and_validates():

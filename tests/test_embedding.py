@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import assert_close, chunk, expect_error
-from parallel_layers import ParallelDims, VocabParallelEmbedding
+from triton_parallel_layers.parallel_layers import ParallelDims, VocabParallelEmbedding
 
 WORLD_SIZES = [1, 2, 4]
 

@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 
 from helpers import expect_error, rel_err
-from kernels.collectives import record_comm
-from models.gpt import GPT, GPT_TP_PLAN, GPTConfig
-from parallel_layers import ParallelDims, parallelize
-from parallel_layers.parallelize import SequenceParallelDropout, param_sharding
+from triton_parallel_layers.kernels.collectives import record_comm
+from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
+from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
+from triton_parallel_layers.parallel_layers.sequence_parallel import SequenceParallelDropout
+from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
 RTOL = 1e-5
 B, S = 2, 16  # S divisible by 4 for sequence parallelism

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel_layers.testing import DistributedError
+from triton_parallel_layers.parallel_layers.testing import DistributedError
 
 
 def _rank_and_sum(offset):

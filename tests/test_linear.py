@@ -16,7 +16,11 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import assert_close, assert_close_lowp, chunk, expect_error
-from parallel_layers import ColumnParallelLinear, ParallelDims, RowParallelLinear
+from triton_parallel_layers.parallel_layers import (
+    ColumnParallelLinear,
+    ParallelDims,
+    RowParallelLinear,
+)
 
 WORLD_SIZES = [1, 2, 4]
 DTYPES = [torch.float32, torch.bfloat16]

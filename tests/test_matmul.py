@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import needs_interpreter
-from kernels import force_backend
-from kernels.matmul import matmul, matmul_ref
+from triton_parallel_layers.kernels import force_backend
+from triton_parallel_layers.kernels.matmul import matmul, matmul_ref
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SHAPES = [(1, 17, 33), (17, 33, 97), (97, 1, 17), (33, 97, 1), (33, 17, 64)]  # (M, N, K)

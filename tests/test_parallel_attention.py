@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import assert_close, chunk, expect_error, needs_interpreter
-from kernels import force_backend, use_triton
-from parallel_layers import ParallelDims, ParallelSelfAttention
+from triton_parallel_layers.kernels import force_backend, use_triton
+from triton_parallel_layers.parallel_layers import ParallelDims, ParallelSelfAttention
 
 B, S = 2, 12  # S divisible by 4 for sequence parallelism
 

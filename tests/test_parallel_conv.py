@@ -11,8 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_close, chunk, expect_error, needs_interpreter
-from kernels import force_backend, use_triton
-from parallel_layers import ColumnParallelConv2d, ParallelDims, RowParallelConv2d
+from triton_parallel_layers.kernels import force_backend, use_triton
+from triton_parallel_layers.parallel_layers import (
+    ColumnParallelConv2d,
+    ParallelDims,
+    RowParallelConv2d,
+)
 
 
 def _block_case(c_in, c_mid, c_out, k1, k2, stride, padding, channels_last, backend):

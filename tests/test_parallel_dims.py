@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 
 from helpers import expect_error
-from parallel_layers import ParallelDims
+from triton_parallel_layers.parallel_layers import ParallelDims
 
 
 def _layout_case(dp, pp, tp):

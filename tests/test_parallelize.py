@@ -10,19 +10,17 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import assert_close, chunk, expect_error
-from parallel_layers import (
+from triton_parallel_layers.parallel_layers import (
     ColumnParallelLinear,
     ParallelDims,
     ParallelSelfAttention,
     RowParallelLinear,
     parallelize,
 )
-from parallel_layers.parallelize import (
-    SequenceParallelLayerNorm,
-    init_by_name_,
-    match_plan,
-    param_sharding,
-)
+from triton_parallel_layers.parallel_layers.init import init_by_name_
+from triton_parallel_layers.parallel_layers.parallelize import match_plan
+from triton_parallel_layers.parallel_layers.sequence_parallel import SequenceParallelLayerNorm
+from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
 
 def _mlp() -> nn.Sequential:

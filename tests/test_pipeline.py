@@ -8,7 +8,7 @@ rank holds (its TP shard of the single-device parameter). fp32; tolerance normwi
 ``max|ours - ref| <= RTOL * max|ref|`` with ``RTOL = 1e-5`` (measured: a few 1e-7; the
 difference is the order in which the microbatches' gradient contributions are summed).
 
-Bubble fractions are measured on stages of :class:`~parallel_layers.pipeline.TimedLayer`, whose
+Bubble fractions are measured on stages of :class:`~triton_parallel_layers.parallel_layers.pipeline.TimedLayer`, whose
 passes take a fixed wall time (a sleep), so four processes on a two-core machine behave like four
 devices: the measured idle time is the schedule's, not CPU contention.
 """
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import expect_error, rel_err
-from kernels.collectives import record_comm
-from parallel_layers import ColumnParallelLinear, ParallelDims
-from parallel_layers.parallelize import parallelize, param_sharding
-from parallel_layers.pipeline import (
+from triton_parallel_layers.kernels.collectives import record_comm
+from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelDims
+from triton_parallel_layers.parallel_layers.parallelize import parallelize
+from triton_parallel_layers.parallel_layers.pipeline import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
@@ -40,6 +40,7 @@ from parallel_layers.pipeline import (
     pipeline_parameters,
     render_ascii,
 )
+from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
 RTOL = 1e-5
 STEPS = 5
@@ -92,11 +93,11 @@ def _build(name: str, tp_group: dist.ProcessGroup | None = None) -> nn.Module:
         return _small_cnn()
     torch.manual_seed(0)
     if name == "gpt":
-        from models.gpt import GPT, GPT_TP_PLAN, GPTConfig
+        from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 
         model, plan = GPT(GPTConfig(**GPT_CFG)), GPT_TP_PLAN
     else:
-        from models.cnn import CNN_TP_PLAN, CNNConfig, ResNetCNN
+        from triton_parallel_layers.models.cnn import CNN_TP_PLAN, CNNConfig, ResNetCNN
 
         model, plan = ResNetCNN(CNNConfig(**CNN_CFG)), CNN_TP_PLAN
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
@@ -223,7 +224,11 @@ def test_mlp_and_shape_changing_cnn_parity(dist_run, pp):
 def test_model_parity_every_schedule(dist_run, name, pp):
     """The GPT and the deep ResNet-style CNN (models/), 5 steps, pp = 2 and 4, every schedule
     (interleaved with 2 chunks per rank): the single-device losses and parameters."""
-    pytest.importorskip("models.gpt" if name == "gpt" else "models.cnn")
+    pytest.importorskip(
+        "triton_parallel_layers.models.gpt"
+        if name == "gpt"
+        else "triton_parallel_layers.models.cnn"
+    )
     _check(dist_run(pp, _parity, name, SCHEDULES, 4, timeout=300), f"{name} pp={pp}")
 
 
@@ -235,7 +240,7 @@ def test_hybrid_dp_pp_tp_222(dist_run):
     """(dp, pp, tp) = (2, 2, 2) on 8 processes: GPT and deep CNN under every schedule match one
     device; DDP reduces gradients once per step (one bucket all-reduce per DDP-wrapped chunk,
     not one per microbatch)."""
-    pytest.importorskip("models.gpt")
+    pytest.importorskip("triton_parallel_layers.models.gpt")
     for name in ("gpt", "cnn"):
         results = dist_run(8, _hybrid, name, timeout=600)
         _check(results, f"{name} (2,2,2)")
@@ -412,7 +417,7 @@ def test_render_schedules():
 def test_deferred_linear_under_autocast_matches_nn_linear():
     """Forward under bf16 autocast, backward outside it (PyTorch's recommended pattern), weight
     gradient deferred to a W pass: the same numbers as nn.Linear under autocast."""
-    from parallel_layers.pipeline.weight_grad import (
+    from triton_parallel_layers.parallel_layers.weight_grad import (
         WeightGradStore,
         deferrable_linear,
         split_weight_grad,

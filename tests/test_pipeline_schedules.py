@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import expect_error
-from parallel_layers import ColumnParallelLinear, RowParallelLinear
-from parallel_layers.pipeline import (
+from triton_parallel_layers.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers.pipeline import (
     SCHEDULES,
     PipelineStage,
     ScheduleInterleaved1F1B,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from training.trainer import main
+from triton_parallel_layers.training.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_TINY = ["--n-layers", "2", "--embed-dim", "64", "--n-heads", "4", "--seq-len", "32",

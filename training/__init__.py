@@ -13,5 +13,5 @@ module         holds
 ``report``     progress bar, ``metrics.jsonl``, ``loss.png``, the final summary
 =============  ===========================================================================
 
-Checkpoints are :mod:`parallel_layers.checkpoint`'s (resharding, atomic).
+Checkpoints are :mod:`triton_parallel_layers.parallel_layers.checkpoint`'s (resharding, atomic).
 """

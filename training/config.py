@@ -2,7 +2,7 @@
 
 Every field of a config dataclass is a command-line flag (``n_layers`` -> ``--n-layers``); its type
 gives the parser (``bool`` fields become ``--flag/--no-flag``) and the docstring under the field
-its help text. ``__post_init__`` validates what one config can check alone; :mod:`training.tasks`
+its help text. ``__post_init__`` validates what one config can check alone; :mod:`triton_parallel_layers.training.tasks`
 checks the layout against the model and the world size, before anything distributed is built.
 
 A field whose default is ``None`` takes its value from the model preset (``--model tiny``) or
@@ -88,7 +88,7 @@ class ParallelConfig:
         if self.pp == 1 and self.chunks != 1:
             raise ValueError(f"--chunks={self.chunks} needs pp > 1 (chunks are pipeline stages)")
         if self.pp > 1:
-            from parallel_layers.pipeline import get_schedule
+            from triton_parallel_layers.parallel_layers.pipeline import get_schedule
 
             get_schedule(self.schedule).check(self.pp, self.microbatches, self.chunks)
 
@@ -250,7 +250,9 @@ def build_parser(description: str, groups: dict[str, type]) -> argparse.Argument
             flag = "--" + f.name.replace("_", "-")
             base, _ = _base_type(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
-            kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": docs.get(f.name)}
+            # argparse %-formats help texts: a literal % in a field's doc must reach it as %%.
+            help_text = (docs.get(f.name) or "").replace("%", "%%") or None
+            kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
             if base is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:

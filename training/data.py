@@ -5,7 +5,7 @@ resharded) run sees exactly the batches the uninterrupted one would.
   Test folders are left out; about one file in twenty (chosen by a hash of its path) is held out
   for validation.
 * :class:`DigitsData`: scikit-learn's bundled handwritten digits, upsampled to 28x28
-  (:func:`models.data.load_digits_28`), epochs of shuffled batches.
+  (:func:`triton_parallel_layers.models.data.load_digits_28`), epochs of shuffled batches.
 
 **Data position.** A batch is a pure function of ``(seed, step)``: the GPT's batch ``k`` is
 ``batch_size`` windows at offsets drawn from a generator seeded by ``(seed, k)``; the CNN's is slice
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from parallel_layers.parallelize import name_seed
+from triton_parallel_layers.parallel_layers.init import name_seed
 
 __all__ = ["ByteCorpus", "DigitsData", "dp_slice", "load_stdlib_corpus"]
 
@@ -123,7 +123,7 @@ class DigitsData:
     shuffled batches (the last incomplete batch of an epoch is dropped)."""
 
     def __init__(self, batch_size: int, *, seed: int = 0) -> None:
-        from models.data import load_digits_28
+        from triton_parallel_layers.models.data import load_digits_28
 
         self.x_train, self.y_train, self.x_test, self.y_test = load_digits_28(seed=0)
         self.batch_size = batch_size

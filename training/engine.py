@@ -2,15 +2,15 @@
 
 :func:`build_engine` turns a single-device model (built on ``meta``) into what this rank runs:
 
-1. :func:`parallel_layers.parallelize` by the model's TP plan (still on ``meta``);
+1. :func:`triton_parallel_layers.parallel_layers.parallelize` by the model's TP plan (still on ``meta``);
 2. the layer sequence (``model.pipeline_layers()``) cut into ``pp * chunks`` stages by parameter
-   count (:func:`parallel_layers.pipeline.partition_layers`); this rank keeps its stages;
+   count (:func:`triton_parallel_layers.parallel_layers.pipeline.partition_layers`); this rank keeps its stages;
 3. the model is materialized (``to_empty``) and initialized from ``(seed, parameter name)``
    (``model.init_weights()``), so every layout starts from the shards of the same single-device
    model; then the layers of other stages are released back to ``meta``;
 4. the step: **pp = 1** a plain step (DDP over ``dp`` when ``dp > 1``; ``microbatches`` is gradient
    accumulation under ``no_sync``); **pp > 1** the pipeline schedule
-   (:mod:`parallel_layers.pipeline`) over :func:`~parallel_layers.pipeline.build_stages`' stages,
+   (:mod:`triton_parallel_layers.parallel_layers.pipeline`) over :func:`~triton_parallel_layers.parallel_layers.pipeline.build_stages`' stages,
    which wrap each stage in DDP over ``dp``.
 
 Both steps are behind one seam, :meth:`Engine.train_step` (forward + backward of the global
@@ -20,7 +20,7 @@ batch's share of this dp replica; the optimizer is the trainer's), and :meth:`En
 **Tied embeddings across stages.** A GPT with ``tie_embeddings`` uses ``embed.tok.weight`` in the
 first stage and as ``head.proj.weight`` in the last one. With ``pp > 1`` each rank keeps its own
 copy (same values), and the pipeline schedule sums the copies' gradients over the ``pp`` group
-after each backward (:class:`parallel_layers.pipeline.stage.SharedParameters`), so both take the
+after each backward (:class:`triton_parallel_layers.parallel_layers.pipeline.stage.SharedParameters`), so both take the
 same optimizer step and stay equal. Checkpoints save (and load) every copy under the first name,
 ``embed.tok.weight``; the gradient norm counts it once.
 """
@@ -36,12 +36,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kernels.collectives import all_gather
-from parallel_layers import ParallelDims, parallelize
-from parallel_layers.checkpoint import ShardedParam, sharded_params
-from parallel_layers.pipeline import build_stages, get_schedule, partition_layers
-from parallel_layers.pipeline.p2p import MAX_DIMS, decode_meta, encode_meta
-from training.config import ParallelConfig
+from triton_parallel_layers.kernels.collectives import all_gather
+from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
+from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
+from triton_parallel_layers.parallel_layers.pipeline import (
+    build_stages,
+    get_schedule,
+    partition_layers,
+)
+from triton_parallel_layers.parallel_layers.pipeline.p2p import MAX_DIMS, decode_meta, encode_meta
+from triton_parallel_layers.training.config import ParallelConfig
 
 __all__ = ["Engine", "build_engine", "canonical_names"]
 

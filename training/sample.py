@@ -18,18 +18,29 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from parallel_layers.checkpoint import (
+from triton_parallel_layers.parallel_layers.checkpoint import (
     CheckpointError,
     find_checkpoint,
     load_checkpoint,
     model_state,
     read_meta,
 )
-from parallel_layers.dims import ParallelDims, env_world_size
-from training.config import DTYPES, ParallelConfig, RunConfig, build_parser, from_args
-from training.engine import build_engine
-from training.tasks import GPTTask, GPTTaskConfig, sample_text
-from training.trainer import FORMAT, KNOWN_ERRORS, _init_distributed, _one_line
+from triton_parallel_layers.parallel_layers.dims import (
+    ParallelDims,
+    env_world_size,
+    init_distributed,
+)
+from triton_parallel_layers.training.cli import KNOWN_ERRORS, one_line_error
+from triton_parallel_layers.training.config import (
+    DTYPES,
+    ParallelConfig,
+    RunConfig,
+    build_parser,
+    from_args,
+)
+from triton_parallel_layers.training.engine import build_engine
+from triton_parallel_layers.training.tasks import GPTTask, GPTTaskConfig, sample_text
+from triton_parallel_layers.training.trainer import FORMAT
 
 __all__ = ["SampleConfig", "main"]
 
@@ -76,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = read_meta(path)
         if meta.get("format") != FORMAT or meta.get("model", {}).get("kind") != "gpt":
             raise CheckpointError(f"{path} is not a GPT checkpoint of scripts/train_gpt.py")
-        from models.gpt import GPTConfig
+        from triton_parallel_layers.models.gpt import GPTConfig
 
         config = GPTConfig(**meta["model"]["config"])
         task = GPTTask(
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         task.config = config
         task.validate(parallel, env_world_size())
-        created = _init_distributed(600.0)
+        created = init_distributed(timeout=600.0)
         rank = dist.get_rank()
         dims = ParallelDims(dp=parallel.dp, pp=parallel.pp, tp=parallel.tp)
         dtype = (
@@ -116,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (*KNOWN_ERRORS, CheckpointException) as e:
         if rank == 0:
-            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+            print(f"error: {one_line_error(e)}", file=sys.stderr, flush=True)
         return 1
     finally:
         if created and dist.is_initialized():

@@ -1,9 +1,9 @@
 """What the trainer trains: a task is a model, its presets, its data and its evaluation.
 
-* :class:`GPTTask`: :class:`models.gpt.GPT` as a byte-level language model on the Python standard
-  library's sources (:func:`training.data.load_stdlib_corpus`); evaluation is the validation loss
+* :class:`GPTTask`: :class:`triton_parallel_layers.models.gpt.GPT` as a byte-level language model on the Python standard
+  library's sources (:func:`triton_parallel_layers.training.data.load_stdlib_corpus`); evaluation is the validation loss
   (nats per byte); at the end a text sample.
-* :class:`CNNTask`: :class:`models.cnn.ResNetCNN` on scikit-learn's digits at 28x28; evaluation is
+* :class:`CNNTask`: :class:`triton_parallel_layers.models.cnn.ResNetCNN` on scikit-learn's digits at 28x28; evaluation is
   the test accuracy.
 
 Each task checks its layout against the model before anything distributed is built
@@ -19,8 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from training.config import ParallelConfig, RunConfig
-from training.data import ByteCorpus, DigitsData, dp_slice, load_stdlib_corpus
+from triton_parallel_layers.training.config import ParallelConfig, RunConfig
+from triton_parallel_layers.training.data import (
+    ByteCorpus,
+    DigitsData,
+    dp_slice,
+    load_stdlib_corpus,
+)
 
 __all__ = ["CNN_PRESETS", "CNNTask", "CNNTaskConfig", "GPT_PRESETS", "GPTTask", "GPTTaskConfig"]
 
@@ -89,13 +94,13 @@ class GPTTaskConfig:
 
 
 class GPTTask:
-    """Byte-level language modelling of Python sources with :class:`models.gpt.GPT`."""
+    """Byte-level language modelling of Python sources with :class:`triton_parallel_layers.models.gpt.GPT`."""
 
     kind = "gpt"
     unit = "tok"
 
     def __init__(self, cfg: GPTTaskConfig, run: RunConfig) -> None:
-        from models.gpt import GPT_TP_PLAN, GPTConfig
+        from triton_parallel_layers.models.gpt import GPT_TP_PLAN, GPTConfig
 
         preset = GPT_PRESETS[cfg.model]
         self.cfg = cfg
@@ -146,7 +151,7 @@ class GPTTask:
             raise ValueError("; ".join(problems))
 
     def build_model(self):
-        from models.gpt import GPT
+        from triton_parallel_layers.models.gpt import GPT
 
         return GPT(self.config, seed=self.seed)
 
@@ -250,7 +255,7 @@ def sample_text(
 # ResNet-style CNN on the digits
 # ---------------------------------------------------------------------------------------------
 CNN_PRESETS: dict[str, dict] = {
-    # no batch norm (see models.cnn): a high Adam learning rate gets it going
+    # no batch norm (see triton_parallel_layers.models.cnn): a high Adam learning rate gets it going
     "tiny": dict(width=16, num_stages=2, blocks_per_stage=1, batch_size=64, lr=3e-2, epochs=20),
     "resnet": dict(width=32, num_stages=3, blocks_per_stage=2, batch_size=64, lr=2e-2, epochs=20),
 }
@@ -277,13 +282,13 @@ class CNNTaskConfig:
 
 
 class CNNTask:
-    """Digit classification with :class:`models.cnn.ResNetCNN`."""
+    """Digit classification with :class:`triton_parallel_layers.models.cnn.ResNetCNN`."""
 
     kind = "cnn"
     unit = "img"
 
     def __init__(self, cfg: CNNTaskConfig, run: RunConfig) -> None:
-        from models.cnn import CNN_TP_PLAN, CNNConfig
+        from triton_parallel_layers.models.cnn import CNN_TP_PLAN, CNNConfig
 
         preset = CNN_PRESETS[cfg.model]
         self.cfg = cfg
@@ -323,7 +328,7 @@ class CNNTask:
             raise ValueError("; ".join(problems))
 
     def build_model(self):
-        from models.cnn import ResNetCNN
+        from triton_parallel_layers.models.cnn import ResNetCNN
 
         return ResNetCNN(self.config, seed=self.seed)
 

@@ -1,37 +1,27 @@
-"""The training loop shared by ``scripts/train_gpt.py`` and ``scripts/train_cnn.py``.
+"""The training loop shared by ``scripts/train_gpt.py`` and ``scripts/train_cnn.py``; their
+command-line entry (flags, checks before any process group, one-line errors) is
+:mod:`triton_parallel_layers.training.cli`.
 
-One run, on every rank::
-
-    main(argv)                          # parse flags into the config dataclasses
-      task.validate(layout, world)      # before any process group: one-line errors
-      check the --resume checkpoint     # meta.json: same model? same optimizer?
-      init the process group            # nccl on CUDA (one GPU per local rank), gloo on CPU
-      Trainer.setup()                   # ParallelDims, build_engine, optimizer, load checkpoint
-      Trainer.fit()                     # steps, evaluation, checkpoints, progress; summary
+``Trainer.setup()`` builds ``ParallelDims``, the engine, the optimizer and loads a checkpoint;
+``Trainer.fit()`` runs the steps, evaluation, checkpoints and progress, then the summary.
 
 A step: the learning rate of the schedule at this step; this rank's rows of the global batch
-(:mod:`training.data`); :meth:`training.engine.Engine.train_step` (plain or pipelined);
+(:mod:`triton_parallel_layers.training.data`); :meth:`triton_parallel_layers.training.engine.Engine.train_step` (plain or pipelined);
 the global gradient norm clipped; the optimizer step; the loss averaged over ``dp``.
 
-**Checkpoints** (:mod:`parallel_layers.checkpoint`) hold the model and optimizer state under
+**Checkpoints** (:mod:`triton_parallel_layers.parallel_layers.checkpoint`) hold the model and optimizer state under
 single-device names (DTensors over the TP mesh, so any layout loads them), each rank's RNG state
 (``rng/rank<r>/...``, restored only at the same layout), and in ``meta.json`` the step (which is the
 data position: batches are addressed by step), the LR schedule's state, the optimizer's
 hyperparameters, the model's description and the layout. ``--resume`` at the same layout continues
 bit for bit; at another layout it continues from the same weights and optimizer moments.
 
-**Errors.** Known error types (bad flags, a layout that does not fit, a missing, corrupt or
-foreign checkpoint, a missing optional package, a diverged loss) end the run with one line on
-rank 0 (``error: ...``) and exit status 1 on every rank.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,11 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
-from parallel_layers.checkpoint import (
-    CheckpointError,
-    failure_summary,
+from triton_parallel_layers.parallel_layers.checkpoint import (
     find_checkpoint,
     init_optimizer_state_,
     load_checkpoint,
@@ -53,12 +40,15 @@ from parallel_layers.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from parallel_layers.dims import ParallelDims, env_world_size
-from parallel_layers.parallelize import name_seed
-from parallel_layers.testing import free_port
-from training.config import OptimConfig, ParallelConfig, RunConfig, build_parser, from_args
-from training.engine import Engine, build_engine
-from training.report import (
+from triton_parallel_layers.parallel_layers.dims import ParallelDims
+from triton_parallel_layers.parallel_layers.init import name_seed
+from triton_parallel_layers.training.config import (
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+)
+from triton_parallel_layers.training.engine import Engine, build_engine
+from triton_parallel_layers.training.report import (
     Reporter,
     format_summary,
     gather_peak_memory,
@@ -66,10 +56,9 @@ from training.report import (
     plot_metrics,
 )
 
-__all__ = ["FORMAT", "LRSchedule", "Trainer", "check_resume", "main", "run_main"]
+__all__ = ["FORMAT", "LRSchedule", "Trainer"]
 
 FORMAT = "triton-parallel-layers/train-v1"
-KNOWN_ERRORS = (ValueError, TypeError, OSError, ImportError, FloatingPointError, CheckpointError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +191,7 @@ class Trainer:
         return keys
 
     def state_dict(self, *, optimizer: bool = True, rng: bool = True) -> dict[str, Any]:
-        """This rank's checkpoint entries (see :mod:`parallel_layers.checkpoint`)."""
+        """This rank's checkpoint entries (see :mod:`triton_parallel_layers.parallel_layers.checkpoint`)."""
         mesh = self.dims.tp_mesh
         state: dict[str, Any] = model_state(self.engine.params, mesh)
         if optimizer:
@@ -453,144 +442,4 @@ def _move_aside_previous_run(out: Path) -> None:
     print(
         f"note: moved the previous run in {out} to {dest} (pass --resume to continue a run)",
         flush=True,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
-def check_resume(resume: str, out: Path, task, optim: OptimConfig) -> tuple[Path, dict]:
-    """Find the checkpoint ``--resume`` names and check it fits this run; no process group
-    needed, so every rank fails alike, before anything distributed exists."""
-    where = out / "checkpoints" if resume == "latest" else Path(resume)
-    if resume == "latest" and not where.exists():
-        raise CheckpointError(f"nothing to resume: no checkpoints in {where}")
-    path = find_checkpoint(where)
-    meta = read_meta(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not a checkpoint of this trainer (format {meta.get('format')!r})"
-        )
-    mine, theirs = task.model_meta(), meta.get("model", {})
-    if theirs.get("kind") != mine["kind"]:
-        raise CheckpointError(
-            f"{path} holds a {theirs.get('kind')} model, this run trains a {mine['kind']}"
-        )
-    if theirs.get("config") != mine["config"]:
-        diff = [
-            f"{k}={theirs['config'].get(k)!r} (here {v!r})"
-            for k, v in mine["config"].items()
-            if theirs.get("config", {}).get(k) != v
-        ]
-        raise CheckpointError(
-            f"{path} holds another {mine['kind']}: {', '.join(diff[:4])}; pass the same model flags"
-        )
-    saved_opt = meta.get("optimizer", {}).get("name")
-    if saved_opt != optim.optimizer:
-        raise CheckpointError(
-            f"{path} was saved with --optimizer {saved_opt}, this run uses {optim.optimizer}"
-        )
-    return path, meta
-
-
-def _init_distributed(timeout: float) -> bool:
-    """Join (or, run without torchrun, make) the process group; ``True`` if this call made it."""
-    if dist.is_initialized():
-        return False
-    if "RANK" not in os.environ:  # plain `python scripts/...`: a world of one
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-        )  # fmt: skip
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    return True
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, CheckpointException):
-        return f"checkpoint failure ({failure_summary(e)})"
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, ImportError | OSError | FloatingPointError | TypeError):
-        text = f"{type(e).__name__}: {text}" if not isinstance(e, CheckpointError) else text
-    return text
-
-
-def run_main(
-    description: str,
-    task_cls: type,
-    task_cfg_cls: type,
-    argv: list[str] | None = None,
-    *,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> int:
-    """Parse flags, validate, train; returns the exit status (0, or 1 after a one-line error on
-    rank 0). ``argv`` defaults to ``sys.argv[1:]``."""
-    parser = build_parser(
-        description,
-        {
-            "parallel layout": ParallelConfig,
-            "model and data": task_cfg_cls,
-            "optimizer": OptimConfig,
-            "run": RunConfig,
-        },
-    )
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    created = False
-    try:
-        parallel = from_args(args, ParallelConfig)
-        task_cfg = from_args(args, task_cfg_cls)
-        optim = from_args(args, OptimConfig)
-        run = from_args(args, RunConfig)
-        task = task_cls(task_cfg, run)
-        task.validate(parallel, env_world_size())
-        out = Path(run.out or f"runs/{task.name}")
-        resume = meta = None
-        if run.eval_only and run.resume is None:
-            raise ValueError("--eval-only needs --resume (the checkpoint to evaluate)")
-        if run.resume is not None:
-            resume, meta = check_resume(run.resume, out, task, optim)
-        data_info = task.load_data()
-        created = _init_distributed(run.timeout)
-        rank = dist.get_rank()
-        trainer = Trainer(task, parallel, optim, run, resume, meta, on_step, data_info)
-        trainer.setup()
-        trainer.fit()
-        return 0
-    except (*KNOWN_ERRORS, CheckpointException) as e:
-        if rank == 0:
-            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        if rank == 0:
-            print("interrupted", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        if created and dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
-
-
-def main(kind: str, argv: list[str] | None = None) -> int:
-    """``main("gpt")`` / ``main("cnn")``: the two training scripts."""
-    from training.tasks import CNNTask, CNNTaskConfig, GPTTask, GPTTaskConfig
-
-    if kind == "gpt":
-        return run_main(
-            "Train the GPT (byte-level) on the Python standard library's sources, at any "
-            "(dp, pp, tp) under torchrun.",
-            GPTTask,
-            GPTTaskConfig,
-            argv,
-        )
-    return run_main(
-        "Train the ResNet-style CNN on scikit-learn's digits, at any (dp, pp, tp) under torchrun.",
-        CNNTask,
-        CNNTaskConfig,
-        argv,
     )

@@ -32,7 +32,7 @@ A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed
     optimizer.step(); optimizer.zero_grad()
 """
 
-from parallel_layers.pipeline.actions import (
+from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
     gpipe_actions,
     ideal_bubble_fraction,
@@ -42,9 +42,13 @@ from parallel_layers.pipeline.actions import (
     validate_actions,
     zb_h1_actions,
 )
-from parallel_layers.pipeline.p2p import StageTransport
-from parallel_layers.pipeline.partition import Partition, layer_costs, partition_layers
-from parallel_layers.pipeline.schedules import (
+from triton_parallel_layers.parallel_layers.pipeline.p2p import StageTransport
+from triton_parallel_layers.parallel_layers.pipeline.partition import (
+    Partition,
+    layer_costs,
+    partition_layers,
+)
+from triton_parallel_layers.parallel_layers.pipeline.schedules import (
     SCHEDULES,
     PipelineSchedule,
     Schedule1F1B,
@@ -53,14 +57,14 @@ from parallel_layers.pipeline.schedules import (
     ScheduleZBH1,
     get_schedule,
 )
-from parallel_layers.pipeline.stage import (
+from triton_parallel_layers.parallel_layers.pipeline.stage import (
     PipelineStage,
     SharedParameters,
     build_stages,
     pipeline_parameters,
 )
-from parallel_layers.pipeline.synthetic import TimedLayer
-from parallel_layers.pipeline.timeline import (
+from triton_parallel_layers.parallel_layers.pipeline.synthetic import TimedLayer
+from triton_parallel_layers.parallel_layers.pipeline.timeline import (
     ActivationMemoryTracker,
     Event,
     Timeline,
@@ -69,7 +73,7 @@ from parallel_layers.pipeline.timeline import (
     render_ascii,
     render_png,
 )
-from parallel_layers.pipeline.weight_grad import (
+from triton_parallel_layers.parallel_layers.weight_grad import (
     WeightGradStore,
     defer_weight_grad,
     deferrable_linear,

@@ -1,7 +1,7 @@
 """Pipeline schedules as explicit per-rank action lists, and a simulator that checks and times them.
 
 A schedule here is data: for each pipeline rank, the ordered list of :class:`Action` s it runs in
-one training step. One executor (:mod:`parallel_layers.pipeline.schedules`) runs any such list, and
+one training step. One executor (:mod:`triton_parallel_layers.parallel_layers.pipeline.schedules`) runs any such list, and
 the same lists feed the renderer and the ideal bubble fraction, so what is drawn in the docs is
 what runs.
 
@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from parallel_layers.utils import check_positive_int
+from triton_parallel_layers.parallel_layers.utils import check_positive_int
 
 __all__ = [
     "Action",

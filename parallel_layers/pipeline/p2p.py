@@ -35,7 +35,7 @@ gradient of that activation comes back, or when the receiver has provably moved 
 waiting then costs nothing), and :meth:`StageTransport.finish` waits for the rest at the end of
 the step.
 
-Every byte sent is recorded in the active :func:`kernels.collectives.record_comm` ledger as
+Every byte sent is recorded in the active :func:`triton_parallel_layers.kernels.collectives.record_comm` ledger as
 ``"send"``.
 """
 
@@ -46,7 +46,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from kernels.collectives import group_rank, group_size, record
+from triton_parallel_layers.kernels.collectives import group_rank, group_size, record
 
 __all__ = ["MAX_DIMS", "PendingRecv", "StageTransport", "decode_meta", "encode_meta"]
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel_layers.utils import check_positive_int
+from triton_parallel_layers.parallel_layers.utils import check_positive_int
 
 __all__ = ["Partition", "layer_costs", "partition_layers"]
 

@@ -43,8 +43,8 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from kernels.collectives import group_rank
-from parallel_layers.pipeline.actions import (
+from triton_parallel_layers.kernels.collectives import group_rank
+from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
     check_interleaved,
     gpipe_actions,
@@ -53,11 +53,15 @@ from parallel_layers.pipeline.actions import (
     simulate,
     zb_h1_actions,
 )
-from parallel_layers.pipeline.p2p import PendingRecv, StageTransport
-from parallel_layers.pipeline.stage import PipelineStage
-from parallel_layers.pipeline.timeline import ActivationMemoryTracker, Timeline, render_ascii
-from parallel_layers.pipeline.weight_grad import WeightGradStore, split_weight_grad
-from parallel_layers.utils import check_positive_int
+from triton_parallel_layers.parallel_layers.pipeline.p2p import PendingRecv, StageTransport
+from triton_parallel_layers.parallel_layers.pipeline.stage import PipelineStage
+from triton_parallel_layers.parallel_layers.pipeline.timeline import (
+    ActivationMemoryTracker,
+    Timeline,
+    render_ascii,
+)
+from triton_parallel_layers.parallel_layers.utils import check_positive_int
+from triton_parallel_layers.parallel_layers.weight_grad import WeightGradStore, split_weight_grad
 
 __all__ = [
     "SCHEDULES",

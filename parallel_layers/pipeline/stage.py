@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kernels.collectives import all_reduce, group_rank, group_size
-from parallel_layers.pipeline.partition import Partition
+from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
+from triton_parallel_layers.parallel_layers.pipeline.partition import Partition
 
 __all__ = ["PipelineStage", "SharedParameters", "build_stages", "pipeline_parameters"]
 

@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from parallel_layers.pipeline.weight_grad import defer_weight_grad, splitting
+from triton_parallel_layers.parallel_layers.weight_grad import defer_weight_grad, splitting
 
 __all__ = ["TimedLayer"]
 

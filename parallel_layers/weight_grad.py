@@ -18,7 +18,7 @@ outside a pipeline still trains correctly.
 Other parameters (norms, embeddings, convolutions) keep their gradients in the ``B`` pass: correct,
 just not deferred. :func:`defer_weight_grad` lets any custom Function join in the same way.
 
-The state is two module-level stacks (like :func:`kernels.collectives.record_comm`'s ledgers, and
+The state is two module-level stacks (like :func:`triton_parallel_layers.kernels.collectives.record_comm`'s ledgers, and
 unlike a thread-local, visible to autograd's device threads); no process group is kept here.
 """
 
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import autocast_inputs, autocast_off
+from triton_parallel_layers.kernels._dispatch import autocast_inputs, autocast_off
 
 __all__ = [
     "WeightGradStore",
