@@ -155,7 +155,7 @@ def layer_costs(
     return costs
 
 
-def _balanced_bounds(costs: Sequence[float], k: int) -> list[tuple[int, int]]:
+def balanced_bounds(costs: Sequence[float], k: int) -> list[tuple[int, int]]:
     """Contiguous cut of ``costs`` into ``k`` non-empty slices minimizing (max, sum of squares)."""
     n = len(costs)
     prefix = [0.0]
@@ -235,6 +235,6 @@ def partition_layers(
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS} or a list of layer counts")
     costs = layer_costs(layers, method, sample_input=sample_input, group=group)
-    bounds = _balanced_bounds(costs, num_stages)
+    bounds = balanced_bounds(costs, num_stages)
     stage_costs = tuple(float(sum(costs[a:b])) for a, b in bounds)
     return Partition(tuple(bounds), stage_costs, method, names)
