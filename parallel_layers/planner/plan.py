@@ -13,6 +13,7 @@ divisors are tried and the long pipelines are costed in closed form.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -211,18 +212,31 @@ def plan_parallelism(
             f"raise the memory limit to that, use more ranks, or try fsdp=(True,) or "
             f"recompute=(True,)"
         )
-    near = [
-        n
-        for n in sorted(
-            range(max(1, world_size - 8), world_size + 9), key=lambda n: abs(n - world_size)
-        )
-        if n != world_size and _has_layout(model_profile, hw, n, global_batch)
-    ][:4]
+    below = next(
+        (
+            n
+            for n in range(world_size - 1, 0, -1)
+            if _has_layout(model_profile, hw, n, global_batch)
+        ),
+        None,
+    )
+    above = next(
+        (n for n in range(world_size + 1, 2 * world_size + 1)
+         if _has_layout(model_profile, hw, n, global_batch)),
+        None,
+    )  # fmt: skip
+    nearest = ", ".join(
+        f"{n} ({side})" for n, side in ((below, "fewer ranks"), (above, "more ranks")) if n
+    )
+    # One example of each kind of reason (the same text up to its numbers).
+    kinds: dict[str, str] = {}
+    for _, reason in rejected:
+        kinds.setdefault(re.sub(r"\d+", "N", reason), reason)
+    reasons = list(kinds.values())
     raise ValueError(
         f"plan_parallelism: no (dp, pp, tp) layout of world size {world_size} fits the model and "
-        f"global batch {global_batch} ({result.rejection_summary()}; e.g. "
-        f"{rejected[0][1] if rejected else 'no candidates'}); world sizes that have layouts: "
-        f"{sorted(near) or 'none nearby'}"
+        f"global batch {global_batch}: {'; '.join(reasons) or 'no candidates'}; the nearest "
+        f"world sizes with layouts: {nearest or 'none'}"
     )
 
 

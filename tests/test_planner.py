@@ -1,0 +1,172 @@
+"""The planner: the model profile against analytic counts, the cost model's closed forms against
+the pipeline simulator, the plan's ranking and errors, and Narayanan et al. 2021's Table 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from triton_parallel_layers.models.cnn import CNN_TP_PLAN, CNNConfig, ResNetCNN
+from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
+from triton_parallel_layers.parallel_layers.planner import (
+    HARDWARE,
+    HardwareSpec,
+    Layout,
+    estimate,
+    plan_parallelism,
+    profile_model,
+)
+from triton_parallel_layers.parallel_layers.planner.cost import _pipeline_time, in_flight
+from triton_parallel_layers.parallel_layers.planner.megatron import NARAYANAN_2021, gpt_profile
+
+B, S, E, HEADS, LAYERS = 2, 32, 64, 4, 3
+
+
+@pytest.fixture(scope="module")
+def gpt_profile_small():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, n_layers=LAYERS, n_heads=HEADS, embed_dim=E,
+                          max_seq_len=S, vocab_pad_multiple=4))  # fmt: skip
+    return profile_model(model, torch.zeros(B, S, dtype=torch.long), plan=GPT_TP_PLAN)
+
+
+def test_profile_counts_the_gemms_and_collectives_of_a_block(gpt_profile_small):
+    p = gpt_profile_small
+    assert [layer.name.split("[")[0] for layer in p.layers] == (
+        ["GPTEmbedding"] + ["GPTBlock"] * LAYERS + ["GPTHead"]
+    )
+    block = p.layers[1]
+    # QKV, projection, MLP (4E hidden), scores and values: 24 b s E^2 + 4 b s^2 E
+    assert block.matmul_flops == 24 * B * S * E * E + 4 * B * S * S * E
+    assert block.params == 12 * E * E + 2 * E  # GEMM weights and two LayerNorm weights (no biases)
+    # Two column-parallel inputs (QKV, fc1) and two row-parallel outputs (proj, fc2), bf16.
+    assert block.tp_collectives == 4
+    assert block.tp_in_bytes == block.tp_out_bytes == 2 * B * S * E * 2
+    assert block.out_bytes == B * S * E * 2
+    assert 0 < block.sharded_saved_bytes < block.saved_bytes
+    assert 0 < block.sharded_other_bytes < block.other_bytes
+    head = p.layers[-1]
+    assert head.matmul_flops == 2 * B * S * E * 100  # the vocabulary (100 is padded already)
+    assert p.tokens_per_sample == S and p.batch == B
+    assert p.tp_divides["blocks.0.attn num_heads"] == HEADS
+
+
+def test_profile_of_a_cnn_and_errors():
+    torch.manual_seed(0)
+    model = ResNetCNN(CNNConfig(width=8, num_stages=2, blocks_per_stage=1, num_classes=10))
+    p = profile_model(model, torch.zeros(2, 1, 28, 28), plan=CNN_TP_PLAN, dtype="fp32")
+    assert p.tokens_per_sample == 1 and p.num_layers == len(model.pipeline_layers())
+    assert sum(layer.matmul_flops for layer in p.layers) > 0
+    assert any(layer.tp_collectives for layer in p.layers)
+    with pytest.raises(TypeError, match="has no pipeline_layers"):
+        profile_model(nn.Linear(2, 2), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        profile_model(model, torch.zeros(2, 1, 28, 28), dtype="fp8")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zb-h1"])
+@pytest.mark.parametrize("pp,m", [(2, 4), (3, 6), (4, 8), (4, 12)])
+def test_closed_forms_match_the_action_lists(schedule, pp, m, monkeypatch):
+    v = 2 if schedule == "interleaved" else 1
+    counted = in_flight(schedule, pp, m, v)
+    import triton_parallel_layers.parallel_layers.planner.cost as cost
+
+    monkeypatch.setattr(cost, "SIMULATE_LIMIT", 0)  # force the closed forms
+    assert cost.in_flight(schedule, pp, m, v) == counted
+    f, b, w = 1.0, 1.5, 0.5
+    analytic, _ = cost._pipeline_time(schedule, pp, m, v, f, b, w, comm=0.0)
+    monkeypatch.setattr(cost, "SIMULATE_LIMIT", 10**9)
+    simulated, _ = cost._pipeline_time(schedule, pp, m, v, f, b, w, comm=0.0)
+    assert analytic == pytest.approx(simulated, rel=1e-9)
+
+
+def test_pipeline_time_single_stage_has_no_bubble():
+    assert _pipeline_time("none", 1, 4, 1, 1.0, 2.0, 0.0, 0.0) == (12.0, 0.0)
+
+
+def test_plan_ranks_feasible_layouts_and_says_why_others_are_out(gpt_profile_small):
+    result = plan_parallelism(gpt_profile_small, "h100", world_size=8, global_batch=16)
+    times = [e.step_time for e in result.ranked]
+    assert times == sorted(times) and result.best is result.ranked[0]
+    for e in result.ranked:
+        lay = e.layout
+        assert lay.dp * lay.pp * lay.tp == 8
+        assert lay.dp * lay.microbatches * lay.micro_batch_size == 16
+        assert HEADS % lay.tp == 0 and lay.pp <= LAYERS + 2
+    reasons = [reason for _, reason in result.rejected]
+    assert any("tp=8 does not divide" in r for r in reasons)
+    assert "layout" in result.table(3) and len(result.table(3).splitlines()) == 5
+
+
+def test_plan_errors_say_what_would_fit(gpt_profile_small):
+    with pytest.raises(ValueError, match=r"smallest peak is .* GB"):
+        plan_parallelism(gpt_profile_small, "h100", 4, 8, memory_limit=1e3)
+    # 32 ranks: tp <= 4 heads leaves pp >= 8 > 5 pipeline layers with a global batch of 1.
+    with pytest.raises(
+        ValueError, match=r"world size 32 .*pp=8 > 5 pipeline layers.*: 20 \(fewer ranks\)"
+    ):
+        plan_parallelism(gpt_profile_small, "h100", 32, 1)
+    with pytest.raises(ValueError, match="world_size=0"):
+        plan_parallelism(gpt_profile_small, "h100", 0, 8)
+    with pytest.raises(ValueError, match="hardware 'tpu'"):
+        plan_parallelism(gpt_profile_small, "tpu", 4, 8)
+
+
+def test_more_memory_per_rank_needs_fewer_ranks_per_replica(gpt_profile_small):
+    """Sharding shows in the estimate: tp=2 holds about half the parameter state of tp=1."""
+    hw = HARDWARE["h100"]
+    one = estimate(gpt_profile_small, hw, Layout(1, 1, 1, schedule="none", microbatches=1,
+                                                 micro_batch_size=2))  # fmt: skip
+    two = estimate(gpt_profile_small, hw, Layout(1, 1, 2, schedule="none", microbatches=1,
+                                                 micro_batch_size=2))  # fmt: skip
+    assert two.peak_memory < 0.7 * one.peak_memory
+    assert two.tp_comm_time > 0 == one.tp_comm_time
+
+
+def test_hardware_spec_round_trips_and_checks(tmp_path):
+    spec = HARDWARE["a100"]
+    path = tmp_path / "a100.json"
+    spec.to_json(path)
+    assert HardwareSpec.from_json(path) == spec
+    with pytest.raises(ValueError, match="matmul_efficiency=1.5"):
+        spec.with_nodes(matmul_efficiency=1.5)
+
+
+@pytest.mark.parametrize("cfg", NARAYANAN_2021, ids=lambda c: f"{c.params_b:g}B")
+def test_megatron_table1_published_layout_within_15_percent(cfg):
+    """The published layout (its dp, pp, tp; microbatch size and schedule the planner's best for
+    it), costed on the A100 spec with recomputation, predicts the paper's achieved TFLOP/s per
+    GPU within 15%."""
+    profile = gpt_profile(cfg)
+    hw = HARDWARE["a100"]
+    best = None
+    per_replica = cfg.batch // cfg.dp
+    for schedule in ("none",) if cfg.pp == 1 else ("1f1b", "interleaved"):
+        for mb in (1, 2, 4, 8):
+            if per_replica % mb:
+                continue
+            m = per_replica // mb
+            if schedule == "interleaved" and (m % cfg.pp or 2 * cfg.pp > cfg.layers):
+                continue
+            layout = Layout(cfg.dp, cfg.pp, cfg.tp, schedule=schedule,
+                            chunks=2 if schedule == "interleaved" else 1, microbatches=m,
+                            micro_batch_size=mb, recompute=True)  # fmt: skip
+            e = estimate(profile, hw, layout, bytes_per_param=18)
+            if e.peak_memory <= hw.memory_bytes and (best is None or e.step_time < best.step_time):
+                best = e
+    assert best is not None
+    predicted = best.model_flops_per_gpu / 1e12
+    assert predicted == pytest.approx(cfg.tflops_per_gpu, rel=0.15)
+
+
+def test_megatron_planner_picks_at_least_the_published_layout_at_1024_gpus():
+    cfg = next(c for c in NARAYANAN_2021 if c.gpus == 1024)
+    result = plan_parallelism(gpt_profile(cfg), "a100", cfg.gpus, cfg.batch, recompute=(True,),
+                              sequence_parallel=(False,), bytes_per_param=18)  # fmt: skip
+    published = [
+        e for e in result.ranked
+        if (e.layout.dp, e.layout.pp, e.layout.tp) == (cfg.dp, cfg.pp, cfg.tp)
+    ]  # fmt: skip
+    assert published, "the published layout must be among the feasible ones"
+    assert result.best.step_time <= min(e.step_time for e in published)
