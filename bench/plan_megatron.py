@@ -1,0 +1,115 @@
+"""Plan Narayanan et al. 2021's GPT configurations (Megatron-LM, SC21, Table 1) and compare with
+the published per-GPU throughput.
+
+For each row: the planner's prediction for the published layout (its dp, pp, tp on A100s with
+activation recomputation; the microbatch size and schedule the planner finds best for it), the
+layout the planner picks from the whole space (the same options), the planning time, and the ratio
+of predicted to published TFLOP/s per GPU. Writes ``plan_megatron.json`` and ``.md`` under
+``--out-dir``.
+
+    python bench/plan_megatron.py                       # all ten rows (about a minute)
+    python bench/plan_megatron.py --rows 6 --out-dir /tmp/plan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from triton_parallel_layers.parallel_layers.planner import (  # noqa: E402
+    HARDWARE,
+    Layout,
+    estimate,
+    plan_parallelism,
+)
+from triton_parallel_layers.parallel_layers.planner.megatron import (  # noqa: E402
+    NARAYANAN_2021,
+    gpt_profile,
+)
+
+OPTIONS = dict(recompute=(True,), sequence_parallel=(False,), bytes_per_param=18)
+
+
+def published_estimate(cfg):
+    """The best estimate of the published (dp, pp, tp) over microbatch size and schedule."""
+    profile, hw = gpt_profile(cfg), HARDWARE["a100"]
+    best = None
+    per_replica = cfg.batch // cfg.dp
+    for schedule in ("none",) if cfg.pp == 1 else ("1f1b", "interleaved"):
+        for mb in (1, 2, 4, 8):
+            if per_replica % mb:
+                continue
+            m = per_replica // mb
+            if schedule == "interleaved" and (m % cfg.pp or 2 * cfg.pp > cfg.layers):
+                continue
+            layout = Layout(cfg.dp, cfg.pp, cfg.tp, schedule=schedule,
+                            chunks=2 if schedule == "interleaved" else 1, microbatches=m,
+                            micro_batch_size=mb, recompute=True)  # fmt: skip
+            e = estimate(profile, hw, layout, bytes_per_param=18)
+            if e.peak_memory <= hw.memory_bytes and (best is None or e.step_time < best.step_time):
+                best = e
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=len(NARAYANAN_2021),
+                        help="plan the first ROWS rows of Table 1 (default all)")  # fmt: skip
+    parser.add_argument("--out-dir", default="bench/results", help="where the results go")
+    args = parser.parse_args(argv)
+    rows = []
+    for cfg in NARAYANAN_2021[: args.rows]:
+        pub = published_estimate(cfg)
+        start = time.perf_counter()
+        plan = plan_parallelism(gpt_profile(cfg), "a100", cfg.gpus, cfg.batch, **OPTIONS)
+        seconds = time.perf_counter() - start
+        row = {
+            "params_b": cfg.params_b,
+            "gpus": cfg.gpus,
+            "published_layout": f"dp={cfg.dp} pp={cfg.pp} tp={cfg.tp}",
+            "published_tflops": cfg.tflops_per_gpu,
+            "predicted_tflops": pub.model_flops_per_gpu / 1e12,
+            "ratio": pub.model_flops_per_gpu / 1e12 / cfg.tflops_per_gpu,
+            "published_layout_detail": str(pub.layout),
+            "picked_layout": str(plan.best.layout),
+            "picked_tflops": plan.best.model_flops_per_gpu / 1e12,
+            "candidates": len(plan.ranked) + len(plan.rejected),
+            "planning_seconds": seconds,
+        }
+        rows.append(row)
+        print(f"{cfg.params_b:>7g}B {cfg.gpus:>5} GPUs  published {cfg.tflops_per_gpu:>4} "
+              f"predicted {row['predicted_tflops']:6.1f} ({row['ratio']:.2f})  pick "
+              f"{row['picked_tflops']:6.1f} {row['picked_layout']}  [{seconds:.1f} s]",
+              flush=True)  # fmt: skip
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "hardware_spec": "a100 (built-in, published specs)"}  # fmt: skip
+    (out / "plan_megatron.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"
+    )
+    lines = [
+        "# Planner vs Narayanan et al. 2021, Table 1 (A100, TFLOP/s per GPU)",
+        "",
+        "| model | GPUs | published layout | published | predicted | ratio | planner's pick | "
+        "its prediction | planning s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['params_b']:g}B | {r['gpus']} | {r['published_layout']} | "
+            f"{r['published_tflops']} | {r['predicted_tflops']:.1f} | {r['ratio']:.2f} | "
+            f"{r['picked_layout']} | {r['picked_tflops']:.1f} | {r['planning_seconds']:.1f} |"
+        )
+    (out / "plan_megatron.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
