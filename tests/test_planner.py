@@ -3,6 +3,8 @@ the pipeline simulator, the plan's ranking and errors, and Narayanan et al. 2021
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -170,3 +172,20 @@ def test_megatron_planner_picks_at_least_the_published_layout_at_1024_gpus():
     ]  # fmt: skip
     assert published, "the published layout must be among the feasible ones"
     assert result.best.step_time <= min(e.step_time for e in published)
+
+
+def test_layout_auto_trains_with_the_planners_choice(dist_run, tmp_path):
+    """``--layout auto`` on 4 gloo processes: profiles, measures, plans, trains; the choice is
+    in the summary and is a layout of 4 ranks the GPT accepts."""
+    from test_training import GPT_TINY, _main
+
+    out = tmp_path / "auto"
+    args = [*GPT_TINY, "--layout", "auto", "--max-steps", "2", "--out", str(out)]
+    results = dist_run(4, _main, "gpt", args, timeout=300)
+    assert [r["code"] for r in results] == [0] * 4, results[0]["err"]
+    assert "--layout auto:" in results[0]["out"] and "chosen:" in results[0]["out"]
+    summary = json.loads((out / "summary.json").read_text())
+    plan = summary["layout_plan"]
+    assert summary["layout"] == plan["chosen"] and plan["feasible"] >= 1
+    dp, pp, tp = (int(part.split("=")[1]) for part in plan["chosen"].split(" (")[0].split())
+    assert dp * pp * tp == 4

@@ -121,7 +121,8 @@ def run_main(
         optim = from_args(args, OptimConfig)
         run = from_args(args, RunConfig)
         task = task_cls(task_cfg, run)
-        task.validate(parallel, env_world_size())
+        if parallel.layout == "manual":
+            task.validate(parallel, env_world_size())
         out = Path(run.out or f"runs/{task.name}")
         resume = meta = None
         if run.eval_only and run.resume is None:
@@ -131,7 +132,16 @@ def run_main(
         data_info = task.load_data()
         created = init_distributed(timeout=run.timeout)
         rank = dist.get_rank()
-        trainer = Trainer(task, parallel, optim, run, resume, meta, on_step, data_info)
+        planned = None
+        if parallel.layout == "auto":
+            from triton_parallel_layers.training.auto_layout import choose_layout
+
+            parallel, planned = choose_layout(
+                task, parallel, dist.get_world_size(), verbose=rank == 0
+            )
+        trainer = Trainer(
+            task, parallel, optim, run, resume, meta, on_step, data_info, planned_layout=planned
+        )
         trainer.setup()
         trainer.fit()
         return 0

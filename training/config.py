@@ -56,6 +56,8 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 class ParallelConfig:
     """The (dp, pp, tp) layout and how the pipeline and tensor parallelism run."""
 
+    layout: str = "manual"
+    """manual: the --dp/--pp/--tp/--schedule/--microbatches/--chunks/--sequence-parallel flags; auto: the planner picks them for this world size (profiles the model and the machine, prints the best layouts)."""
     dp: int = 1
     """Data-parallel degree (DDP replicas, each fed its share of the global batch)."""
     pp: int = 1
@@ -79,6 +81,7 @@ class ParallelConfig:
         _positive("microbatches", self.microbatches, allow_none=True)
         _positive("chunks", self.chunks, allow_none=True)
         _choice("schedule", self.schedule, SCHEDULE_NAMES)
+        _choice("layout", self.layout, ("manual", "auto"))
         if self.microbatches is None:
             self.microbatches = 2 * self.pp if self.pp > 1 else 1
         if self.chunks is None:

@@ -155,6 +155,10 @@ class GPTTask:
 
         return GPT(self.config, seed=self.seed)
 
+    def sample_input(self, batch: int) -> torch.Tensor:
+        """A microbatch of model input of ``batch`` samples (for profiling): ids ``(b, S)``."""
+        return torch.zeros(batch, self.seq_len, dtype=torch.long)
+
     # -- data ---------------------------------------------------------------------------------
     def load_data(self) -> dict:
         self.corpus = load_stdlib_corpus(self.cfg.data_bytes)
@@ -331,6 +335,10 @@ class CNNTask:
         from triton_parallel_layers.models.cnn import ResNetCNN
 
         return ResNetCNN(self.config, seed=self.seed)
+
+    def sample_input(self, batch: int) -> torch.Tensor:
+        """A microbatch of model input of ``batch`` samples (for profiling): images ``(b, C, 28, 28)``."""
+        return torch.zeros(batch, self.config.in_channels, 28, 28)
 
     def load_data(self) -> dict:
         self.data = DigitsData(self.batch_size, seed=self.seed)

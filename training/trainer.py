@@ -129,6 +129,8 @@ class Trainer:
     on_step: Callable[[int, dict], None] | None = None
     task_data_info: dict | None = None
     """What ``task.load_data()`` returned (loaded in ``setup`` when ``None``)."""
+    planned_layout: dict | None = None
+    """What ``--layout auto``'s planner said (kept in the summary)."""
     history: list[dict] = field(default_factory=list)
 
     # -- setup --------------------------------------------------------------------------------
@@ -384,6 +386,7 @@ class Trainer:
             "model": task.name,
             "num_params": self.num_params,
             "layout": self.parallel.describe(),
+            **({"layout_plan": self.planned_layout} if self.planned_layout else {}),
             "world_size": dims.world_size,
             "device": dims.device.type
             if dims.device.type == "cpu"

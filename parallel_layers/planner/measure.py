@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from triton_parallel_layers.kernels import collectives
 from triton_parallel_layers.parallel_layers.planner.hardware import HardwareSpec, Link
 
 __all__ = ["profile_hardware"]
@@ -143,21 +144,20 @@ def _measure_group(
         part = torch.ones(numel // size, device=device)
 
         def all_reduce(full=full):
-            dist.all_reduce(full, group=group)
+            collectives.all_reduce(full, group)
 
-        def all_gather(full=full, part=part):
-            dist.all_gather_into_tensor(full, part, group=group)
+        def all_gather(part=part):
+            collectives.all_gather(part, group)
 
-        def reduce_scatter(full=full, part=part):
-            dist.reduce_scatter_tensor(part, full, group=group)
+        def reduce_scatter(full=full):
+            collectives.reduce_scatter(full, group)
 
-        def p2p(full=full):
-            peer = dist.get_global_rank(group, rank ^ 1) if (rank ^ 1) < size else None
-            if peer is None:
-                return
-            ops = [dist.P2POp(dist.isend, full, peer), dist.P2POp(dist.irecv, full.clone(), peer)]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+        back = full.clone()
+
+        def p2p(full=full, back=back):
+            # pairs (0, 1), (2, 3), ...: each rank sends and receives one message
+            peer = rank ^ 1 if (rank ^ 1) < size else rank
+            collectives.wait_all(collectives.send_recv(full, peer, back, peer, group))
 
         for kind, fn in (("all_reduce", all_reduce), ("all_gather", all_gather),
                          ("reduce_scatter", reduce_scatter), ("p2p", p2p)):  # fmt: skip
