@@ -1,7 +1,7 @@
 """Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU Clusters Using
 Megatron-LM", SC21), Table 1: GPT models from 1.7B to 1T parameters on up to 3,072 A100 GPUs,
 their layouts and the per-GPU throughput achieved. The planner is checked against it
-(``bench/plan_megatron.py``).
+(``bench/bench_planner.py``).
 
 The models are far too large to build, even on ``meta`` in reasonable time at 1T, and they differ
 from this package's GPT (learned positions, attention scores materialized), so their profiles are
