@@ -720,9 +720,11 @@ def _attn_bwd(
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     group_size = num_q_heads // num_kv_heads
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    # Contiguous gradients whatever the inputs' strides (the kernels write through strides): the
+    # layout the op's fake implementation promises.
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if seq_q == 0 or seq_k == 0 or batch == 0 or num_q_heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout = _unit_stride_last(dout.to(q.dtype))
@@ -824,11 +826,11 @@ def _flash_attention_fwd_op(
         return _attn_fwd(q, k, v, causal, softmax_scale)
     with autocast_off(q):  # the reference accumulates in fp32 whatever autocast says
         out, lse = attention_ref_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    return out, lse.contiguous()
+    return out.contiguous(), lse.contiguous()  # the kernel's (and the fake's) layout
 
 
 def _fake_attn_bwd(q, k, v, out, lse, dout, dlse, causal, softmax_scale, use_triton):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 @kernel_op("flash_attention_bwd", fake=_fake_attn_bwd)
@@ -849,7 +851,8 @@ def _flash_attention_bwd_op(
         q, k, v = (_unit_stride_last(t) for t in (q, k, v))
         return _attn_bwd(q, k, v, out, lse, dout, dlse, causal, softmax_scale)
     with autocast_off(q):
-        return _attn_bwd_ref(q, k, v, out, lse, dout, dlse, causal, softmax_scale)
+        grads = _attn_bwd_ref(q, k, v, out, lse, dout, dlse, causal, softmax_scale)
+    return tuple(g.contiguous() for g in grads)  # the kernels' (and the fake's) layout
 
 
 def _attn_setup_context(ctx, inputs, output) -> None:

@@ -380,7 +380,8 @@ def _matmul_op(
     use_triton: bool,
 ) -> torch.Tensor:
     """``x (*, K) @ weight (N, K).T + bias (N,) + partial (*, N)`` -> a new ``(*, N)`` tensor."""
-    return _matmul_impl(x, weight, bias, partial, None, use_triton)
+    # Contiguous, as the fake promises (the reference's addmm may choose other strides).
+    return _matmul_impl(x, weight, bias, partial, None, use_triton).contiguous()
 
 
 def _matmul_setup_context(ctx, inputs, output) -> None:

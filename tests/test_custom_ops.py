@@ -47,11 +47,21 @@ def opcheck_cases(use_triton: bool) -> dict[str, tuple]:
             OPS.conv2d_bias_act, (x_cl, w, None, [2, 1], [0, 2], [1, 2], False, use_triton)
         ),
     }  # fmt: skip
+    # k, v as the attention layer makes them: strided views of one fused projection
+    kv = _randn(1, 7, 2, 2, 16).permute(2, 0, 3, 1, 4)  # (2, B, Hkv, Sk, D), not contiguous
+    k_view, v_view = kv[0], kv[1]
     # The backward op is not itself differentiable (no double backward), so no input needs grad.
     qd, kd, vd = (t.detach() for t in (q, k, v))
     if not use_triton:  # the attention kernels are too slow to interpret this many times
         cases["attention-fwd-causal-gqa"] = (OPS.flash_attention_fwd, (q, k, v, True, 0.25, False))
         cases["attention-fwd"] = (OPS.flash_attention_fwd, (q, k, v, False, 0.3, False))
+        cases["attention-fwd-strided-kv"] = (
+            OPS.flash_attention_fwd, (q, k_view, v_view, True, 0.25, False)
+        )  # fmt: skip
+        cases["attention-bwd-strided-kv"] = (
+            OPS.flash_attention_bwd,
+            (qd, k_view.detach(), v_view.detach(), out, lse, dout, dlse, True, 0.25, False),
+        )
         cases["attention-bwd"] = (
             OPS.flash_attention_bwd, (qd, kd, vd, out, lse, dout, dlse, True, 0.25, False)
         )  # fmt: skip
