@@ -96,12 +96,13 @@ def test_force_backend_is_honoured_by_a_compiled_function(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def _tp_sp_graph_breaks() -> tuple[int, int, float]:
+def _tp_sp_graph_breaks(overlap_comm: bool) -> tuple[int, int, float]:
     """A TP=2 GPT with sequence parallelism under torch.compile, forward and backward: (graphs,
     graph breaks, largest relative error of the loss and gradients against eager)."""
     dims = ParallelDims(tp=dist.get_world_size())
     torch.manual_seed(0)
-    model = parallelize(GPT(GPTConfig(**GPT_CONFIG)), GPT_TP_PLAN, dims, sequence_parallel=True)
+    model = parallelize(GPT(GPTConfig(**GPT_CONFIG)), GPT_TP_PLAN, dims, sequence_parallel=True,
+                        overlap_comm=overlap_comm)  # fmt: skip
     ids, target = _gpt_batch()
 
     def step(a, b):
@@ -120,9 +121,18 @@ def _tp_sp_graph_breaks() -> tuple[int, int, float]:
     return explained.graph_count, explained.graph_break_count, err
 
 
+def _tp_sp_cases() -> dict[str, tuple[int, int, float]]:
+    return {
+        name: _tp_sp_graph_breaks(overlap)
+        for name, overlap in (("sp", False), ("sp-overlap", True))
+    }
+
+
 def test_tp_sequence_parallel_gpt_compiles(dist_run):
-    """The collectives (all-gather, reduce-scatter, all-reduce through kernels/collectives.py)
-    are traced by Dynamo as functional collectives: one graph."""
-    for graphs, breaks, err in dist_run(2, _tp_sp_graph_breaks, timeout=300):
-        assert (graphs, breaks) == (1, 0)
-        assert err <= RTOL
+    """Plain SP: Dynamo traces the collectives of kernels/collectives.py as functional
+    collectives. Overlapped SP: the collective matmuls are custom ops (one node each). One graph
+    either way, forward and backward equal to eager."""
+    for rank_result in dist_run(2, _tp_sp_cases, timeout=600):
+        for name, (graphs, breaks, err) in rank_result.items():
+            assert (graphs, breaks) == (1, 0), name
+            assert err <= RTOL, (name, err)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import triton_parallel_layers.kernels  # noqa: F401  (registers the ops)
 
@@ -95,8 +96,36 @@ def test_opcheck_interpreted_kernels(triton, name):
     torch.library.opcheck(op, args)
 
 
+def _collective_opchecks() -> None:
+    """On every rank of a gloo group: opcheck the collective matmuls (the group by name)."""
+    name = dist.group.WORLD.group_name
+    x, w, b = _randn(2, 3, 5), _randn(7, 5), _randn(7)
+    g_ag = _randn(2, 3 * dist.get_world_size(), 7, requires_grad=False)
+    x_rs = _randn(2, 4, 5)
+    g_rs = _randn(2, 4 // dist.get_world_size(), 7, requires_grad=False)
+    wd = w.detach()
+    gathered = OPS.all_gather_matmul_fwd(x, w, b, name, 1)[1].detach()
+    cases = [
+        (OPS.all_gather_matmul_fwd, (x, w, b, name, 1)),
+        (OPS.all_gather_matmul_fwd, (x, w, None, name, 0)),
+        (OPS.all_gather_matmul_bwd, (g_ag, gathered, wd, name, 1, [True, True, True])),
+        (OPS.all_gather_matmul_bwd, (g_ag, gathered, wd, name, 1, [False, True, False])),
+        (OPS.matmul_reduce_scatter_fwd, (x_rs, w, name, 1)),
+        (OPS.matmul_reduce_scatter_bwd, (g_rs, x_rs.detach(), wd, name, 1, [True, True])),
+        (OPS.matmul_reduce_scatter_bwd, (g_rs, x_rs.detach(), wd, name, 1, [False, True])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_collective_matmuls(dist_run):
+    dist_run(2, _collective_opchecks, timeout=300)
+
+
 def test_every_kernel_is_a_registered_op():
-    expected = {"flash_attention_fwd", "flash_attention_bwd", "conv2d_bias_act", "matmul"}
+    expected = {"flash_attention_fwd", "flash_attention_bwd", "conv2d_bias_act", "matmul",
+                "all_gather_matmul_fwd", "all_gather_matmul_bwd", "matmul_reduce_scatter_fwd",
+                "matmul_reduce_scatter_bwd"}  # fmt: skip
     registered = {name for name in expected if hasattr(OPS, name)}
     assert registered == expected
 
