@@ -1,7 +1,8 @@
 """The kernels as ``torch.library`` custom ops (namespace ``triton_parallel_layers``).
 
-Every kernel op is registered here-by-name as ``torch.ops.triton_parallel_layers.<name>``, with a
-fake (meta) implementation and its autograd, so ``torch.compile`` puts it in the graph as one node
+Every kernel op is registered by the helper here as ``torch.ops.triton_parallel_layers.<name>``
+(the collective matmuls, which communicate, register plain custom ops themselves), with a fake
+(meta) implementation and its autograd, so ``torch.compile`` puts it in the graph as one node
 (no graph break) and ``torch.library.opcheck`` can test it:
 
 * **Triton available, interpreter off** (CUDA machines; also CPU-only Linux installs): the op is a
