@@ -21,7 +21,8 @@ import torch.distributed as dist
 from triton_parallel_layers.models.cnn import CNNConfig, ResNetCNN
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
-from triton_parallel_layers.parallel_layers.checks import debug_checks
+from triton_parallel_layers.parallel_layers.checks import DEBUG_CHECKS_ENV, debug_checks
+from triton_parallel_layers.parallel_layers.embedding import check_token_ids
 
 GPT_CONFIG = dict(vocab_size=97, n_layers=2, n_heads=4, n_kv_heads=2, embed_dim=64, max_seq_len=16,
                   vocab_pad_multiple=8)  # fmt: skip
@@ -123,3 +124,22 @@ def _tp_sp_case() -> None:
 
 def test_tp_sequence_parallel_gpt_step_has_no_host_sync(dist_run):
     dist_run(2, _tp_sp_case)
+
+
+def test_value_check_modes(monkeypatch):
+    """Device-side assert by default; an eager ValueError under TPL_DEBUG_CHECKS=1 or
+    debug_checks(), the context manager taking precedence over the environment."""
+    ids = torch.tensor([[3, 12]])
+    monkeypatch.delenv(DEBUG_CHECKS_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"T: a token id is outside the vocabulary \[0, 12\)"):
+        check_token_ids(ids, 12, "T")
+    monkeypatch.setenv(DEBUG_CHECKS_ENV, "1")
+    with pytest.raises(
+        ValueError, match=r"T: token id 12 is outside .* \(ids range over \[3, 12\]\)"
+    ):
+        check_token_ids(ids, 12, "T")
+    with debug_checks(False), pytest.raises(RuntimeError):
+        check_token_ids(ids, 12, "T")
+    check_token_ids(torch.tensor([[0, 11]]), 12, "T")  # in range: no error in either mode
+    with pytest.raises(TypeError, match="expected a bool"), debug_checks("yes"):
+        pass
