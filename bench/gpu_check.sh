@@ -13,11 +13,11 @@
 #                       eager, then torch.compile'd (Inductor compiles the step, the attention
 #                       kernel autotunes): tokens/s and MFU
 #
-# The limits are hard (timeout(1), then SIGKILL 5 s later) and add up to 450 s (475 s at worst); the benchmarks
-# also get a time budget inside their limit, so a slow machine gives fewer grid points rather than
-# a timeout. After each part the report is rewritten: OUT_DIR/gpu_check.json and gpu_check.md
-# (bench/gpu_check_report.py) hold every part's status (ok, failed, timeout, pending), time, log
-# and result files, so a run cut short still reports what finished.
+# The limits are hard (timeout(1), then SIGKILL 5 s later) and add up to 450 s (475 s at worst);
+# the benchmarks also get a time budget inside their limit, so a slow machine gives fewer grid
+# points rather than a timeout. After each part the report is rewritten: OUT_DIR/gpu_check.json
+# and gpu_check.md (bench/gpu_check_report.py) hold every part's status (ok, failed, timeout,
+# pending), time, log and result files, so a run cut short still reports what finished.
 #
 # Usage, from anywhere (no network, package not installed; needs torch, triton, pytest, matplotlib):
 #   OUT=/some/dir bash bench/gpu_check.sh        # results in $OUT (default bench/results)
