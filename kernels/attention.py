@@ -54,6 +54,9 @@ default configuration and skip the tuning); under the interpreter one small conf
 
 Dispatch (DESIGN.md): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, run the kernels;
 other CPU tensors run :func:`attention_ref`; :func:`triton_parallel_layers.kernels.force_backend` overrides.
+Both paths run inside the custom ops ``triton_parallel_layers::flash_attention_fwd`` and
+``flash_attention_bwd`` (see :mod:`triton_parallel_layers.kernels._library`); the reference path's
+backward is :func:`_attn_bwd_ref`, the kernels' math in torch.
 """
 
 # No `from __future__ import annotations`: Triton reads the `tl.constexpr` annotations of the jitted
