@@ -1,4 +1,4 @@
-# Sourced by bench/gpu_check_*.sh: the set-up every GPU check shares.
+# Sourced by bench/gpu_check.sh: the set-up of the GPU check.
 #
 # Leaves the shell in the repository root with the package importable (PYTHONPATH; no install,
 # no network), the compiled Triton path selected, and:

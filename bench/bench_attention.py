@@ -28,7 +28,7 @@ Usage (from the repository root; the package need not be installed)::
         --dtypes bf16 --causal true --providers flash sdpa-flash --time-budget-s 60
     PYTHONPATH=$PWD python3 bench/bench_attention.py --smoke --out-dir /tmp/attn   # CPU, seconds
 
-``bench/gpu_check_attention.sh`` runs the GPU tests and a sized grid on one GPU.
+``bench/gpu_check.sh`` runs the GPU tests and a sized grid on one GPU.
 
 pytest-benchmark: the statistics-style entry is ``test_pytest_benchmark_flash_attention`` in
 ``tests/test_attention.py`` (marked ``gpu``, parametrized over provider and mode, defined only

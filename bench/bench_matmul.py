@@ -26,7 +26,7 @@ Usage (from the repository root; the package need not be installed)::
     python3 bench/bench_matmul.py --smoke --out /tmp/mm              # CPU, seconds
 
 Output: ``<out>/matmul_<tag>.json`` (GPU name, torch/triton versions, date, all numbers) and
-``.png``. ``bench/gpu_check_matmul.sh`` runs the GPU tests and this benchmark on one GPU.
+``.png``. ``bench/gpu_check.sh`` runs the GPU tests and this benchmark on one GPU.
 """
 
 from __future__ import annotations

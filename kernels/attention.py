@@ -54,6 +54,9 @@ default configuration and skip the tuning); under the interpreter one small conf
 
 Dispatch (DESIGN.md): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, run the kernels;
 other CPU tensors run :func:`attention_ref`; :func:`triton_parallel_layers.kernels.force_backend` overrides.
+Both paths run inside the custom ops ``triton_parallel_layers::flash_attention_fwd`` and
+``flash_attention_bwd`` (see :mod:`triton_parallel_layers.kernels._library`); the reference path's
+backward is :func:`_attn_bwd_ref`, the kernels' math in torch.
 """
 
 # No `from __future__ import annotations`: Triton reads the `tl.constexpr` annotations of the jitted
@@ -70,10 +73,10 @@ from triton_parallel_layers.kernels._dispatch import (
     interpreter_enabled,
     use_triton,
 )
+from triton_parallel_layers.kernels._library import kernel_op, launch
 from triton_parallel_layers.kernels._triton import tl, triton
 
 __all__ = [
-    "FlashAttentionFunction",
     "SUPPORTED_HEAD_DIMS",
     "attention_ref",
     "attention_ref_with_lse",
@@ -695,7 +698,7 @@ def _attn_fwd(
     def grid(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
 
-    _attn_fwd_kernel[grid](
+    launch(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, softmax_scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         num_q_heads, num_q_heads // num_kv_heads, seq_q, seq_k,
@@ -720,9 +723,11 @@ def _attn_bwd(
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
     group_size = num_q_heads // num_kv_heads
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    # Contiguous gradients whatever the inputs' strides (the kernels write through strides): the
+    # layout the op's fake implementation promises.
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if seq_q == 0 or seq_k == 0 or batch == 0 or num_q_heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout = _unit_stride_last(dout.to(q.dtype))
@@ -734,7 +739,7 @@ def _attn_bwd(
     if has_dlse:
         dlse = dlse.to(torch.float32).contiguous()
     grid = (triton.cdiv(seq_q, _PREPROCESS_BLOCK_M), batch * num_q_heads)
-    _attn_bwd_preprocess_kernel[grid](
+    launch(_attn_bwd_preprocess_kernel)[grid](
         out, dout, dlse if has_dlse else delta, delta,
         *out.stride(), *dout.stride(), num_q_heads, seq_q,
         HAS_DLSE=has_dlse, HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK_M,
@@ -743,7 +748,7 @@ def _attn_bwd(
     def grid_dkdv(meta):
         return (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * num_kv_heads)
 
-    _attn_bwd_dkdv_kernel[grid_dkdv](
+    launch(_attn_bwd_dkdv_kernel)[grid_dkdv](
         q, k, v, dout, dk, dv, lse, delta, softmax_scale, softmax_scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         num_q_heads, num_kv_heads, group_size, seq_q, seq_k, *buckets,
@@ -753,7 +758,7 @@ def _attn_bwd(
     def grid_dq(meta):
         return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * num_q_heads)
 
-    _attn_bwd_dq_kernel[grid_dq](
+    launch(_attn_bwd_dq_kernel)[grid_dq](
         q, k, v, dout, dq, lse, delta, softmax_scale, softmax_scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         num_q_heads, group_size, seq_q, seq_k, *buckets,
@@ -767,34 +772,109 @@ def _attn_bwd(
 # ------------------------------------------------------------------------------------------------
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """``(q, k, v, causal, softmax_scale) -> (out, lse)`` on the Triton kernels.
+def _attn_bwd_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`attention_ref_with_lse` in torch, fp32: the kernels' math (see the
+    file header) with the ``(Sq, Sk)`` probabilities materialized. Returns dq, dk, dv."""
+    group_size = q.shape[1] // k.shape[1]
+    q32, do32 = q.float(), dout.float()
+    k32 = repeat(k.float(), "b h s d -> b (h g) s d", g=group_size)  # (B, Hq, Sk, D)
+    v32 = repeat(v.float(), "b h s d -> b (h g) s d", g=group_size)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q32, k32) * softmax_scale  # (B, Hq, Sq, Sk)
+    if causal:
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.exp(scores - lse.unsqueeze(-1))  # P; rows with no visible key are 0
+    dp = torch.einsum("bhqd,bhkd->bhqk", do32, v32)  # dP = dO V^T
+    delta = (out.float() * do32).sum(-1)  # (B, Hq, Sq): rowsum(P * dP)
+    if dlse is not None:
+        delta = delta - dlse.float()  # lse's own gradient: dS += P * dlse
+    ds = probs * (dp - delta.unsqueeze(-1))  # (B, Hq, Sq, Sk)
+    dq = torch.einsum("bhqk,bhkd->bhqd", ds, k32) * softmax_scale
+    # Key/value head j collects the gradients of its group_size query heads.
+    dk = torch.einsum("bhqk,bhqd->bhkd", ds, q32) * softmax_scale
+    dv = torch.einsum("bhqk,bhqd->bhkd", probs, do32)
+    dk = dk.unflatten(1, (k.shape[1], group_size)).sum(2)
+    dv = dv.unflatten(1, (k.shape[1], group_size)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
-    Both outputs are differentiable: a gradient reaching ``lse`` (e.g. from merging partial
-    attentions) is folded into the backward's ``delta``. ``softmax_scale`` must be a float here;
-    :func:`flash_attention` fills in the default and validates the inputs.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float):
+def _fake_attn_fwd(q, k, v, causal, softmax_scale, use_triton):
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    out = q.new_empty((batch, num_q_heads, seq_q, head_dim))
+    return out, q.new_empty((batch, num_q_heads, seq_q), dtype=torch.float32)
+
+
+@kernel_op("flash_attention_fwd", fake=_fake_attn_fwd)
+def _flash_attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, Sq, D), lse (B, Hq, Sq) fp32)``: the Triton forward, or the reference."""
+    if use_triton:
         q, k, v = (_unit_stride_last(t) for t in (q, k, v))
-        out, lse = _attn_fwd(q, k, v, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal = causal
-        ctx.softmax_scale = softmax_scale
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        return out, lse
+        return _attn_fwd(q, k, v, causal, softmax_scale)
+    with autocast_off(q):  # the reference accumulates in fp32 whatever autocast says
+        out, lse = attention_ref_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return out.contiguous(), lse.contiguous()  # the kernel's (and the fake's) layout
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' backward is not differentiable
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None and dlse is None:
-            return None, None, None, None, None
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _attn_bwd(q, k, v, out, lse, dout, dlse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+
+def _fake_attn_bwd(q, k, v, out, lse, dout, dlse, causal, softmax_scale, use_triton):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
+
+
+@kernel_op("flash_attention_bwd", fake=_fake_attn_bwd)
+def _flash_attention_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from ``dout`` ``(B, Hq, Sq, D)`` and ``dlse`` ``(B, Hq, Sq)`` (or None)."""
+    if use_triton:
+        q, k, v = (_unit_stride_last(t) for t in (q, k, v))
+        return _attn_bwd(q, k, v, out, lse, dout, dlse, causal, softmax_scale)
+    with autocast_off(q):
+        grads = _attn_bwd_ref(q, k, v, out, lse, dout, dlse, causal, softmax_scale)
+    return tuple(g.contiguous() for g in grads)  # the kernels' (and the fake's) layout
+
+
+def _attn_setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, softmax_scale, use_triton = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.args = (causal, softmax_scale, use_triton)
+
+
+def _attn_backward(ctx, dout, dlse):
+    """Both outputs are differentiable: a gradient reaching ``lse`` (from merging partial
+    attentions) is folded into ``delta``. The kernels' backward is not itself differentiable."""
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flash_attention_bwd_op(q, k, v, out, lse, dout, dlse, *ctx.args)
+    return dq, dk, dv, None, None, None
+
+
+_flash_attention_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
 
 def _check_inputs(
@@ -911,11 +991,9 @@ def flash_attention_with_lse(
     """
     q, k, v = autocast_inputs(q, k, v)  # as SDPA under torch.autocast
     scale = _check_inputs(q, k, v, softmax_scale, for_kernel=True)
-    causal = bool(causal)
-    if use_triton(q, k, v):
-        return FlashAttentionFunction.apply(q, k, v, causal, scale)
-    with autocast_off(q):  # the reference accumulates in fp32 whatever autocast says
-        return attention_ref_with_lse(q, k, v, causal=causal, softmax_scale=scale)
+    # The path is chosen here, at call time (under torch.compile: at trace time, guarded), and
+    # passed into the op: see triton_parallel_layers.kernels._library.
+    return _flash_attention_fwd_op(q, k, v, bool(causal), scale, use_triton(q, k, v))
 
 
 def flash_attention(

@@ -72,9 +72,9 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from triton_parallel_layers.kernels._dispatch import autocast_inputs
+from triton_parallel_layers.kernels._library import NAMESPACE
 from triton_parallel_layers.kernels.collectives import (
     all_gather,
     group_rank,
@@ -86,8 +86,6 @@ from triton_parallel_layers.kernels.collectives import (
 from triton_parallel_layers.kernels.matmul import _matmul_impl, matmul
 
 __all__ = [
-    "AllGatherMatmulFunction",
-    "MatmulReduceScatterFunction",
     "all_gather_matmul",
     "all_gather_matmul_ref",
     "matmul_reduce_scatter",
@@ -159,31 +157,55 @@ def _ring_reduce_scatter(group: Group, compute: Callable[[int], torch.Tensor]) -
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd Functions
+# The two ops, forward and backward
+#
+# Each is a torch.library custom op (kernels/_library.py says why), so torch.compile keeps it as
+# one node rather than tracing into the point-to-point ring, which Dynamo cannot capture. A custom
+# op cannot take a ProcessGroup: the group travels as its name (``group.group_name``) and is
+# resolved inside. They are always plain custom ops (never triton_op: they communicate), so
+# their bodies run at call time and the GEMMs in them take the path use_triton picks then.
 # ----------------------------------------------------------------------------------------------
 
 
-class AllGatherMatmulFunction(torch.autograd.Function):
-    """Forward: ``F.linear(cat(all_gather(x_shard), dim), W, bias)``, gather overlapped.
+def _group(group_name: str) -> dist.ProcessGroup:
+    return dist.distributed_c10d._resolve_process_group(group_name)
 
-    Backward: ``grad_x_shard = reduce_scatter(grad_out @ W, dim)`` overlapped (ring), with
-    ``grad_W = grad_out.T @ x_gathered`` accumulated chunk by chunk inside the same ring, and
-    ``grad_bias = grad_out.sum(rows)``.
-    """
 
-    @staticmethod
-    def forward(ctx, x_shard, weight, bias, group, gather_dim):
-        with torch.autocast(x_shard.device.type, enabled=False):
-            return AllGatherMatmulFunction._forward(ctx, x_shard, weight, bias, group, gather_dim)
+def _gather_layout(x_shard: torch.Tensor, n_out: int, p: int, gather_dim: int):
+    """``(dm_shape, rows, out_view)`` of all_gather_matmul: the shard dim-major ``(n, *rest, K)``,
+    its rows, and how the ``(p, rows, N)`` output buffer is viewed back to ``(.., p*n, .., N)``."""
+    dm_shape = x_shard.movedim(gather_dim, 0).shape  # (n, *rest, K)
+    rows = math.prod(dm_shape[:-1])  # n * prod(rest)
 
-    @staticmethod
-    def _forward(ctx, x_shard, weight, bias, group, gather_dim):
-        p, rank = group_size(group), group_rank(group)
-        n_out, k = weight.shape
-        x_dm = x_shard.movedim(gather_dim, 0)  # (n, *rest, K), this rank's chunk (a view)
-        rows = math.prod(x_dm.shape[:-1])  # n * prod(rest)
+    def out_view(buf: torch.Tensor) -> torch.Tensor:
+        return buf.view(p * dm_shape[0], *dm_shape[1:-1], n_out).movedim(0, gather_dim)
+
+    return dm_shape, rows, out_view
+
+
+def _fake_all_gather_matmul_fwd(x_shard, weight, bias, group_name, gather_dim):
+    p, (n_out, k) = dist.get_world_size(_group(group_name)), weight.shape
+    _, rows, out_view = _gather_layout(x_shard, n_out, p, gather_dim)
+    return out_view(x_shard.new_empty((p, rows, n_out))), x_shard.new_empty((p, rows, k))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::all_gather_matmul_fwd", mutates_args=())
+def _all_gather_matmul_fwd_op(
+    x_shard: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_name: str,
+    gather_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (.., p*n, .., N), gathered (p, rows, K))``: the gather overlapped with the GEMMs;
+    ``gathered`` (chunk c = rank c's shard) is what the backward needs."""
+    group = _group(group_name)
+    p, rank = group_size(group), group_rank(group)
+    n_out, k = weight.shape
+    dm_shape, rows, out_view = _gather_layout(x_shard, n_out, p, gather_dim)
+    with torch.autocast(x_shard.device.type, enabled=False):
         gathered = x_shard.new_empty((p, rows, k))  # (p, rows, K): chunk c = rank c's shard
-        gathered[rank].view(x_dm.shape).copy_(x_dm)  # the one copy, into the send buffer
+        gathered[rank].view(dm_shape).copy_(x_shard.movedim(gather_dim, 0))  # the one copy
         out = x_shard.new_empty((p, rows, n_out))  # (p, rows, N): dim-major output
 
         def multiply(c: int) -> None:
@@ -191,33 +213,47 @@ class AllGatherMatmulFunction(torch.autograd.Function):
             _mm(gathered[c], weight, bias=bias, out=out[c])
 
         _ring_all_gather(gathered, group, multiply)
+    # (p*n, *rest, N) -> the caller's order (.., p*n, .., N); a view, see the file header
+    return out_view(out), gathered
 
-        ctx.save_for_backward(gathered, weight)
-        ctx.group, ctx.gather_dim, ctx.has_bias = group, gather_dim, bias is not None
-        ctx.dm_shape = x_dm.shape  # (n, *rest, K)
-        # (p*n, *rest, N) -> the caller's order (.., p*n, .., N); a view, see the file header
-        return out.view(p * x_dm.shape[0], *x_dm.shape[1:-1], n_out).movedim(0, gather_dim)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return AllGatherMatmulFunction._backward(ctx, grad_out)
+def _fake_all_gather_matmul_bwd(grad_out, gathered, weight, group_name, gather_dim, needs):
+    p, _, k = gathered.shape
+    g_dm = grad_out.movedim(gather_dim, 0).shape  # (p*n, *rest, N)
+    # grad_x: a view of a dim-major (n, *rest, K) buffer, as the op returns it
+    grad_x = grad_out.new_empty((g_dm[0] // p, *g_dm[1:-1], k)).movedim(0, gather_dim)
+    return (
+        grad_x if needs[0] else grad_out.new_empty(0),
+        weight.new_empty(weight.shape) if needs[1] else weight.new_empty(0),
+        grad_out.new_empty(weight.shape[0]) if needs[2] else grad_out.new_empty(0),
+    )
 
-    @staticmethod
-    def _backward(ctx, grad_out: torch.Tensor):
-        gathered, weight = ctx.saved_tensors
-        group, dim = ctx.group, ctx.gather_dim
-        p, rows, k = gathered.shape
-        n_out = weight.shape[0]
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+
+@torch.library.custom_op(f"{NAMESPACE}::all_gather_matmul_bwd", mutates_args=())
+def _all_gather_matmul_bwd_op(
+    grad_out: torch.Tensor,
+    gathered: torch.Tensor,
+    weight: torch.Tensor,
+    group_name: str,
+    gather_dim: int,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x_shard, grad_weight, grad_bias)``, each an empty ``(0,)`` tensor unless
+    ``needs`` (three flags) asks for it. ``grad_x_shard = reduce_scatter(grad_out @ W, dim)``
+    overlapped (ring), with ``grad_W = grad_out.T @ x_gathered`` accumulated chunk by chunk
+    inside the same ring, and ``grad_bias = grad_out.sum(rows)``."""
+    group = _group(group_name)
+    dim = gather_dim
+    p, rows, k = gathered.shape
+    n_out = weight.shape[0]
+    need_x, need_w, need_b = needs
+    grad_x, grad_w, grad_b = (grad_out.new_empty(0) for _ in range(3))
+    with torch.autocast(grad_out.device.type, enabled=False):
         # (.., p*n, .., N) -> (p, rows, N): chunk c = the gradient of output chunk c
         g = grad_out.movedim(dim, 0).contiguous().view(p, rows, n_out)
-        grad_x = grad_w = grad_b = None
         acc = None
         if need_w:
             acc = torch.empty((n_out, k), dtype=_acc_dtype(weight.dtype), device=weight.device)
-
         if need_x:
 
             def multiply(c: int) -> torch.Tensor:
@@ -229,34 +265,57 @@ class AllGatherMatmulFunction(torch.autograd.Function):
                 return _mm(g[c], weight.t())
 
             part = _ring_reduce_scatter(group, multiply)  # (rows, K), summed over ranks
-            grad_x = part.view(ctx.dm_shape).movedim(0, dim)  # (.., n, .., K)
+            g_dm = grad_out.movedim(dim, 0).shape  # (p*n, *rest, N)
+            grad_x = part.view(g_dm[0] // p, *g_dm[1:-1], k).movedim(0, dim)  # (.., n, .., K)
         elif need_w:
             # (N, p*rows) @ (p*rows, K): no input gradient, so nothing to overlap with
             _mm(g.view(-1, n_out).t(), gathered.view(-1, k).t(), out=acc)
         if need_w:
             grad_w = acc.to(weight.dtype)
-        if ctx.has_bias and need_b:
+        if need_b:
             grad_b = g.view(-1, n_out).sum(0, dtype=torch.float32).to(grad_out.dtype)  # (N,)
-        return grad_x, grad_w, grad_b, None, None
+    return grad_x, grad_w, grad_b
 
 
-class MatmulReduceScatterFunction(torch.autograd.Function):
-    """Forward: ``reduce_scatter(F.linear(x, W), dim)``, the reduce-scatter overlapped (ring).
+def _all_gather_matmul_setup_context(ctx, inputs, output) -> None:
+    _, weight, bias, group_name, gather_dim = inputs
+    ctx.save_for_backward(output[1], weight)  # gathered: the plain path's F.linear saves it too
+    ctx.mark_non_differentiable(output[1])
+    ctx.group_name, ctx.gather_dim, ctx.has_bias = group_name, gather_dim, bias is not None
 
-    Backward: the dual, ``grad_out`` all-gathered along ``dim`` chunk by chunk (ring), each chunk
-    multiplied as it arrives into ``grad_x = G @ W`` (its rows) and ``grad_W = G.T @ x`` (its
-    share, accumulated).
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, group, scatter_dim):
-        with torch.autocast(x.device.type, enabled=False):
-            return MatmulReduceScatterFunction._forward(ctx, x, weight, group, scatter_dim)
+def _all_gather_matmul_backward(ctx, grad_out, _grad_gathered):
+    gathered, weight = ctx.saved_tensors
+    needs = [*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = _all_gather_matmul_bwd_op(
+        grad_out, gathered, weight, ctx.group_name, ctx.gather_dim, needs
+    )
+    return *(g if need else None for g, need in zip(grads, needs)), None, None
 
-    @staticmethod
-    def _forward(ctx, x, weight, group, scatter_dim):
-        p = group_size(group)
-        n_out, k = weight.shape
+
+_all_gather_matmul_fwd_op.register_fake(_fake_all_gather_matmul_fwd)
+_all_gather_matmul_fwd_op.register_autograd(
+    _all_gather_matmul_backward, setup_context=_all_gather_matmul_setup_context
+)
+_all_gather_matmul_bwd_op.register_fake(_fake_all_gather_matmul_bwd)
+
+
+def _fake_matmul_reduce_scatter_fwd(x, weight, group_name, scatter_dim):
+    p = dist.get_world_size(_group(group_name))
+    x_dm = x.movedim(scatter_dim, 0).shape  # (p*n, *rest, K)
+    # a view of a dim-major (n, *rest, N) buffer, as the op returns it
+    return x.new_empty((x_dm[0] // p, *x_dm[1:-1], weight.shape[0])).movedim(0, scatter_dim)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::matmul_reduce_scatter_fwd", mutates_args=())
+def _matmul_reduce_scatter_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, group_name: str, scatter_dim: int
+) -> torch.Tensor:
+    """``reduce_scatter(F.linear(x, W), dim)`` ``(.., n, .., N)``, the reduce-scatter overlapped."""
+    group = _group(group_name)
+    p = group_size(group)
+    n_out, k = weight.shape
+    with torch.autocast(x.device.type, enabled=False):
         x_dm = x.movedim(scatter_dim, 0).contiguous()  # (p*n, *rest, K)
         n = x_dm.shape[0] // p
         rows = n * math.prod(x_dm.shape[1:-1])
@@ -266,26 +325,39 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
             return _mm(x3[c], weight)  # (rows, K) @ (K, N) -> (rows, N): this rank's term
 
         part = _ring_reduce_scatter(group, multiply)  # (rows, N), summed over ranks
+    return part.view(n, *x_dm.shape[1:-1], n_out).movedim(0, scatter_dim)  # (.., n, .., N)
 
-        ctx.save_for_backward(x3, weight)
-        ctx.group, ctx.scatter_dim = group, scatter_dim
-        ctx.dm_shape = (p * n, *x_dm.shape[1:-1], k)
-        return part.view(n, *x_dm.shape[1:-1], n_out).movedim(0, scatter_dim)  # (.., n, .., N)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return MatmulReduceScatterFunction._backward(ctx, grad_out)
+def _fake_matmul_reduce_scatter_bwd(grad_out, x, weight, group_name, scatter_dim, needs):
+    grad_x = x.new_empty(x.movedim(scatter_dim, 0).shape).movedim(0, scatter_dim)
+    return (
+        grad_x if needs[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if needs[1] else weight.new_empty(0),
+    )
 
-    @staticmethod
-    def _backward(ctx, grad_out: torch.Tensor):
-        x3, weight = ctx.saved_tensors
-        group, dim = ctx.group, ctx.scatter_dim
-        p, rank = group_size(group), group_rank(group)
-        _, rows, k = x3.shape
-        n_out = weight.shape[0]
-        need_x, need_w = ctx.needs_input_grad[:2]
+
+@torch.library.custom_op(f"{NAMESPACE}::matmul_reduce_scatter_bwd", mutates_args=())
+def _matmul_reduce_scatter_bwd_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_name: str,
+    scatter_dim: int,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight)`` (each ``(0,)`` unless ``needs`` asks for it): ``grad_out``
+    all-gathered along ``dim`` chunk by chunk (ring), each chunk multiplied as it arrives into
+    ``grad_x = G @ W`` (its rows) and ``grad_W = G.T @ x`` (its share, accumulated)."""
+    group = _group(group_name)
+    dim = scatter_dim
+    p, rank = group_size(group), group_rank(group)
+    n_out, k = weight.shape
+    need_x, need_w = needs
+    grad_x = grad_w = x.new_empty(0)
+    with torch.autocast(grad_out.device.type, enabled=False):
+        x_dm = x.movedim(dim, 0).contiguous()  # (p*n, *rest, K): the forward's dim-major copy
+        rows = x_dm.shape[0] // p * math.prod(x_dm.shape[1:-1])
+        x3 = x_dm.view(p, rows, k)
         g_own = grad_out.movedim(dim, 0)  # (n, *rest, N), a view
         g = grad_out.new_empty((p, rows, n_out))  # (p, rows, N): the gathered output gradient
         g[rank].view(g_own.shape).copy_(g_own)
@@ -303,9 +375,35 @@ class MatmulReduceScatterFunction(torch.autograd.Function):
                 _mm(g[c].t(), x3[c].t(), partial=None if c == rank else acc, out=acc)
 
         _ring_all_gather(g, group, multiply)  # chunk `rank` comes first
-        grad_x = grad_x3.view(ctx.dm_shape).movedim(0, dim) if need_x else None
-        grad_w = acc.to(weight.dtype) if need_w else None
-        return grad_x, grad_w, None, None
+        if need_x:
+            grad_x = grad_x3.view(x_dm.shape).movedim(0, dim)
+        if need_w:
+            grad_w = acc.to(weight.dtype)
+    return grad_x, grad_w
+
+
+def _matmul_reduce_scatter_setup_context(ctx, inputs, output) -> None:
+    x, weight, group_name, scatter_dim = inputs
+    # x itself, not the forward's dim-major copy (a custom op's outputs may not alias its
+    # inputs, and that copy is x itself when scatter_dim leads): the backward redoes the copy.
+    ctx.save_for_backward(x, weight)
+    ctx.group_name, ctx.scatter_dim = group_name, scatter_dim
+
+
+def _matmul_reduce_scatter_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:2])
+    grads = _matmul_reduce_scatter_bwd_op(
+        grad_out, x, weight, ctx.group_name, ctx.scatter_dim, needs
+    )
+    return *(g if need else None for g, need in zip(grads, needs)), None, None
+
+
+_matmul_reduce_scatter_fwd_op.register_fake(_fake_matmul_reduce_scatter_fwd)
+_matmul_reduce_scatter_fwd_op.register_autograd(
+    _matmul_reduce_scatter_backward, setup_context=_matmul_reduce_scatter_setup_context
+)
+_matmul_reduce_scatter_bwd_op.register_fake(_fake_matmul_reduce_scatter_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +481,7 @@ def all_gather_matmul(
     dim = _check_args("all_gather_matmul", x_shard, weight, bias, gather_dim, "gather_dim")
     if group_size(group) == 1:
         return matmul(x_shard, weight, bias)
-    return AllGatherMatmulFunction.apply(x_shard, weight, bias, group, dim)
+    return _all_gather_matmul_fwd_op(x_shard, weight, bias, group.group_name, dim)[0]
 
 
 def matmul_reduce_scatter(
@@ -417,7 +515,7 @@ def matmul_reduce_scatter(
         )
     if p == 1:
         return matmul(x, weight)
-    return MatmulReduceScatterFunction.apply(x, weight, group, dim)
+    return _matmul_reduce_scatter_fwd_op(x, weight, group.group_name, dim)
 
 
 def all_gather_matmul_ref(

@@ -65,14 +65,13 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from triton_parallel_layers.kernels._dispatch import autocast_inputs, use_triton
+from triton_parallel_layers.kernels._library import kernel_op, launch
 from triton_parallel_layers.kernels._tiles import grouped_tile
 from triton_parallel_layers.kernels._triton import tl, triton
 
 __all__ = [
-    "Conv2dBiasReLUFunction",
     "conv2d_bias_act",
     "conv2d_bias_act_ref",
     "conv2d_bias_relu",
@@ -357,16 +356,16 @@ def _conv2d_fwd(
         triton.cdiv(gemm_m, meta["BLOCK_M"]) * triton.cdiv(k_out, meta["BLOCK_N"]),
     )
     if not x.is_cuda:  # CPU tensors: only reached under TRITON_INTERPRET=1 (triton_parallel_layers.kernels._dispatch)
-        _conv2d_fwd_kernel[grid](*args, **consts, **_INTERPRETER_META)
+        launch(_conv2d_fwd_kernel)[grid](*args, **consts, **_INTERPRETER_META)
     elif os.environ.get(_AUTOTUNE_ENV, "1") == "0":  # one tile, no tuning: quick GPU tests
         cfg = _prune_configs(_CUDA_CONFIGS, {"K_OUT": k_out, "GEMM_K": gemm_k, "x_ptr": x})[0]
         with torch.cuda.device(x.device):
-            _conv2d_fwd_kernel[grid](
+            launch(_conv2d_fwd_kernel)[grid](
                 *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
             )
     else:
         with torch.cuda.device(x.device):
-            _conv2d_fwd_kernel_autotuned[grid](*args, **consts)
+            launch(_conv2d_fwd_kernel_autotuned)[grid](*args, **consts)
     return out
 
 
@@ -410,39 +409,59 @@ def _conv2d_bwd(
     return grad_x, grad_w, grad_b
 
 
-class Conv2dBiasReLUFunction(torch.autograd.Function):
-    """``act(conv2d(x, weight) + bias)`` with the Triton forward and a cuDNN backward.
+def _fake_conv2d(x, weight, bias, stride, padding, dilation, relu, use_triton):
+    n, _, h, w = x.shape
+    k_out, _, kh, kw = weight.shape
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    return torch.empty(
+        (n, k_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+    )
 
-    Saves x, weight and (with ReLU) the output it returns; no pre-activation tensor.
-    """
 
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        dilation: tuple[int, int],
-        activation: str | None,
-    ) -> torch.Tensor:
-        out = _conv2d_fwd(x, weight, bias, stride, padding, dilation, activation)
-        ctx.save_for_backward(x, weight, out if activation == "relu" else None)
-        ctx.conv_args = (stride, padding, dilation)
-        ctx.has_bias = bias is not None
-        return out
+@kernel_op("conv2d_bias_act", fake=_fake_conv2d)
+def _conv2d_bias_act_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    relu: bool,
+    use_triton: bool,
+) -> torch.Tensor:
+    """``act(conv2d(x, weight) + bias)`` ``(N, K, OH, OW)`` in x's dtype and memory format: the
+    Triton kernel, or the torch reference. Arguments are validated by :func:`conv2d_bias_act`."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    activation = "relu" if relu else None
+    if use_triton:
+        return _conv2d_fwd(x, weight, bias, stride, padding, dilation, activation)
+    out = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
+    out = torch.relu(out) if relu else out
+    return out.contiguous(memory_format=_memory_format(x))  # as the kernel's (a no-op in practice)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight, out = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv_args
-        needs = tuple(ctx.needs_input_grad[:3])
-        grad_x, grad_w, grad_b = _conv2d_bwd(
-            grad_out, x, weight, out, ctx.has_bias, stride, padding, dilation, needs
-        )
-        return grad_x, grad_w, grad_b, None, None, None, None
+
+def _conv2d_setup_context(ctx, inputs, output) -> None:
+    """Saves x, weight and (with ReLU) the output; no pre-activation tensor."""
+    x, weight, bias, stride, padding, dilation, relu, _ = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.conv_args = (tuple(stride), tuple(padding), tuple(dilation))
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, grad_out: torch.Tensor):
+    """cuDNN's (or the CPU's) convolution backward on the ReLU-masked gradient, for both paths:
+    the reference's autograd would compute the same two convolutions."""
+    x, weight, out = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    needs = tuple(ctx.needs_input_grad[:3])
+    grad_x, grad_w, grad_b = _conv2d_bwd(
+        grad_out, x, weight, out, ctx.has_bias, stride, padding, dilation, needs
+    )
+    return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+_conv2d_bias_act_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,11 +608,17 @@ def conv2d_bias_act(
     stride, padding, dilation = _check_args(
         x, weight, bias, stride, padding, dilation, groups, activation
     )
-    if not use_triton(x, weight, bias):
-        return conv2d_bias_act_ref(
-            x, weight, bias, stride, padding, dilation, activation=activation
-        )
-    return Conv2dBiasReLUFunction.apply(x, weight, bias, stride, padding, dilation, activation)
+    # The path is chosen here, at call time, and passed into the op (kernels/_library.py).
+    return _conv2d_bias_act_op(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        activation == "relu",
+        use_triton(x, weight, bias),
+    )
 
 
 def conv2d_bias_relu(

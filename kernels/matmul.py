@@ -39,13 +39,13 @@ by :func:`triton_parallel_layers.kernels._dispatch.use_triton` and is differenti
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from triton_parallel_layers.kernels._dispatch import use_triton
+from triton_parallel_layers.kernels._library import kernel_op, launch
 from triton_parallel_layers.kernels._tiles import grouped_tile
 from triton_parallel_layers.kernels._triton import tl, triton
 
-__all__ = ["MatmulFunction", "matmul", "matmul_ref"]
+__all__ = ["matmul", "matmul_ref"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -244,11 +244,11 @@ def _matmul_fwd(
         # autotuner; a masked reduction for all is cheap next to a per-tile decision.
         even_k = all(k % cfg.kwargs["BLOCK_K"] == 0 for cfg in _CUDA_CONFIGS)
         with torch.cuda.device(x.device):
-            _matmul_fwd_kernel_autotuned[grid](*args, **consts, EVEN_K=even_k)
+            launch(_matmul_fwd_kernel_autotuned)[grid](*args, **consts, EVEN_K=even_k)
     else:  # CPU tensors: only reached under TRITON_INTERPRET=1 (triton_parallel_layers.kernels._dispatch)
         meta = _INTERPRETER_META
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _matmul_fwd_kernel[grid](*args, **consts, EVEN_K=k % meta["BLOCK_K"] == 0, **meta)
+        launch(_matmul_fwd_kernel)[grid](*args, **consts, EVEN_K=k % meta["BLOCK_K"] == 0, **meta)
     return out
 
 
@@ -349,9 +349,13 @@ def _matmul_impl(
     bias: torch.Tensor | None,
     partial: torch.Tensor | None,
     out: torch.Tensor | None,
+    triton_path: bool | None = None,
 ) -> torch.Tensor:
-    """Dispatch one (non-autograd) product to the Triton kernel or the reference."""
-    if not use_triton(x, weight, bias, partial, out):
+    """One (non-autograd) product on the Triton kernel (``triton_path``) or the reference;
+    ``None``: as :func:`~triton_parallel_layers.kernels._dispatch.use_triton` says now."""
+    if triton_path is None:
+        triton_path = use_triton(x, weight, bias, partial, out)
+    if not triton_path:
         return matmul_ref(x, weight, bias, partial=partial, out=out)
     n, k = weight.shape
     x2 = x.reshape(-1, k)  # (M, K): a view unless x's leading dims are not mergeable
@@ -363,38 +367,55 @@ def _matmul_impl(
     return out
 
 
-class MatmulFunction(torch.autograd.Function):
-    """``x @ weight.T + bias + partial``, differentiable in all four.
+def _fake_matmul(x, weight, bias, partial, use_triton):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
-    Backward (``g`` = grad of the output, ``(M, N)``): ``grad_x = g @ weight`` ``(M, K)``,
-    ``grad_weight = g.T @ x`` ``(N, K)``, ``grad_bias = g.sum(0)``, ``grad_partial = g``; each
-    product on the same kernel, through transposed views (no copies).
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, partial):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.has_partial = bias is not None, partial is not None
-        return _matmul_impl(x, weight, bias, partial, None)
+@kernel_op("matmul", fake=_fake_matmul)
+def _matmul_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    partial: torch.Tensor | None,
+    use_triton: bool,
+) -> torch.Tensor:
+    """``x (*, K) @ weight (N, K).T + bias (N,) + partial (*, N)`` -> a new ``(*, N)`` tensor."""
+    # Contiguous, as the fake promises (the reference's addmm may choose other strides).
+    return _matmul_impl(x, weight, bias, partial, None, use_triton).contiguous()
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        n, k = weight.shape
-        g = grad_out.reshape(-1, n)  # (M, N)
-        grad_x = grad_w = grad_b = grad_p = None
-        if ctx.needs_input_grad[0]:
-            # (M, N) @ (N, K): "w" is weight.T, a (K, N) view
-            grad_x = _matmul_impl(g, weight.t(), None, None, None).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            # (N, M) @ (M, K): "x" is g.T, "w" is x.T (K, M); both views
-            grad_w = _matmul_impl(g.t(), x.reshape(-1, k).t(), None, None, None)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0, dtype=torch.float32).to(grad_out.dtype)  # fp32 sum, one rounding
-        if ctx.has_partial and ctx.needs_input_grad[3]:
-            grad_p = grad_out
-        return grad_x, grad_w, grad_b, grad_p
+
+def _matmul_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, partial, use_triton = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.has_partial, ctx.use_triton = (
+        bias is not None,
+        partial is not None,
+        use_triton,
+    )
+
+
+def _matmul_backward(ctx, grad_out: torch.Tensor):
+    """``g`` = grad of the output ``(M, N)``: ``grad_x = g @ weight`` ``(M, K)``,
+    ``grad_weight = g.T @ x`` ``(N, K)``, ``grad_bias = g.sum(0)``, ``grad_partial = g``; both
+    products on the same op (kernel or reference), through transposed views (no copies)."""
+    x, weight = ctx.saved_tensors
+    n, k = weight.shape
+    g = grad_out.reshape(-1, n)  # (M, N)
+    grad_x = grad_w = grad_b = grad_p = None
+    if ctx.needs_input_grad[0]:
+        # (M, N) @ (N, K): "w" is weight.T, a (K, N) view
+        grad_x = _matmul_op(g, weight.t(), None, None, ctx.use_triton).view(x.shape)
+    if ctx.needs_input_grad[1]:
+        # (N, M) @ (M, K): "x" is g.T, "w" is x.T (K, M); both views
+        grad_w = _matmul_op(g.t(), x.reshape(-1, k).t(), None, None, ctx.use_triton)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = g.sum(0, dtype=torch.float32).to(grad_out.dtype)  # fp32 sum, one rounding
+    if ctx.has_partial and ctx.needs_input_grad[3]:
+        grad_p = grad_out
+    return grad_x, grad_w, grad_b, grad_p, None
+
+
+_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
 
 
 def matmul(
@@ -431,4 +452,5 @@ def matmul(
                 "or without out="
             )
         return _matmul_impl(x, weight, bias, partial, out)
-    return MatmulFunction.apply(x, weight, bias, partial)
+    # The path is chosen here, at call time, and passed into the op (kernels/_library.py).
+    return _matmul_op(x, weight, bias, partial, use_triton(x, weight, bias, partial))

@@ -76,6 +76,7 @@ from torch import nn
 from triton_parallel_layers.kernels.attention import SUPPORTED_HEAD_DIMS
 from triton_parallel_layers.kernels.collectives import group_size
 from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelSelfAttention
+from triton_parallel_layers.parallel_layers.checks import check_values
 from triton_parallel_layers.parallel_layers.cross_entropy import vocab_parallel_cross_entropy
 from triton_parallel_layers.parallel_layers.embedding import check_token_ids
 from triton_parallel_layers.parallel_layers.init import draw_seed, init_by_name_
@@ -361,12 +362,13 @@ class GPT(nn.Module):
                 f"GPT.loss: logits of shape {tuple(logits.shape)} over {group_size(group)} rank(s) "
                 f"do not make the padded vocabulary of {expected}"
             )
-        valid = target[target != ignore_index]
-        if valid.numel() and int(valid.max()) >= self.config.vocab_size:
-            raise ValueError(
-                f"GPT.loss: target id {int(valid.max())} is a padding id (vocab_size="
-                f"{self.config.vocab_size})"
-            )
+        vocab = self.config.vocab_size
+        padding = (target != ignore_index) & (target >= vocab)  # (B, S) bool
+
+        def explain() -> str:
+            return f"GPT.loss: target id {int(target[padding].max())} is a padding id (vocab_size={vocab})"
+
+        check_values(~padding.any(), f"GPT.loss: a target id is a padding id (>= {vocab})", explain)
         return vocab_parallel_cross_entropy(logits, target, group, ignore_index=ignore_index)
 
     def pipeline_layers(self) -> list[nn.Module]:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
+from triton_parallel_layers.parallel_layers.checks import check_values
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -120,14 +121,19 @@ def vocab_parallel_cross_entropy(
             "(the logits without their last, vocabulary, dim)"
         )
     vocab = logits_shard.shape[-1] * group_size(tp_group)
-    if target.numel():
-        bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-        if bool(bad.any()):
-            value = int(target[bad][0])
-            raise ValueError(
-                f"target value {value} is outside [0, {vocab}) (the gathered vocabulary) and is "
-                f"not ignore_index={ignore_index}"
-            )
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))  # (*) bool
+
+    def explain() -> str:
+        return (
+            f"target value {int(target[bad][0])} is outside [0, {vocab}) (the gathered "
+            f"vocabulary) and is not ignore_index={ignore_index}"
+        )
+
+    check_values(
+        ~bad.any(),
+        f"a target is outside [0, {vocab}) and is not ignore_index={ignore_index}",
+        explain,
+    )
 
     flat_logits = logits_shard.reshape(-1, logits_shard.shape[-1])
     flat_target = target.reshape(-1)

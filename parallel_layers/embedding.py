@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_parallel_layers.kernels.collectives import group_rank, group_size
+from triton_parallel_layers.parallel_layers.checks import check_values
 from triton_parallel_layers.parallel_layers.comm import (
     reduce_from_tp,
     reduce_scatter_to_sequence_parallel,
@@ -28,22 +29,25 @@ __all__ = ["VocabParallelEmbedding", "check_token_ids"]
 
 
 def check_token_ids(ids: torch.Tensor, num_embeddings: int, what: str) -> None:
-    """Raise unless ``ids`` is an integer tensor with every value in ``[0, num_embeddings)``.
+    """Check that ``ids`` is an integer tensor with every value in ``[0, num_embeddings)``.
 
-    The ids are replicated over the TP group, so every rank reaches the same verdict before any
-    collective. (The min/max reads synchronize a CUDA stream; it is two scalar reads a step.)
+    The dtype is checked eagerly (``TypeError``); the values without a host-device sync, by a
+    device-side assert, or by an eager ``ValueError`` naming the bad id under
+    :func:`~triton_parallel_layers.parallel_layers.checks.debug_checks` (see that module). The ids
+    are replicated over the TP group, so every rank reaches the same verdict before any collective.
     """
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{what}: token ids must be an integer tensor, got dtype {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= num_embeddings:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"{what}: token id {bad} is outside the vocabulary [0, {num_embeddings}) "
-            f"(ids range over [{lo}, {hi}])"
+
+    def explain() -> str:
+        lo, hi = int(ids.min()), int(ids.max())
+        return (
+            f"{what}: token id {lo if lo < 0 else hi} is outside the vocabulary "
+            f"[0, {num_embeddings}) (ids range over [{lo}, {hi}])"
         )
+
+    ok = ((ids >= 0) & (ids < num_embeddings)).all()  # () bool; True when ids is empty
+    check_values(ok, f"{what}: a token id is outside the vocabulary [0, {num_embeddings})", explain)
 
 
 class VocabParallelEmbedding(nn.Module):

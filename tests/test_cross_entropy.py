@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from helpers import assert_close, assert_close_lowp, chunk, expect_error
 from triton_parallel_layers.parallel_layers import ParallelDims, vocab_parallel_cross_entropy
+from triton_parallel_layers.parallel_layers.checks import debug_checks
 
 
 def _loss_case(shape, vocab, ignore_index, label_smoothing, reduction, dtype):
@@ -93,12 +94,22 @@ def _bad_input_case():
         torch.zeros(2, 4, dtype=torch.long),
         g,
     )
+    with debug_checks():  # the opt-in eager check names the bad target
+        expect_error(
+            ValueError,
+            r"target value 20 is outside \[0, 20\)",
+            vocab_parallel_cross_entropy,
+            logits,
+            torch.full((2, 3), 20),
+            g,
+        )
+    # by default a device-side assert (a RuntimeError on CPU), no host sync
     expect_error(
-        ValueError,
-        r"target value 20 is outside \[0, 20\)",
+        RuntimeError,
+        r"a target is outside \[0, 20\) and is not ignore_index=-100",
         vocab_parallel_cross_entropy,
         logits,
-        torch.full((2, 3), 20),
+        torch.full((2, 3), -1),
         g,
     )
     expect_error(

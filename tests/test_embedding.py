@@ -13,6 +13,7 @@ from torch import nn
 
 from helpers import assert_close, chunk, expect_error
 from triton_parallel_layers.parallel_layers import ParallelDims, VocabParallelEmbedding
+from triton_parallel_layers.parallel_layers.checks import debug_checks
 
 WORLD_SIZES = [1, 2, 4]
 
@@ -88,14 +89,19 @@ def _bad_input_case():
         ValueError, r"padding_idx=12 must be within", VocabParallelEmbedding, 12, 4, padding_idx=12
     )
     layer = VocabParallelEmbedding(12, 4, tp_group=g)
+    with debug_checks():  # the opt-in eager check names the bad id
+        expect_error(
+            ValueError,
+            r"token id 12 is outside the vocabulary \[0, 12\)",
+            layer,
+            torch.tensor([[1, 12]]),
+        )
+        expect_error(
+            ValueError, r"token id -1 is outside the vocabulary", layer, torch.tensor([[-1, 2]])
+        )
+    # by default a device-side assert (a RuntimeError on CPU), no host sync
     expect_error(
-        ValueError,
-        r"token id 12 is outside the vocabulary \[0, 12\)",
-        layer,
-        torch.tensor([[1, 12]]),
-    )
-    expect_error(
-        ValueError, r"token id -1 is outside the vocabulary", layer, torch.tensor([[-1, 2]])
+        RuntimeError, r"a token id is outside the vocabulary \[0, 12\)", layer, torch.tensor([[12]])
     )
     expect_error(
         TypeError, r"must be an integer tensor, got dtype torch.float32", layer, torch.zeros(2, 3)

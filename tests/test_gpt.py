@@ -17,6 +17,7 @@ from helpers import expect_error, rel_err
 from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
+from triton_parallel_layers.parallel_layers.checks import debug_checks
 from triton_parallel_layers.parallel_layers.sequence_parallel import SequenceParallelDropout
 from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
@@ -268,8 +269,13 @@ def test_padding_and_loss_inputs():
     assert rel_err(model.loss(logits, target), expected) <= RTOL
     target_pad = target.clone()
     target_pad[0, 0] = 100
-    expect_error(ValueError, r"target id 100 is a padding id", model.loss, logits, target_pad)
-    expect_error(ValueError, r"token id 97 is outside the vocabulary \[0, 97\)",
+    with debug_checks():  # the opt-in eager checks name the bad value
+        expect_error(ValueError, r"target id 100 is a padding id", model.loss, logits, target_pad)
+        expect_error(ValueError, r"token id 97 is outside the vocabulary \[0, 97\)",
+                     model, torch.full((1, 4), 97))  # fmt: skip
+    # by default device-side asserts (a RuntimeError on CPU), no host sync
+    expect_error(RuntimeError, r"a target id is a padding id", model.loss, logits, target_pad)
+    expect_error(RuntimeError, r"a token id is outside the vocabulary \[0, 97\)",
                  model, torch.full((1, 4), 97))  # fmt: skip
     expect_error(ValueError, r"exceeds max_seq_len=32", model, torch.zeros(1, 33, dtype=torch.long))
     # the seed decides the initialization, whatever ran before

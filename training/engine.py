@@ -161,9 +161,10 @@ class Engine:
         return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """The global gradient norm (each parameter counted once over tp, pp and dp), and the
-        gradients scaled down to ``max_norm`` when it is exceeded (``max_norm = 0``: no clipping)."""
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The global gradient norm (each parameter counted once over tp, pp and dp) as a 0-dim
+        fp32 tensor, and the gradients scaled down to ``max_norm`` when it is exceeded
+        (``max_norm = 0``: no clipping). No host-device sync: the scale stays on the device."""
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for p in self.params:
             g = p.param.grad
@@ -180,7 +181,7 @@ class Engine:
             grads = [p.param.grad for p in self.params if p.param.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, coef)
-        return float(norm)
+        return norm
 
     # -- inference ----------------------------------------------------------------------------
     @torch.no_grad()

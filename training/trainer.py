@@ -314,7 +314,8 @@ class Trainer:
                 if dims.dp > 1:
                     dist.all_reduce(loss, group=dims.dp_group)
                     loss = loss / dims.dp
-                loss_value = float(loss)
+                # The step's one host-device sync: the loss and the norm read back together.
+                loss_value, grad_norm = torch.stack([loss.float(), grad_norm]).tolist()
                 dt = time.perf_counter() - t0
                 self.step += 1
                 step_times.append(dt)
