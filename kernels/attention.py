@@ -66,6 +66,7 @@ import os
 
 import torch
 from einops import repeat
+from torch.utils.flop_counter import register_flop_formula
 
 from triton_parallel_layers.kernels._dispatch import (
     autocast_inputs,
@@ -875,6 +876,26 @@ def _attn_backward(ctx, dout, dlse):
 
 
 _flash_attention_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+# FLOPs of the ops for torch.utils.flop_counter.FlopCounterMode (MFU, the pipeline's "flops"
+# partition, the planner's profiles), by PyTorch's convention for SDPA: the two products of the
+# forward, ``Q K^T`` and ``P V``, in full (causal masking not discounted), and twice that in the
+# backward (dV, dP, dQ, dK; the recomputed ``Q K^T`` not counted).
+def _attn_flops(q_shape, k_shape, v_shape) -> int:
+    b, h, s_q, d = q_shape
+    s_k, d_v = k_shape[-2], v_shape[-1]
+    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
+
+
+@register_flop_formula(torch.ops.triton_parallel_layers.flash_attention_fwd)
+def _attn_fwd_flop_formula(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return _attn_flops(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.triton_parallel_layers.flash_attention_bwd)
+def _attn_bwd_flop_formula(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return 2 * _attn_flops(q_shape, k_shape, v_shape)
 
 
 def _check_inputs(

@@ -147,3 +147,20 @@ def test_opcheck_as_triton_ops_without_the_interpreter():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "attention-bwd" in proc.stdout
+
+
+def test_flop_counter_counts_attention():
+    """``FlopCounterMode`` sees the attention ops (registered flop formulas): the forward's two
+    products in full, ``4 B H S^2 D``, and twice that in the backward (PyTorch's SDPA
+    convention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from triton_parallel_layers.kernels import flash_attention
+
+    q, k, v = _randn(2, 4, 24, 16), _randn(2, 2, 24, 16), _randn(2, 2, 24, 16)
+    with FlopCounterMode(display=False) as fwd:
+        out = flash_attention(q, k, v, causal=True)
+    with FlopCounterMode(display=False) as bwd:
+        out.sum().backward()
+    assert fwd.get_total_flops() == 4 * 2 * 4 * 24 * 24 * 16
+    assert bwd.get_total_flops() == 2 * fwd.get_total_flops()
