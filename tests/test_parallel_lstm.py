@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import assert_close, expect_error
-from triton_parallel_layers.parallel_layers import ParallelDims, ParallelLSTM
+from triton_parallel_layers.parallel_layers import ParallelDims, ParallelLSTM, parallelize
 from triton_parallel_layers.parallel_layers.lstm import gate_shard
 from triton_parallel_layers.parallel_layers.sharding import (
     local_shard,
@@ -118,6 +118,8 @@ def _bad_input_case():
     expect_error(ValueError, r"expected 3 dims \(B, T, I\)", layer, torch.randn(5, 3))
     expect_error(ValueError, r"h0 of shape \(1, 2, 8\): expected \(2, 2, 8\)", layer,
                  torch.randn(2, 5, 3), (torch.zeros(1, 2, 8), torch.zeros(2, 2, 8)))  # fmt: skip
+    expect_error(ValueError, r"0: hidden_size=10 is not divisible by the tensor-parallel size 4",
+                 parallelize, nn.Sequential(nn.LSTM(3, 10)), {"0": "lstm"}, g)  # fmt: skip
     # Every rank raised on its own; the group is still usable (nobody is stuck in a collective).
     x = torch.ones(1)
     dist.all_reduce(x, group=g)
@@ -143,3 +145,18 @@ def test_without_group_is_nn_lstm():
     assert_close(out.detach(), ref_out.detach(), what="out")
     assert_close(h.detach(), ref_h.detach(), what="h_n")
     assert_close(c.detach(), ref_c.detach(), what="c_n")
+
+
+def test_plan_style_lstm():
+    """The plan style ``lstm`` refuses what ParallelLSTM does not implement, naming the module,
+    and swaps a fitting nn.LSTM at tp = 1 for nothing (the model is returned as it is)."""
+    model = nn.Sequential(nn.LSTM(3, 8, bidirectional=True), nn.LSTM(3, 8, proj_size=2))
+    expect_error(
+        ValueError, r"0: style 'lstm' supports unidirectional .* bidirectional=True",
+        parallelize, model, {"*": "lstm"}, None,
+    )  # fmt: skip
+    expect_error(
+        ValueError, r"1: style 'lstm' .* proj_size=2", parallelize, model, {"*": "lstm"}, None
+    )
+    plain = nn.Sequential(nn.LSTM(3, 8))
+    assert parallelize(plain, {"0": "lstm"}, None) is plain and isinstance(plain[0], nn.LSTM)
