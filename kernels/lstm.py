@@ -222,9 +222,14 @@ def _lstm_cell_op(z: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, 
     return h.contiguous(), c.contiguous()
 
 
+def _new(like: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of ``like``'s shape, dtype and device (what both paths return)."""
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
 @_lstm_cell_op.register_fake
 def _(z: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(c_prev), torch.empty_like(c_prev)
+    return _new(c_prev), _new(c_prev)
 
 
 @torch.library.custom_op("triton_parallel_layers::lstm_cell_backward", mutates_args=())
@@ -233,12 +238,13 @@ def _lstm_cell_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(z, c_prev, c, dh, dc):
         return _lstm_cell_bwd(z, c_prev, c, dh, dc)
-    return _lstm_cell_bwd_ref(z, c_prev, c, dh, dc)
+    dz, dc_prev = _lstm_cell_bwd_ref(z, c_prev, c, dh, dc)
+    return dz.contiguous(), dc_prev.contiguous()
 
 
 @_lstm_cell_bwd_op.register_fake
 def _(z, c_prev, c, dh, dc) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(z), torch.empty_like(c_prev)
+    return _new(z), _new(c_prev)
 
 
 def _setup_context(ctx, inputs, output) -> None:
