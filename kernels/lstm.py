@@ -37,9 +37,10 @@ and rounds ``h``, ``c`` (and the gradients) once at the store. ``tanh(x)`` is wr
 ``2 sigmoid(2x) - 1`` (Triton has no tanh): an absolute error of a few fp32 ulps near 0.
 
 The cell is the ``torch.library`` custom op ``triton_parallel_layers::lstm_cell`` (with a fake
-implementation and registered autograd, so ``torch.compile`` sees one opaque node per step); it
-runs the Triton kernel or the pure-torch :func:`lstm_cell_ref` as
-:func:`~triton_parallel_layers.kernels._dispatch.use_triton` says. :func:`lstm` is one layer
+implementation and registered autograd, so ``torch.compile`` sees one opaque node per step) where
+:func:`~triton_parallel_layers.kernels._dispatch.use_triton` picks the Triton kernel; on the
+reference path :func:`lstm_cell` runs the pure-torch :func:`lstm_cell_ref` directly (autograd
+differentiates it; the op's own torch implementation serves calls of the op itself). :func:`lstm` is one layer
 batch-first like ``nn.LSTM``; :func:`lstm_ref` is the whole layer in plain torch ops (the unfused
 cell), for tests and benchmarks.
 """
@@ -276,7 +277,9 @@ def lstm_cell(z: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torc
             ``nn.LSTM``'s order ``i, f, g, o``; fp32, fp16 or bf16.
         c_prev: ``(B, H)`` the previous cell state, ``z``'s dtype and device.
 
-    Differentiable in both; runs the Triton kernel or :func:`lstm_cell_ref` (see the module doc).
+    Differentiable in both. Runs the custom op ``triton_parallel_layers::lstm_cell`` (the Triton
+    kernel) where :func:`~triton_parallel_layers.kernels._dispatch.use_triton` says so, else
+    :func:`lstm_cell_ref` (plain torch ops, differentiated by autograd).
     """
     if z.dim() != 2 or c_prev.dim() != 2 or z.shape != (c_prev.shape[0], 4 * c_prev.shape[1]):
         raise ValueError(
@@ -288,6 +291,10 @@ def lstm_cell(z: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torc
             f"lstm_cell: z.dtype={z.dtype}, c_prev.dtype={c_prev.dtype}: expected both the same, "
             f"one of {list(_DTYPES)}"
         )
+    if not use_triton(z, c_prev):
+        # The torch path as plain ops under autograd: in eager mode the custom op's dispatch costs
+        # more than this small cell (~0.5 ms a step on a CPU), and torch.compile fuses the ops.
+        return lstm_cell_ref(z, c_prev)
     return _lstm_cell_op(z, c_prev)
 
 
