@@ -324,8 +324,10 @@ def lstm_scan(
     """
     hs: list[torch.Tensor] = []
     h, c = h0, c0
-    for t in range(xg.shape[0]):
-        z = torch.addmm(xg[t], h, weight_hh.t())  # (B, 4H') = xg[t] + (B, H) @ (H, 4H')
+    # unbind, not xg[t]: autograd then stacks the T step gradients once, where indexing would
+    # write each into a fresh zero tensor of xg's whole size (O(T^2) memory traffic)
+    for xg_t in xg.unbind(0):
+        z = torch.addmm(xg_t, h, weight_hh.t())  # (B, 4H') = xg[t] + (B, H) @ (H, 4H')
         h_part, c = lstm_cell(z, c)  # (B, H') each
         h = h_part if gather_hidden is None else gather_hidden(h_part)  # (B, H)
         hs.append(h)
@@ -425,8 +427,8 @@ def lstm_ref(
     batch, hidden = xt.shape[1], weight_hh.shape[1]
     h, c = hx if hx is not None else (xt.new_zeros(batch, hidden),) * 2
     outs = []
-    for t in range(xt.shape[0]):
-        z = F.linear(xt[t], weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)  # (B, 4H)
+    for x_t in xt.unbind(0):  # (B, I) each; unbind's backward stacks the gradients once
+        z = F.linear(x_t, weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)  # (B, 4H)
         zi, zf, zg, zo = z.chunk(4, dim=-1)
         c = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
         h = torch.sigmoid(zo) * torch.tanh(c)
