@@ -254,9 +254,14 @@ class LSTMLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-# The tensor-parallel plan (see triton_parallel_layers.parallel_layers.parallelize).
-LSTM_TP_PLAN: dict[str, str] = {
-    "embed.tok": "vocab",  # (V/p, E) rows by vocabulary range
-    "blocks.*.lstm": "lstm",  # ParallelLSTM: (4H/p, *) gate-blocked rows, h all-gathered per step
-    "head.proj": "colwise",  # (V/p, H): logits stay vocabulary-sharded for the loss
+# The tensor-parallel plan (see triton_parallel_layers.parallel_layers.parallelize). Sequence
+# parallelism is switched off entry by entry, so parallelize(..., sequence_parallel=True) cannot
+# hand the recurrence a sequence shard.
+LSTM_TP_PLAN: dict[str, str | dict] = {
+    # (V/p, E) rows by vocabulary range
+    "embed.tok": {"style": "vocab", "sequence_parallel": False},
+    # ParallelLSTM: (4H/p, *) gate-blocked rows, h all-gathered once per step
+    "blocks.*.lstm": "lstm",
+    # (V/p, H): logits stay vocabulary-sharded for the loss
+    "head.proj": {"style": "colwise", "sequence_parallel": False},
 }

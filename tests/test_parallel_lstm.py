@@ -160,3 +160,24 @@ def test_plan_style_lstm():
     )
     plain = nn.Sequential(nn.LSTM(3, 8))
     assert parallelize(plain, {"0": "lstm"}, None) is plain and isinstance(plain[0], nn.LSTM)
+
+
+def _model_case():
+    """The LSTM language model parallelized by its plan, even with sequence_parallel=True as the
+    default (the plan turns it off for its entries), gives the single-device loss."""
+    from triton_parallel_layers.models.lstm import LSTM_TP_PLAN, LSTMLM, LSTMConfig
+
+    dims = ParallelDims(tp=dist.get_world_size())
+    config = LSTMConfig(vocab_size=50, n_layers=2, embed_dim=6, hidden_size=8, max_seq_len=8,
+                        vocab_pad_multiple=8)  # fmt: skip
+    ref = LSTMLM(config, seed=3)
+    model = parallelize(LSTMLM(config, seed=3), LSTM_TP_PLAN, dims, sequence_parallel=True)
+    ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
+    loss = model.loss(model(ids), target)
+    assert_close(loss.detach(), ref.loss(ref(ids), target).detach(), what="loss")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_lstm_model_plan(dist_run, world_size):
+    dist_run(world_size, _model_case)
