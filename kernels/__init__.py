@@ -26,6 +26,7 @@ from triton_parallel_layers.kernels.conv import (
     conv2d_bias_relu,
     conv2d_bias_relu_ref,
 )
+from triton_parallel_layers.kernels.lstm import lstm, lstm_cell, lstm_ref
 
 __all__ = [
     "all_gather_matmul",
@@ -42,5 +43,8 @@ __all__ = [
     "force_backend",
     "interpreter_enabled",
     "kernel_backend",
+    "lstm",
+    "lstm_cell",
+    "lstm_ref",
     "use_triton",
 ]

@@ -10,6 +10,7 @@ from triton_parallel_layers.parallel_layers.cross_entropy import vocab_parallel_
 from triton_parallel_layers.parallel_layers.dims import ParallelDims
 from triton_parallel_layers.parallel_layers.embedding import VocabParallelEmbedding
 from triton_parallel_layers.parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers.lstm import ParallelLSTM
 from triton_parallel_layers.parallel_layers.parallelize import parallelize
 from triton_parallel_layers.parallel_layers.pipeline import (  # noqa: F401
     PipelineStage,
@@ -26,6 +27,7 @@ __all__ = [
     "ColumnParallelConv2d",
     "ColumnParallelLinear",
     "ParallelDims",
+    "ParallelLSTM",
     "ParallelSelfAttention",
     "RowParallelConv2d",
     "RowParallelLinear",

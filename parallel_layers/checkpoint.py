@@ -7,6 +7,10 @@ says how this rank's local tensor sits in the full one::
     ColumnParallelLinear weight (out/tp, in)  -> DTensor(local, tp_mesh, [Shard(0)]), shape (out, in)
     RowParallelLinear weight    (out, in/tp)  -> DTensor(local, tp_mesh, [Shard(1)]), shape (out, in)
     a norm weight, a row bias   (E,)          -> DTensor(local, tp_mesh, [Replicate()])
+    ParallelLSTM weight_ih_l0   (4H/tp, I)    -> DTensor(local as (4, H/tp, I), [Shard(1)]), (4, H, I)
+
+(an LSTM's parameters are four gate blocks, each sharded alike, so they are saved as
+``(4, H, *)`` at every tp, ``nn.LSTM``'s included: see ``param_blocks`` in ``sharding.py``)
 
 DCP stores each tensor by its global shape and each shard by its global offset, so the checkpoint
 knows nothing of the layout that wrote it: a run at another ``tp`` asks for other slices of the same
@@ -57,7 +61,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from triton_parallel_layers.parallel_layers.sharding import param_sharding
+from triton_parallel_layers.parallel_layers.sharding import param_blocks, param_sharding
 
 __all__ = [
     "CheckpointError",
@@ -93,7 +97,8 @@ class ShardedParam:
     """One parameter as this rank holds it, and where it sits in the single-device model.
 
     ``tensor`` is ``torch.chunk(full, tp, dim)[tp_rank]`` of the full ``full_shape`` tensor, or the
-    whole tensor when ``dim`` is ``None`` (replicated over the TP group).
+    whole tensor when ``dim`` is ``None`` (replicated over the TP group). A gate-blocked LSTM
+    parameter ``(4H/tp, *)`` is viewed as ``(4, H/tp, *)`` of a ``(4, H, *)`` ``full_shape``.
     """
 
     name: str
@@ -128,6 +133,10 @@ def sharded_params(
             shape = list(param.shape)
             if dim is not None:
                 shape[dim] *= parts
+            blocks = param_blocks(module)
+            if blocks > 1:  # saved as (blocks, rows / blocks, *): each rank's a chunk of dim 1
+                shape = [blocks, shape[0] // blocks, *shape[1:]]
+                dim = None if dim is None else 1
             out.append(ShardedParam(name, param, dim, torch.Size(shape)))
     return out
 
@@ -138,6 +147,8 @@ def to_dtensor(
     """``local`` (this rank's chunk along ``dim`` of a ``full_shape`` tensor, or all of it) as a
     DTensor over the 1-D ``mesh``, sharing ``local``'s storage (DCP loads into it in place)."""
     placement = Replicate() if dim is None else Shard(dim)
+    if local.dim() < len(full_shape):  # a gate-blocked parameter, (4H/p, *) as (4, H/p, *)
+        local = local.unflatten(0, (full_shape[0], -1))
     stride = torch.empty(full_shape, device="meta").stride()
     return DTensor.from_local(
         local.detach(), mesh, [placement], run_check=False, shape=full_shape, stride=stride

@@ -14,7 +14,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from triton_parallel_layers.parallel_layers.sharding import param_sharding
+from triton_parallel_layers.parallel_layers.sharding import (
+    local_shard,
+    param_blocks,
+    param_sharding,
+)
 
 __all__ = ["InitFn", "draw_seed", "init_by_name_", "name_seed"]
 
@@ -76,5 +80,5 @@ def init_by_name_(model: nn.Module, seed: int, init_fn: InitFn) -> None:
                 raise ValueError(
                     f"init_fn returned shape {tuple(full.shape)} for {name}, expected {tuple(shape)}"
                 )
-            local = full if dim is None else full.chunk(parts, dim)[rank]
+            local = local_shard(full, dim, parts, rank, param_blocks(module))
             param.copy_(local)

@@ -37,6 +37,8 @@ style                  replaces                                        options
                        first self-attention) -> MHASelfAttention       ``causal`` (MHA only)
 ``colwise_conv``       ``nn.Conv2d`` -> :class:`ColumnParallelConv2d`  ``relu``, ``gather_output``
 ``rowwise_conv``       ``nn.Conv2d`` -> :class:`RowParallelConv2d`     ``input_is_parallel``
+``lstm``               ``nn.LSTM`` (unidirectional, no projection)     (none)
+                       -> :class:`ParallelLSTM` (hidden units sharded)
 ``sequence_parallel``  a replicated module between the parallel        (none)
                        layers (``nn.LayerNorm``, ``nn.RMSNorm``,
                        ``nn.Dropout``, or one without parameters)
@@ -90,6 +92,7 @@ from triton_parallel_layers.parallel_layers.conv import ColumnParallelConv2d, Ro
 from triton_parallel_layers.parallel_layers.dims import ParallelDims
 from triton_parallel_layers.parallel_layers.embedding import VocabParallelEmbedding
 from triton_parallel_layers.parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers.lstm import ParallelLSTM
 from triton_parallel_layers.parallel_layers.mha import MHASelfAttention
 from triton_parallel_layers.parallel_layers.sequence_parallel import (
     SequenceParallelDropout,
@@ -110,6 +113,7 @@ STYLES: dict[str, dict[str, Any]] = {
     "attention": {"sequence_parallel": None, "overlap_comm": None, "causal": True},
     "colwise_conv": {"relu": None, "gather_output": False},
     "rowwise_conv": {"input_is_parallel": True},
+    "lstm": {},
     "sequence_parallel": {},
 }
 
@@ -223,6 +227,7 @@ def _check_module(entry: _Entry, module: nn.Module, tp: int, problems: list[str]
         "attention": (ParallelSelfAttention, nn.MultiheadAttention),
         "colwise_conv": nn.Conv2d,
         "rowwise_conv": nn.Conv2d,
+        "lstm": nn.LSTM,
     }.get(style)
     if expect is not None and not isinstance(module, expect):
         types = expect if isinstance(expect, tuple) else (expect,)
@@ -255,6 +260,13 @@ def _check_module(entry: _Entry, module: nn.Module, tp: int, problems: list[str]
                 "activation must follow the sum over ranks); make it colwise_conv"
             )
         _need_divisible(name, "in_channels", module.in_channels, tp, problems)
+    elif style == "lstm":
+        if module.bidirectional or module.proj_size:
+            problems.append(
+                f"{name}: style 'lstm' supports unidirectional nn.LSTMs without projection, found "
+                f"bidirectional={module.bidirectional}, proj_size={module.proj_size}"
+            )
+        _need_divisible(name, "hidden_size", module.hidden_size, tp, problems)
     elif style == "sequence_parallel":
         supported = (nn.LayerNorm, nn.RMSNorm, nn.Dropout)
         if not isinstance(module, supported) and any(True for _ in module.parameters()):
@@ -313,6 +325,8 @@ def _build(entry: _Entry, module: nn.Module, group: Group) -> nn.Module:
         )
     if style == "rowwise_conv":
         return RowParallelConv2d.from_conv(module, group, **o)
+    if style == "lstm":
+        return ParallelLSTM.from_lstm(module, group)
     # sequence_parallel: only with sequence parallelism on, and only for what needs it
     if group_size(group) == 1 or not entry.options.get("_sp", False):
         return module

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["tests", "attention", "conv", "matmul", "train_step"]
+PARTS = ["tests", "attention", "conv", "matmul", "lstm", "train_step"]
 
 
 def test_gpu_check_smoke_writes_the_report(tmp_path):

@@ -40,7 +40,11 @@ from triton_parallel_layers.parallel_layers.pipeline import (
     pipeline_parameters,
     render_ascii,
 )
-from triton_parallel_layers.parallel_layers.sharding import param_sharding
+from triton_parallel_layers.parallel_layers.sharding import (
+    local_shard,
+    param_blocks,
+    param_sharding,
+)
 
 RTOL = 1e-5
 STEPS = 5
@@ -49,6 +53,8 @@ SCHEDULES = ["gpipe", "1f1b", "interleaved", "zb-h1"]
 
 GPT_CFG = dict(vocab_size=97, n_layers=6, n_heads=2, embed_dim=32, max_seq_len=16,
                vocab_pad_multiple=8, bias=True)  # fmt: skip
+LSTM_CFG = dict(vocab_size=97, n_layers=4, embed_dim=12, hidden_size=16, max_seq_len=16,
+                vocab_pad_multiple=8)  # fmt: skip
 CNN_CFG = dict(
     in_channels=3, num_classes=10, width=4, num_stages=3, blocks_per_stage=2
 )  # 10 layers
@@ -96,6 +102,10 @@ def _build(name: str, tp_group: dist.ProcessGroup | None = None) -> nn.Module:
         from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 
         model, plan = GPT(GPTConfig(**GPT_CFG)), GPT_TP_PLAN
+    elif name == "lstm":
+        from triton_parallel_layers.models.lstm import LSTM_TP_PLAN, LSTMLM, LSTMConfig
+
+        model, plan = LSTMLM(LSTMConfig(**LSTM_CFG)), LSTM_TP_PLAN
     else:
         from triton_parallel_layers.models.cnn import CNN_TP_PLAN, CNNConfig, ResNetCNN
 
@@ -107,7 +117,7 @@ def _build(name: str, tp_group: dist.ProcessGroup | None = None) -> nn.Module:
 
 def _batch(name: str, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
-    if name == "gpt":
+    if name in ("gpt", "lstm"):
         tokens = torch.randint(0, GPT_CFG["vocab_size"], (batch, SEQ + 1), generator=gen)
         return tokens[:, :-1], tokens[:, 1:]
     if name in ("cnn", "small_cnn"):
@@ -127,7 +137,7 @@ def _param_errors(stages, ref_layers) -> dict[str, float]:
                 for pname, p in module.named_parameters(recurse=False):
                     full = getattr(ref_layer.get_submodule(mname), pname)
                     dim, parts, rank = param_sharding(module, pname)
-                    expected = full if dim is None else full.chunk(parts, dim)[rank]
+                    expected = local_shard(full, dim, parts, rank, param_blocks(module))
                     errors[f"layer{start + k}.{mname}.{pname}"] = rel_err(p, expected)
     return errors
 
@@ -232,8 +242,17 @@ def test_model_parity_every_schedule(dist_run, name, pp):
     _check(dist_run(pp, _parity, name, SCHEDULES, 4, timeout=300), f"{name} pp={pp}")
 
 
-def _hybrid(name: str) -> dict:
-    return _parity(name, SCHEDULES, 4, dp=2, tp=2)
+def _hybrid(name: str, schedules: list[str] = SCHEDULES) -> dict:
+    return _parity(name, schedules, 4, dp=2, tp=2)
+
+
+def test_lstm_parity(dist_run):
+    """The stacked-LSTM language model (models/lstm.py) matches one device: pp = 2 under every
+    schedule, and (dp, pp, tp) = (2, 2, 2) (ParallelLSTM over tp, DDP over dp) under 1F1B and
+    interleaved 1F1B."""
+    _check(dist_run(2, _parity, "lstm", SCHEDULES, 4, timeout=300), "lstm pp=2")
+    results = dist_run(8, _hybrid, "lstm", ["1f1b", "interleaved"], timeout=600)
+    _check(results, "lstm (2,2,2)")
 
 
 def test_hybrid_dp_pp_tp_222(dist_run):

@@ -70,6 +70,36 @@ def test_layouts_give_the_same_losses(dist_run, tmp_path):
     assert len(losses[0]) == 2 and losses[0][1] < losses[0][0]
 
 
+LSTM_TINY = ["--n-layers", "2", "--embed-dim", "16", "--hidden-size", "16", "--seq-len", "16",
+             "--data-bytes", "200000", "--batch-size", "8", "--eval-batches", "1",
+             "--sample-tokens", "0", "--no-progress", "--no-plot", "--log-interval", "0",
+             "--eval-interval", "0", "--ckpt-interval", "0", "--warmup-steps", "1"]  # fmt: skip
+
+
+def test_lstm_layouts_and_checkpoint(dist_run, tmp_path):
+    """The stacked LSTM trained 2 steps at (1, 1, 1) and at (1, 2, 2) (1F1B, ParallelLSTM over
+    tp) gives the same losses; its checkpoint (gate-blocked LSTM weights saved as (4, H, *))
+    evaluated at (1, 1, 4) and (1, 1, 1) gives the same validation loss."""
+    runs = {}
+    for name, world, flags in (("one", 1, []), ("pp2tp2", 4, ["--pp", "2", "--tp", "2"])):
+        out = tmp_path / name
+        args = [*LSTM_TINY, *flags, "--max-steps", "2", "--out", str(out)]
+        results = dist_run(world, _main, "lstm", args, timeout=180)
+        assert [r["code"] for r in results] == [0] * world, results[0]["err"]
+        runs[name] = [r["loss"] for r in _metrics(out) if "loss" in r]
+    assert len(runs["one"]) == 2 and runs["one"][1] < runs["one"][0]
+    assert runs["pp2tp2"] == pytest.approx(runs["one"], rel=RTOL)
+    saved = json.loads((tmp_path / "pp2tp2" / "summary.json").read_text())["eval"]["val_loss"]
+    ckpt = str(tmp_path / "pp2tp2" / "checkpoints")
+    for world, flags in ((4, ["--tp", "4"]), (1, [])):
+        out = tmp_path / f"eval{world}"
+        args = [*LSTM_TINY, *flags, "--resume", ckpt, "--eval-only", "--out", str(out)]
+        results = dist_run(world, _main, "lstm", args, timeout=180)
+        assert results[0]["code"] == 0, results[0]["err"]
+        again = json.loads((out / "summary.json").read_text())["eval"]["val_loss"]
+        assert again == pytest.approx(saved, rel=RTOL), (flags, again, saved)
+
+
 CNN_TINY = ["--width", "8", "--num-stages", "2", "--blocks-per-stage", "1", "--batch-size", "32",
             "--no-progress", "--no-plot", "--log-interval", "0", "--eval-interval", "0",
             "--ckpt-interval", "0"]  # fmt: skip

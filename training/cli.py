@@ -1,4 +1,4 @@
-"""The command-line entry behind ``scripts/train_gpt.py`` and ``scripts/train_cnn.py``.
+"""The command-line entry behind ``scripts/train_gpt.py``, ``scripts/train_lstm.py`` and ``scripts/train_cnn.py``.
 
 One run, on every rank::
 
@@ -160,8 +160,15 @@ def run_main(
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:
-    """``main("gpt")`` / ``main("cnn")``: the two training scripts."""
-    from triton_parallel_layers.training.tasks import CNNTask, CNNTaskConfig, GPTTask, GPTTaskConfig
+    """``main("gpt")`` / ``main("lstm")`` / ``main("cnn")``: the training scripts."""
+    from triton_parallel_layers.training.tasks import (
+        CNNTask,
+        CNNTaskConfig,
+        GPTTask,
+        GPTTaskConfig,
+        LSTMTask,
+        LSTMTaskConfig,
+    )
 
     if kind == "gpt":
         return run_main(
@@ -169,6 +176,14 @@ def main(kind: str, argv: list[str] | None = None) -> int:
             "(dp, pp, tp) under torchrun.",
             GPTTask,
             GPTTaskConfig,
+            argv,
+        )
+    if kind == "lstm":
+        return run_main(
+            "Train the stacked LSTM (byte-level) on the Python standard library's sources, at any "
+            "(dp, pp, tp) under torchrun.",
+            LSTMTask,
+            LSTMTaskConfig,
             argv,
         )
     return run_main(

@@ -3,6 +3,8 @@
 * :class:`GPTTask`: :class:`triton_parallel_layers.models.gpt.GPT` as a byte-level language model on the Python standard
   library's sources (:func:`triton_parallel_layers.training.data.load_stdlib_corpus`); evaluation is the validation loss
   (nats per byte); at the end a text sample.
+* :class:`LSTMTask`: :class:`triton_parallel_layers.models.lstm.LSTMLM`, a stacked LSTM, on the same
+  bytes with the same evaluation and sample as the GPT.
 * :class:`CNNTask`: :class:`triton_parallel_layers.models.cnn.ResNetCNN` on scikit-learn's digits at 28x28; evaluation is
   the test accuracy.
 
@@ -27,7 +29,17 @@ from triton_parallel_layers.training.data import (
     load_stdlib_corpus,
 )
 
-__all__ = ["CNN_PRESETS", "CNNTask", "CNNTaskConfig", "GPT_PRESETS", "GPTTask", "GPTTaskConfig"]
+__all__ = [
+    "CNN_PRESETS",
+    "CNNTask",
+    "CNNTaskConfig",
+    "GPT_PRESETS",
+    "GPTTask",
+    "GPTTaskConfig",
+    "LSTM_PRESETS",
+    "LSTMTask",
+    "LSTMTaskConfig",
+]
 
 
 def _divides(problems: list[str], what: str, size: int, parts: int, flag: str) -> None:
@@ -253,6 +265,113 @@ def sample_text(
         engine.broadcast_from_last(nxt)
         ids = torch.cat([ids, nxt], dim=1)
     return bytes(ids[0].tolist()).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked LSTM on the standard library's sources
+# ---------------------------------------------------------------------------------------------
+LSTM_PRESETS: dict[str, dict] = {
+    # 0.82M parameters, as the GPT's tiny preset (2 layers: 4H(E+H) + 4H(2H) with E=128, H=224)
+    "tiny": dict(n_layers=2, embed_dim=128, hidden_size=224, seq_len=128, batch_size=16, lr=3e-3,
+                 max_steps=400),
+    # 25M parameters (4 layers, H=1280)
+    "large": dict(n_layers=4, embed_dim=512, hidden_size=1280, seq_len=256, batch_size=32,
+                  lr=1e-3, max_steps=5000),
+}  # fmt: skip
+
+
+@dataclass
+class LSTMTaskConfig:
+    """The stacked LSTM, its data and its evaluation (the GPT's)."""
+
+    model: str = "tiny"
+    """Model size preset: tiny (CPU) or large (GPUs)."""
+    n_layers: int | None = None
+    """Stacked LSTM layers; default: the preset's."""
+    embed_dim: int | None = None
+    """Token embedding width; default: the preset's."""
+    hidden_size: int | None = None
+    """Hidden units per layer (divisible by --tp); default: the preset's."""
+    seq_len: int | None = None
+    """Bytes per sequence (the truncated-BPTT window); default: the preset's."""
+    dropout: float = 0.0
+    """Dropout on the embedding and after every LSTM layer."""
+    data_bytes: int | None = None
+    """Cap on the training bytes read from the standard library (default: all, ~14 MB)."""
+    eval_batches: int = 4
+    """Validation batches (of --batch-size sequences) per evaluation."""
+    sample_tokens: int = 120
+    """Bytes to sample from the model at the end (0: none)."""
+    prompt: str = "def "
+    """Prompt of the final sample."""
+
+    def __post_init__(self) -> None:
+        if self.model not in LSTM_PRESETS:
+            raise ValueError(f"--model={self.model!r}: expected one of {list(LSTM_PRESETS)}")
+
+
+class LSTMTask(GPTTask):
+    """Byte-level language modelling of Python sources with
+    :class:`triton_parallel_layers.models.lstm.LSTMLM`: the GPT task's data, validation loss (nats
+    per byte) and final sample, another model."""
+
+    kind = "lstm"
+
+    def __init__(self, cfg: LSTMTaskConfig, run: RunConfig) -> None:
+        from triton_parallel_layers.models.lstm import LSTM_TP_PLAN, LSTMConfig
+
+        preset = LSTM_PRESETS[cfg.model]
+        self.cfg = cfg
+        self.seq_len = cfg.seq_len or preset["seq_len"]
+        self.batch_size = run.batch_size or preset["batch_size"]
+        self.default_lr = preset["lr"]
+        self.default_steps = preset["max_steps"]
+        self.plan = LSTM_TP_PLAN
+        self.seed = run.seed
+        self.config = LSTMConfig(
+            vocab_size=ByteCorpus.vocab_size,
+            n_layers=cfg.n_layers or preset["n_layers"],
+            embed_dim=cfg.embed_dim or preset["embed_dim"],
+            hidden_size=cfg.hidden_size or preset["hidden_size"],
+            max_seq_len=self.seq_len,
+            dropout=cfg.dropout,
+            vocab_pad_multiple=ByteCorpus.vocab_size,
+        )
+        self.name = f"lstm-{cfg.model}"
+        self.corpus: ByteCorpus | None = None
+
+    def validate(self, parallel: ParallelConfig, world_size: int) -> None:
+        """Raise ``ValueError`` (one line) if the layout does not fit the model or the world."""
+        c, tp = self.config, parallel.tp
+        problems: list[str] = []
+        _check_layout(parallel, world_size, problems)
+        _divides(problems, "--hidden-size", c.hidden_size, tp, f"--tp {tp}")
+        _divides(problems, "the padded vocabulary", c.padded_vocab_size, tp, f"--tp {tp}")
+        if parallel.sequence_parallel:
+            problems.append(
+                "--sequence-parallel does not apply to the LSTM (its recurrence needs the whole "
+                "sequence on every rank)"
+            )
+        _check_batch(problems, self.batch_size, parallel)
+        layers = c.n_layers + 2  # embed, LSTM layers, head
+        stages = parallel.pp * parallel.chunks
+        if layers < stages:
+            problems.append(
+                f"{c.n_layers} LSTM layers + embedding + head = {layers} layers cannot fill "
+                f"{stages} pipeline stages (--pp {parallel.pp} x {parallel.chunks} chunks)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def build_model(self):
+        from triton_parallel_layers.models.lstm import LSTMLM
+
+        return LSTMLM(self.config, seed=self.seed)
+
+    def flops_per_item(self, num_params: int) -> float:
+        """Training FLOPs per token: ``6 N`` (every weight in one multiply-add per token, forward
+        and backward; the embedding's lookups are counted too, a slight overestimate)."""
+        return 6.0 * num_params
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ module             holds
 ``synthetic``      :class:`TimedLayer`: known F/B/W costs, for measuring schedules
 ``timeline``       per-rank :class:`Timeline`, :func:`bubble_fraction`, ASCII/PNG rendering,
                    :class:`ActivationMemoryTracker`
+``wavefront``      :class:`WavefrontPipeline`: stacked recurrent layers pipelined over time
+                   chunks (a single long sequence fills the pipeline)
 =================  =====================================================================
 
 A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed, or on
@@ -73,6 +75,10 @@ from triton_parallel_layers.parallel_layers.pipeline.timeline import (
     render_ascii,
     render_png,
 )
+from triton_parallel_layers.parallel_layers.pipeline.wavefront import (
+    WavefrontPipeline,
+    wavefront_bubble_fraction,
+)
 from triton_parallel_layers.parallel_layers.weight_grad import (
     WeightGradStore,
     defer_weight_grad,
@@ -96,6 +102,7 @@ __all__ = [
     "SharedParameters",
     "StageTransport",
     "TimedLayer",
+    "WavefrontPipeline",
     "Timeline",
     "WeightGradStore",
     "bubble_fraction",
@@ -117,5 +124,6 @@ __all__ = [
     "split_weight_grad",
     "splitting",
     "validate_actions",
+    "wavefront_bubble_fraction",
     "zb_h1_actions",
 ]
