@@ -10,8 +10,13 @@ One run, on every rank::
       Trainer.fit()                     # steps, evaluation, checkpoints, progress; summary
 
 **Errors.** Known error types (bad flags, a layout that does not fit, a missing, corrupt or
-foreign checkpoint, a missing optional package, a diverged loss) end the run with one line on
-rank 0 (``error: ...``) and exit status 1 on every rank.
+foreign checkpoint, a missing optional package, a diverged loss) end the run with one line
+(``error: ...``) and exit status 1 on every rank. Under ``torchrun`` (this call made the process
+group) the ranks leave together through :class:`~triton_parallel_layers.training.fault.FaultMonitor`:
+a failure on some ranks only (any exception, a lost peer) ends every rank with status 1 and one
+line naming the rank that failed, and SIGTERM from the launcher exits with status 1, never a
+signal. Called in a process whose group exists already (tests), unknown exceptions propagate and
+known ones return 1 after the line on rank 0.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +45,7 @@ from triton_parallel_layers.training.config import (
     build_parser,
     from_args,
 )
+from triton_parallel_layers.training.fault import FaultMonitor, exit_on_sigterm
 from triton_parallel_layers.training.trainer import FORMAT, Trainer
 
 __all__ = ["KNOWN_ERRORS", "check_resume", "main", "one_line_error", "run_main"]
@@ -101,8 +108,9 @@ def run_main(
     *,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> int:
-    """Parse flags, validate, train; returns the exit status (0, or 1 after a one-line error on
-    rank 0). ``argv`` defaults to ``sys.argv[1:]``."""
+    """Parse flags, validate, train; returns the exit status (0, or 1 after a one-line error).
+    ``argv`` defaults to ``sys.argv[1:]``. A failure of a run that made its own process group of
+    several ranks does not return: the process ends with status 1 (see the module docstring)."""
     parser = build_parser(
         description,
         {
@@ -114,7 +122,9 @@ def run_main(
     )
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    created = False
+    created = False  # this call made the process group, so it also decides how the process ends
+    monitor: FaultMonitor | None = None
+    run: RunConfig | None = None
     try:
         parallel = from_args(args, ParallelConfig)
         task_cfg = from_args(args, task_cfg_cls)
@@ -131,22 +141,47 @@ def run_main(
         data_info = task.load_data()
         created = init_distributed(timeout=run.timeout)
         rank = dist.get_rank()
+        monitor = _start_monitor(created)
         trainer = Trainer(task, parallel, optim, run, resume, meta, on_step, data_info)
         trainer.setup()
         trainer.fit()
+        if monitor is not None:
+            monitor.stop()
         return 0
-    except (*KNOWN_ERRORS, CheckpointException) as e:
-        if rank == 0:
-            print(f"error: {one_line_error(e)}", file=sys.stderr, flush=True)
-        return 1
     except KeyboardInterrupt:
         if rank == 0:
             print("interrupted", file=sys.stderr, flush=True)
         return 130
+    except Exception as e:
+        known = isinstance(e, (*KNOWN_ERRORS, CheckpointException))
+        if not known and not created and (dist.is_initialized() or env_world_size() == 1):
+            raise  # one process, or a caller's process group (tests): its traceback, its handling
+        message = one_line_error(e)
+        if not known and not isinstance(e, dist.DistError):
+            traceback.print_exc()  # a bug, not a user error: keep where it happened
+        if monitor is None and not dist.is_initialized() and env_world_size() > 1:
+            # failed before the process group existed: join it only to leave with the others
+            with contextlib.suppress(Exception):
+                created = init_distributed(timeout=run.timeout if run else None)
+                monitor = _start_monitor(created)
+        if monitor is not None:
+            monitor.fail(message)  # every rank leaves with status 1, one line printed; no return
+        if rank == 0 or not known:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if created and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+def _start_monitor(created: bool) -> FaultMonitor | None:
+    """For a run that owns its process group of several ranks: SIGTERM exits with status 1, and
+    a :class:`FaultMonitor` ends this rank when another one fails."""
+    if not created or dist.get_world_size() == 1:
+        return None
+    exit_on_sigterm()
+    return FaultMonitor().start()
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:
