@@ -180,11 +180,16 @@ class RunConfig:
     """Peak bf16 TFLOP/s of one accelerator for the MFU estimate; default: known GPUs' table."""
     timeout: float = 600.0
     """Seconds a collective may wait before the process group gives up."""
+    max_skipped_steps: int = 5
+    """Optimizer steps skipped in a row (a non-finite loss or gradient norm on any rank) before the run stops; 0 stops at the first."""
 
     def __post_init__(self) -> None:
         _positive("max_steps", self.max_steps, allow_none=True)
         _positive("batch_size", self.batch_size, allow_none=True)
-        for name in ("eval_interval", "ckpt_interval", "keep_checkpoints", "log_interval"):
+        for name in (
+            "eval_interval", "ckpt_interval", "keep_checkpoints", "log_interval",
+            "max_skipped_steps",
+        ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         _choice("dtype", self.dtype, DTYPES)
 

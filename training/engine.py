@@ -161,9 +161,15 @@ class Engine:
         return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def clip_grad_norm_(self, max_norm: float, loss: torch.Tensor | None = None) -> float:
         """The global gradient norm (each parameter counted once over tp, pp and dp), and the
-        gradients scaled down to ``max_norm`` when it is exceeded (``max_norm = 0``: no clipping)."""
+        gradients scaled down to ``max_norm`` when it is exceeded (``max_norm = 0``: no clipping).
+
+        ``loss`` (this rank's loss, 0-dim) rides along in the same all-reduce: the norm is NaN on
+        every rank when any rank's loss or gradient is not finite (``0 * loss`` adds exactly 0
+        to the sum of squares otherwise), so one look at the returned float decides a step alike
+        on every rank, with no collective of its own.
+        """
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for p in self.params:
             g = p.param.grad
@@ -172,6 +178,8 @@ class Engine:
             ) and p.name not in self.tied_copies
             if g is not None and counted:
                 sq += g.float().pow(2).sum()
+        if loss is not None:
+            sq += 0.0 * loss.detach().float()  # 0 * (inf or nan) = nan
         if self.dims.world_size > 1:
             dist.all_reduce(sq)  # dp replicas hold the same gradients: divide them out
         norm = (sq / self.dims.dp).sqrt()

@@ -174,3 +174,37 @@ class FaultMonitor:
             shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
             line += f"; rank{'s' if len(missing) > 1 else ''} {shown} did not respond in {self.grace:g} s"
         return line
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection (tests only)
+# ---------------------------------------------------------------------------------------------
+INJECT_ENV = "TPL_INJECT_FAULT"
+"""Test hook: faults to inject, ``kind@rank:step`` separated by commas (``nan@1:3,nan@1:4``).
+Kinds: ``nan`` (this rank's loss of that step becomes NaN, as a diverging forward would make
+it). Steps count from 1 (the step being computed). For fault-tolerance tests, never for training."""
+
+FAULT_KINDS = ("nan",)
+
+
+class FaultPlan:
+    """The faults :data:`INJECT_ENV` asks of ``rank``: ``plan.has("nan", step)``."""
+
+    def __init__(self, rank: int, spec: str | None = None) -> None:
+        spec = os.environ.get(INJECT_ENV, "") if spec is None else spec
+        self.faults: set[tuple[str, int]] = set()
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            try:
+                kind, where = item.split("@")
+                at_rank, step = (int(v) for v in where.split(":"))
+            except ValueError:
+                raise ValueError(
+                    f"{INJECT_ENV}={spec!r}: expected kind@rank:step items, e.g. nan@1:3"
+                ) from None
+            if kind not in FAULT_KINDS:
+                raise ValueError(f"{INJECT_ENV}: fault {kind!r}, expected one of {FAULT_KINDS}")
+            if at_rank == rank:
+                self.faults.add((kind, step))
+
+    def has(self, kind: str, step: int) -> bool:
+        return (kind, step) in self.faults
