@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -142,7 +143,7 @@ def run_main(
         created = init_distributed(timeout=run.timeout)
         rank = dist.get_rank()
         monitor = _start_monitor(created)
-        trainer = Trainer(task, parallel, optim, run, resume, meta, on_step, data_info)
+        trainer = Trainer(task, parallel, optim, run, resume, meta, on_step, data_info, monitor)
         trainer.setup()
         trainer.fit()
         if monitor is not None:
@@ -157,7 +158,10 @@ def run_main(
         if not known and not created and (dist.is_initialized() or env_world_size() == 1):
             raise  # one process, or a caller's process group (tests): its traceback, its handling
         message = one_line_error(e)
-        if not known and not isinstance(e, dist.DistError):
+        if _is_communication_failure(e):  # a peer timed out, died or reset the connection
+            where = f" in {monitor.phase}" if monitor is not None else ""
+            message = f"communication failed{where}: {_GLOO_SOURCE.sub('', message)}"
+        elif not known:
             traceback.print_exc()  # a bug, not a user error: keep where it happened
         if monitor is None and not dist.is_initialized() and env_world_size() > 1:
             # failed before the process group existed: join it only to leave with the others
@@ -173,6 +177,18 @@ def run_main(
         if created and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+_GLOO_SOURCE = re.compile(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*")  # "[.../pair.cc:534] "
+
+
+def _is_communication_failure(e: BaseException) -> bool:
+    """A collective or point-to-point wait that timed out or lost its peer (gloo raises plain
+    ``RuntimeError`` s naming its source file)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and ("gloo" in text or "NCCL" in text)
+    )
 
 
 def _start_monitor(created: bool) -> FaultMonitor | None:

@@ -68,8 +68,9 @@ def exit_on_sigterm() -> None:
 class FaultMonitor:
     """Announces this rank's failure to the others, or notices theirs, and ends every rank alike.
 
-    Start it once the default process group exists; :meth:`fail` on a failing rank, :meth:`stop`
-    after a run that ended well. See the module docstring for the protocol.
+    Start it once the default process group exists; set :attr:`phase` as the run goes; call
+    :meth:`fail` on a failing rank, :meth:`stop` after a run that ended well. See the module
+    docstring for the protocol.
 
     Args:
         interval: seconds between two looks at the store by the watching thread.
@@ -84,6 +85,10 @@ class FaultMonitor:
         self.prefix = f"tpl/{attempt}/"
         self.interval = interval
         self.grace = grace
+        self.phase = "setting up"
+        """Where this rank is (``"step 7: forward and backward"``), set by the trainer; the
+        thread posts it with the time, and a failure report names where the other ranks were."""
+        self._posted = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -103,9 +108,17 @@ class FaultMonitor:
             self._thread.start()
         return self
 
+    def _beat(self) -> None:
+        """Post this rank's phase (when it changed) with the time."""
+        phase = self.phase
+        if phase != self._posted:
+            self.store.set(self._key(f"beat/{self.rank}"), f"{time.time():.3f} {phase}")
+            self._posted = phase
+
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                self._beat()
                 failed = self._count("failed")
             except Exception:  # noqa: BLE001 - the store went away: the launcher is stopping us
                 return
@@ -125,6 +138,7 @@ class FaultMonitor:
         and end the process with status 1; one rank of the job prints the ``error:`` line."""
         self._stop.set()  # this thread leaves now; the watching one must not leave a second time
         try:
+            self._beat()
             self.store.set(self._key(f"error/{self.rank}"), message)
             self.store.add(self._key("failed"), 1)
             claimed = self.store.compare_set(self._key("reporter"), "", str(self.rank))
@@ -168,6 +182,9 @@ class FaultMonitor:
         line = message if failed == self.world_size else f"rank {self.rank}: {message}"
         if failed not in (1, self.world_size):
             line += f" ({failed} of {self.world_size} ranks failed)"
+        elsewhere = self._elsewhere()
+        if elsewhere:
+            line += f"; not there: {elsewhere}"
         arrived = {int(r) for r in self.store.get(self._key("arrived")).decode().split(",") if r}
         missing = sorted(set(range(self.world_size)) - arrived)
         if missing:
@@ -175,16 +192,34 @@ class FaultMonitor:
             line += f"; rank{'s' if len(missing) > 1 else ''} {shown} did not respond in {self.grace:g} s"
         return line
 
+    def _elsewhere(self, limit: int = 64) -> str:
+        """The ranks (up to ``limit`` looked at) last seen in another phase than this rank, for how
+        long: ``rank 1 in 'step 2: data' for 10.2 s``. For a collective that timed out, the
+        ranks that did not arrive."""
+        if self.world_size > limit:
+            return ""
+        now, mine, found = time.time(), self.phase, []
+        for r in range(self.world_size):
+            key = self._key(f"beat/{r}")
+            if r == self.rank or not self.store.check([key]):
+                continue
+            stamp, _, phase = self.store.get(key).decode().partition(" ")
+            if phase != mine:
+                found.append(f"rank {r} in '{phase}' for {now - float(stamp):.1f} s")
+        return ", ".join(found[:8]) + (", ..." if len(found) > 8 else "")
+
 
 # ---------------------------------------------------------------------------------------------
 # Fault injection (tests only)
 # ---------------------------------------------------------------------------------------------
 INJECT_ENV = "TPL_INJECT_FAULT"
 """Test hook: faults to inject, ``kind@rank:step`` separated by commas (``nan@1:3,nan@1:4``).
-Kinds: ``nan`` (this rank's loss of that step becomes NaN, as a diverging forward would make
-it). Steps count from 1 (the step being computed). For fault-tolerance tests, never for training."""
+Kinds: ``nan`` (this rank's loss of that step becomes NaN, as a diverging forward would make it),
+``raise`` (this rank raises an ``OSError`` before the step, alone), ``hang`` (this rank sleeps
+before the step, its peers wait in the step's first collective). Steps count from 1 (the step
+being computed). For fault-tolerance tests, never for training."""
 
-FAULT_KINDS = ("nan",)
+FAULT_KINDS = ("nan", "raise", "hang")
 
 
 class FaultPlan:
@@ -208,3 +243,10 @@ class FaultPlan:
 
     def has(self, kind: str, step: int) -> bool:
         return (kind, step) in self.faults
+
+    def before_step(self, rank: int, step: int) -> None:
+        """The ``raise`` and ``hang`` faults planned for ``step``."""
+        if self.has("raise", step):
+            raise OSError(f"injected fault ({INJECT_ENV}) on rank {rank} before step {step}")
+        if self.has("hang", step):
+            time.sleep(3600)

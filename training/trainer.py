@@ -54,7 +54,7 @@ from triton_parallel_layers.training.config import (
     RunConfig,
 )
 from triton_parallel_layers.training.engine import Engine, build_engine
-from triton_parallel_layers.training.fault import FaultPlan
+from triton_parallel_layers.training.fault import FaultMonitor, FaultPlan
 from triton_parallel_layers.training.report import (
     Reporter,
     format_summary,
@@ -136,6 +136,8 @@ class Trainer:
     on_step: Callable[[int, dict], None] | None = None
     task_data_info: dict | None = None
     """What ``task.load_data()`` returned (loaded in ``setup`` when ``None``)."""
+    monitor: FaultMonitor | None = None
+    """Told where the run is (:attr:`FaultMonitor.phase`), for failure reports."""
     history: list[dict] = field(default_factory=list)
 
     # -- setup --------------------------------------------------------------------------------
@@ -210,8 +212,13 @@ class Trainer:
             state.update(self._rng_keys())
         return state
 
+    def _phase(self, text: str) -> None:
+        if self.monitor is not None:
+            self.monitor.phase = text
+
     def save(self) -> Path:
         """Checkpoint the state after ``self.step`` steps (every rank calls it)."""
+        self._phase(f"step {self.step}: checkpoint save")
         meta = {
             "format": FORMAT,
             "model": self.task.model_meta(),
@@ -312,12 +319,16 @@ class Trainer:
                 lr = self.schedule.lr_at(self.step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                self._phase(f"step {self.step + 1}: data")
                 x, y = task.train_batch(self.step, dims.dp_rank, dims.dp)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                self.faults.before_step(self.rank, self.step + 1)
+                self._phase(f"step {self.step + 1}: forward and backward")
                 t0 = time.perf_counter()
                 loss = engine.train_step(x, y)
                 if self.faults.has("nan", self.step + 1):
                     loss = loss * float("nan")  # test hook (fault.INJECT_ENV)
+                self._phase(f"step {self.step + 1}: gradient norm and optimizer step")
                 # NaN on every rank when any rank's loss or gradient is not finite
                 grad_norm = engine.clip_grad_norm_(self.optim.grad_clip, loss)
                 finite = math.isfinite(grad_norm)
@@ -348,6 +359,7 @@ class Trainer:
                     record = self._skip(self.step, lr, dt, rep)
                 evaluate = run.eval_interval and self.step % run.eval_interval == 0
                 if evaluate and self.step < self.max_steps:
+                    self._phase(f"step {self.step}: evaluation")
                     last_eval = self._evaluate()
                     record.update(last_eval)
                     rep.print(
@@ -368,6 +380,7 @@ class Trainer:
         finally:
             rep.close()
 
+        self._phase(f"step {self.step}: final evaluation")
         final_eval = self._evaluate()
         if self.history and self.step > start_step:
             self.history[-1].update(final_eval)
