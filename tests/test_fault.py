@@ -6,19 +6,22 @@
   as skipped and counted in the summary, and training goes on.
 * More skipped steps in a row than ``--max-skipped-steps`` stop the run: status 1 on every rank,
   one error line.
-* A rank that raises on its own (the others wait in a collective) ends, under ``torchrun``, every
-  rank with status 1 and one error line naming that rank.
+* Under ``torchrun``: a rank that raises on its own (its peer waits in a collective), and a rank
+  that hangs (its peer's collective times out after ``--timeout``) end every rank with status 1,
+  no signal, and one error line naming the rank and what failed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_training import GPT_TINY, _main, _metrics
+from test_training import GPT_TINY, ROOT, _main, _metrics
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from triton_parallel_layers.training.fault import INJECT_ENV, FaultPlan
@@ -83,3 +86,35 @@ def test_nan_losses_in_a_row_stop_the_run(dist_run, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: "), results[0]["err"]
     assert "not finite in 2 consecutive steps (up to step 3; --max-skipped-steps 1)" in lines[0]
     assert results[1]["err"] == ""
+
+
+def _torchrun_with_fault(spec: str, args: list[str], cwd: Path) -> str:
+    """A 2-rank tensor-parallel ``torchrun`` of the GPT with ``spec`` injected; its output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", INJECT_ENV: spec}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "scripts" / "train_gpt.py"), *TP2, "--max-steps", "3", *args]  # fmt: skip
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0, text
+    # every rank failed with status 1: none stopped by a signal, none hanging
+    assert text.count("exitcode  : 1 ") == 2 and "Signal" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+def test_torchrun_a_rank_that_raises_ends_every_rank(tmp_path):
+    line = _torchrun_with_fault("raise@1:2", ["--out", str(tmp_path / "r")], tmp_path)
+    assert (
+        line == "error: rank 1: OSError: injected fault (TPL_INJECT_FAULT) on rank 1 before step 2"
+    )
+
+
+def test_torchrun_a_hung_rank_times_out_every_rank(tmp_path):
+    args = ["--timeout", "20", "--out", str(tmp_path / "r")]
+    line = _torchrun_with_fault("hang@1:2", args, tmp_path)
+    assert line.startswith(
+        "error: rank 0: communication failed in step 2: forward and backward: Timed out waiting "
+        "20000ms"
+    ), line
+    assert "; not there: rank 1 in 'step 2: data' for " in line, line

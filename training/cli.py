@@ -158,7 +158,8 @@ def run_main(
         if not known and not created and (dist.is_initialized() or env_world_size() == 1):
             raise  # one process, or a caller's process group (tests): its traceback, its handling
         message = one_line_error(e)
-        if _is_communication_failure(e):  # a peer timed out, died or reset the connection
+        waited = _is_communication_failure(e)
+        if waited:  # a peer timed out, died or reset the connection
             where = f" in {monitor.phase}" if monitor is not None else ""
             message = f"communication failed{where}: {_GLOO_SOURCE.sub('', message)}"
         elif not known:
@@ -169,7 +170,9 @@ def run_main(
                 created = init_distributed(timeout=run.timeout if run else None)
                 monitor = _start_monitor(created)
         if monitor is not None:
-            monitor.fail(message)  # every rank leaves with status 1, one line printed; no return
+            monitor.fail(
+                message, waited=waited
+            )  # every rank leaves with status 1, one line printed; no return
         if rank == 0 or not known:
             print(f"error: {message}", file=sys.stderr, flush=True)
         return 1

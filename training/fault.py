@@ -89,6 +89,7 @@ class FaultMonitor:
         """Where this rank is (``"step 7: forward and backward"``), set by the trainer; the
         thread posts it with the time, and a failure report names where the other ranks were."""
         self._posted = ""
+        self._waited = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -133,9 +134,12 @@ class FaultMonitor:
         self._thread = None
 
     # -- failing ----------------------------------------------------------------------------------
-    def fail(self, message: str) -> NoReturn:
+    def fail(self, message: str, *, waited: bool = False) -> NoReturn:
         """Announce that this rank failed with ``message`` (one line), wait for the other ranks
-        and end the process with status 1; one rank of the job prints the ``error:`` line."""
+        and end the process with status 1; one rank of the job prints the ``error:`` line.
+        ``waited``: the failure is a wait for other ranks (a collective timed out, a peer went
+        away), so the line also names the ranks that were elsewhere."""
+        self._waited = waited
         self._stop.set()  # this thread leaves now; the watching one must not leave a second time
         try:
             self._beat()
@@ -182,7 +186,7 @@ class FaultMonitor:
         line = message if failed == self.world_size else f"rank {self.rank}: {message}"
         if failed not in (1, self.world_size):
             line += f" ({failed} of {self.world_size} ranks failed)"
-        elsewhere = self._elsewhere()
+        elsewhere = self._elsewhere() if self._waited else ""
         if elsewhere:
             line += f"; not there: {elsewhere}"
         arrived = {int(r) for r in self.store.get(self._key("arrived")).decode().split(",") if r}
