@@ -88,12 +88,18 @@ def test_nan_losses_in_a_row_stop_the_run(dist_run, tmp_path):
     assert results[1]["err"] == ""
 
 
-def _torchrun_with_fault(spec: str, args: list[str], cwd: Path) -> str:
-    """A 2-rank tensor-parallel ``torchrun`` of the GPT with ``spec`` injected; its output."""
+def _torchrun(spec: str, args: list[str], cwd: Path, *launcher: str):
+    """A 2-rank tensor-parallel ``torchrun`` of the GPT with ``spec`` injected."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", INJECT_ENV: spec}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "scripts" / "train_gpt.py"), *TP2, "--max-steps", "3", *args]  # fmt: skip
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+           *launcher, str(ROOT / "scripts" / "train_gpt.py"), *TP2, *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _torchrun_with_fault(spec: str, args: list[str], cwd: Path) -> str:
+    """The error line of a 2-rank run of 3 steps with ``spec`` injected (checked: it failed,
+    every rank with status 1, one error line)."""
+    done = _torchrun(spec, ["--max-steps", "3", *args], cwd)
     text = done.stdout + done.stderr
     assert done.returncode != 0, text
     # every rank failed with status 1: none stopped by a signal, none hanging
@@ -118,3 +124,25 @@ def test_torchrun_a_hung_rank_times_out_every_rank(tmp_path):
         "20000ms"
     ), line
     assert "; not there: rank 1 in 'step 2: data' for " in line, line
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_bit_exactly(tmp_path):
+    """A rank SIGKILLed before step 5 of 6: ``torchrun --max-restarts=1`` restarts the job, which
+    resumes from step 4's checkpoint by itself; the final state is bitwise the uninterrupted
+    run's."""
+    args = ["--max-steps", "6", "--ckpt-interval", "2"]
+    whole = _torchrun("", [*args, "--out", str(tmp_path / "whole")], tmp_path)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    killed = _torchrun(
+        "kill@1:5", [*args, "--out", str(tmp_path / "killed")], tmp_path, "--max-restarts=1"
+    )
+    text = killed.stdout + killed.stderr
+    assert killed.returncode == 0, text
+    assert "exitcode: -9" in text and "resumed from" in text and "at step 4" in text, text
+    final = "checkpoints/step_00000006"
+    want = _model_tensors(tmp_path / "whole" / final, tmp_path / "whole")
+    got = _model_tensors(tmp_path / "killed" / final, tmp_path / "killed")
+    assert want.keys() == got.keys() and any(k.startswith("optim/") for k in want)
+    for key, value in want.items():
+        assert torch.equal(value, got[key]), key

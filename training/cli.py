@@ -91,6 +91,21 @@ def check_resume(resume: str, out: Path, task, optim: OptimConfig) -> tuple[Path
     return path, meta
 
 
+def _resume_request(resume: str | None, out: Path) -> str | None:
+    """What ``--resume`` asks for, with ``auto`` resolved: the run folder's latest checkpoint if
+    it has one, else a fresh start. ``auto`` is the default of a job ``torchrun`` restarted
+    (``TORCHELASTIC_RESTART_COUNT`` > 0), so ``--max-restarts`` resumes by itself."""
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"
+    if resume != "auto":
+        return resume
+    try:
+        find_checkpoint(out / "checkpoints")
+    except CheckpointError:
+        return None  # nothing complete saved yet: start from the beginning
+    return "latest"
+
+
 def one_line_error(e: BaseException) -> str:
     """``e`` as the one line after ``error:`` (whitespace folded; the type named where it helps)."""
     if isinstance(e, CheckpointException):
@@ -137,8 +152,9 @@ def run_main(
         resume = meta = None
         if run.eval_only and run.resume is None:
             raise ValueError("--eval-only needs --resume (the checkpoint to evaluate)")
-        if run.resume is not None:
-            resume, meta = check_resume(run.resume, out, task, optim)
+        wanted = _resume_request(run.resume, out)
+        if wanted is not None:
+            resume, meta = check_resume(wanted, out, task, optim)
         data_info = task.load_data()
         created = init_distributed(timeout=run.timeout)
         rank = dist.get_rank()
@@ -161,7 +177,8 @@ def run_main(
         waited = _is_communication_failure(e)
         if waited:  # a peer timed out, died or reset the connection
             where = f" in {monitor.phase}" if monitor is not None else ""
-            message = f"communication failed{where}: {_GLOO_SOURCE.sub('', message)}"
+            text = _GLOO_SOURCE.sub("", message).split(". This is typically caused")[0]
+            message = f"communication failed{where}: {text}"
         elif not known:
             traceback.print_exc()  # a bug, not a user error: keep where it happened
         if monitor is None and not dist.is_initialized() and env_world_size() > 1:

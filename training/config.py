@@ -163,7 +163,7 @@ class RunConfig:
     out: str | None = None
     """Run folder (metrics.jsonl, loss.png, summary.json, checkpoints/); default runs/<model>."""
     resume: str | None = field(default=None, metadata={"nargs": "?", "const": "latest"})
-    """Resume from a checkpoint: --resume alone takes the run folder's latest; or give a path."""
+    """Resume from a checkpoint: --resume alone takes the run folder's latest; or give a path; auto: the latest if there is one, else start afresh (the default of a job torchrun --max-restarts restarted)."""
     eval_only: bool = False
     """Only evaluate the --resume checkpoint (the GPT also samples), at this run's layout."""
     seed: int = 0

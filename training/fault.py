@@ -154,7 +154,11 @@ class FaultMonitor:
         self._leave(reporter=reporter, message=message)
 
     def _say_and_exit(self, message: str) -> NoReturn:
-        print(f"error: rank {self.rank}: {message}", file=sys.stderr)
+        line = f"rank {self.rank}: {message}"
+        with contextlib.suppress(Exception):
+            elsewhere = self._elsewhere() if self._waited else ""
+            line += f"; not there: {elsewhere}" if elsewhere else ""
+        print(f"error: {line}", file=sys.stderr)
         _flush()
         os._exit(1)
 
@@ -220,10 +224,11 @@ INJECT_ENV = "TPL_INJECT_FAULT"
 """Test hook: faults to inject, ``kind@rank:step`` separated by commas (``nan@1:3,nan@1:4``).
 Kinds: ``nan`` (this rank's loss of that step becomes NaN, as a diverging forward would make it),
 ``raise`` (this rank raises an ``OSError`` before the step, alone), ``hang`` (this rank sleeps
-before the step, its peers wait in the step's first collective). Steps count from 1 (the step
+before the step, its peers wait in the step's first collective), ``kill`` (this rank SIGKILLs
+itself before the step, in the first attempt of a ``torchrun`` job only, so a restart runs on). Steps count from 1 (the step
 being computed). For fault-tolerance tests, never for training."""
 
-FAULT_KINDS = ("nan", "raise", "hang")
+FAULT_KINDS = ("nan", "raise", "hang", "kill")
 
 
 class FaultPlan:
@@ -254,3 +259,6 @@ class FaultPlan:
             raise OSError(f"injected fault ({INJECT_ENV}) on rank {rank} before step {step}")
         if self.has("hang", step):
             time.sleep(3600)
+        if self.has("kill", step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            _flush()
+            os.kill(os.getpid(), signal.SIGKILL)
