@@ -126,23 +126,34 @@ def test_torchrun_a_hung_rank_times_out_every_rank(tmp_path):
     assert "; not there: rank 1 in 'step 2: data' for " in line, line
 
 
-@pytest.mark.slow
-def test_torchrun_restarts_a_killed_rank_bit_exactly(tmp_path):
-    """A rank SIGKILLed before step 5 of 6: ``torchrun --max-restarts=1`` restarts the job, which
-    resumes from step 4's checkpoint by itself; the final state is bitwise the uninterrupted
-    run's."""
-    args = ["--max-steps", "6", "--ckpt-interval", "2"]
-    whole = _torchrun("", [*args, "--out", str(tmp_path / "whole")], tmp_path)
+RESTART_ARGS = ["--max-steps", "6", "--ckpt-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final state of the 6-step run the restarted ones must match."""
+    tmp = tmp_path_factory.mktemp("whole")
+    whole = _torchrun("", [*RESTART_ARGS, "--out", str(tmp / "run")], tmp)
     assert whole.returncode == 0, whole.stdout + whole.stderr
-    killed = _torchrun(
-        "kill@1:5", [*args, "--out", str(tmp_path / "killed")], tmp_path, "--max-restarts=1"
-    )
+    return _model_tensors(tmp / "run" / "checkpoints" / "step_00000006", tmp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec, resumed_at",
+    [("kill@1:5", 4), ("kill-save@1:4", 2)],
+    ids=["before-step", "checkpoint-save"],
+)
+def test_torchrun_restarts_a_killed_rank_bit_exactly(uninterrupted, tmp_path, spec, resumed_at):
+    """A rank SIGKILLed before step 5, or inside the save of step 4's checkpoint (its peer is in
+    the save's collectives): ``torchrun --max-restarts=1`` restarts the job, which resumes from
+    the latest complete checkpoint by itself; the final state is bitwise the uninterrupted run's."""
+    out = tmp_path / "run"
+    killed = _torchrun(spec, [*RESTART_ARGS, "--out", str(out)], tmp_path, "--max-restarts=1")
     text = killed.stdout + killed.stderr
     assert killed.returncode == 0, text
-    assert "exitcode: -9" in text and "resumed from" in text and "at step 4" in text, text
-    final = "checkpoints/step_00000006"
-    want = _model_tensors(tmp_path / "whole" / final, tmp_path / "whole")
-    got = _model_tensors(tmp_path / "killed" / final, tmp_path / "killed")
-    assert want.keys() == got.keys() and any(k.startswith("optim/") for k in want)
-    for key, value in want.items():
+    assert "exitcode: -9" in text and f"at step {resumed_at}\n" in text, text
+    got = _model_tensors(out / "checkpoints" / "step_00000006", tmp_path)
+    assert uninterrupted.keys() == got.keys() and any(k.startswith("optim/") for k in got)
+    for key, value in uninterrupted.items():
         assert torch.equal(value, got[key]), key

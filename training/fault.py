@@ -225,10 +225,12 @@ INJECT_ENV = "TPL_INJECT_FAULT"
 Kinds: ``nan`` (this rank's loss of that step becomes NaN, as a diverging forward would make it),
 ``raise`` (this rank raises an ``OSError`` before the step, alone), ``hang`` (this rank sleeps
 before the step, its peers wait in the step's first collective), ``kill`` (this rank SIGKILLs
-itself before the step, in the first attempt of a ``torchrun`` job only, so a restart runs on). Steps count from 1 (the step
+itself before the step), ``kill-save`` (it SIGKILLs itself as the checkpoint after the step is
+being saved: its peers are inside the save). Kills happen in the first attempt of a ``torchrun``
+job only, so a restart runs on. Steps count from 1 (the step
 being computed). For fault-tolerance tests, never for training."""
 
-FAULT_KINDS = ("nan", "raise", "hang", "kill")
+FAULT_KINDS = ("nan", "raise", "hang", "kill", "kill-save")
 
 
 class FaultPlan:
@@ -259,6 +261,16 @@ class FaultPlan:
             raise OSError(f"injected fault ({INJECT_ENV}) on rank {rank} before step {step}")
         if self.has("hang", step):
             time.sleep(3600)
-        if self.has("kill", step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            _flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.has("kill", step):
+            _kill_first_attempt()
+
+    def in_save(self, step: int) -> None:
+        """The ``kill-save`` fault planned for the checkpoint after ``step``."""
+        if self.has("kill-save", step):
+            _kill_first_attempt()
+
+
+def _kill_first_attempt() -> None:
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        _flush()
+        os.kill(os.getpid(), signal.SIGKILL)

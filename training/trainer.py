@@ -239,8 +239,10 @@ class Trainer:
         }
         self.schedule.last_step = self.step
         meta["scheduler"] = self.schedule.state_dict()
+        state = self.state_dict()
+        self.faults.in_save(self.step)  # test hook (fault.INJECT_ENV)
         path = save_checkpoint(
-            self.ckpt_root, self.step, self.state_dict(), meta, keep=self.run.keep_checkpoints
+            self.ckpt_root, self.step, state, meta, keep=self.run.keep_checkpoints
         )
         self._saved_step = self.step
         return path
