@@ -12,7 +12,8 @@ One run, on every rank::
 **Errors.** Known error types (bad flags, a layout that does not fit, a missing, corrupt or
 foreign checkpoint, a missing optional package, a diverged loss) end the run with one line
 (``error: ...``) and exit status 1 on every rank. Under ``torchrun`` (this call made the process
-group) the ranks leave together through :class:`~triton_parallel_layers.training.fault.FaultMonitor`:
+group) the ranks leave together through
+:class:`~triton_parallel_layers.training.fault.FaultMonitor`:
 a failure on some ranks only (any exception, a lost peer) ends every rank with status 1 and one
 line naming the rank that failed, and SIGTERM from the launcher exits with status 1, never a
 signal. Called in a process whose group exists already (tests), unknown exceptions propagate and

@@ -41,7 +41,7 @@ from typing import NoReturn
 
 import torch.distributed as dist
 
-__all__ = ["FaultMonitor", "exit_on_sigterm"]
+__all__ = ["INJECT_ENV", "FaultMonitor", "FaultPlan", "exit_on_sigterm"]
 
 
 def _flush() -> None:
@@ -91,6 +91,7 @@ class FaultMonitor:
         self._posted = ""
         self._waited = False
         self._stop = threading.Event()
+        self._leaving = threading.Lock()  # held by the one thread that ends the process
         self._thread: threading.Thread | None = None
 
     def _key(self, name: str) -> str:
@@ -123,8 +124,10 @@ class FaultMonitor:
                 failed = self._count("failed")
             except Exception:  # noqa: BLE001 - the store went away: the launcher is stopping us
                 return
-            if failed and not self._stop.is_set():
+            if failed and self._leaving.acquire(blocking=False):
                 self._leave(reporter=False)
+            if failed:
+                return
 
     def stop(self) -> None:
         """Stop watching (the run ended well on this rank)."""
@@ -140,7 +143,9 @@ class FaultMonitor:
         ``waited``: the failure is a wait for other ranks (a collective timed out, a peer went
         away), so the line also names the ranks that were elsewhere."""
         self._waited = waited
-        self._stop.set()  # this thread leaves now; the watching one must not leave a second time
+        self._stop.set()
+        if not self._leaving.acquire(blocking=False):  # the thread is ending the process already
+            threading.Event().wait()
         try:
             self._beat()
             self.store.set(self._key(f"error/{self.rank}"), message)
@@ -197,7 +202,8 @@ class FaultMonitor:
         missing = sorted(set(range(self.world_size)) - arrived)
         if missing:
             shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
-            line += f"; rank{'s' if len(missing) > 1 else ''} {shown} did not respond in {self.grace:g} s"
+            ranks = "ranks" if len(missing) > 1 else "rank"
+            line += f"; {ranks} {shown} did not respond in {self.grace:g} s"
         return line
 
     def _elsewhere(self, limit: int = 64) -> str:
@@ -227,8 +233,8 @@ Kinds: ``nan`` (this rank's loss of that step becomes NaN, as a diverging forwar
 before the step, its peers wait in the step's first collective), ``kill`` (this rank SIGKILLs
 itself before the step), ``kill-save`` (it SIGKILLs itself as the checkpoint after the step is
 being saved: its peers are inside the save). Kills happen in the first attempt of a ``torchrun``
-job only, so a restart runs on. Steps count from 1 (the step
-being computed). For fault-tolerance tests, never for training."""
+job only, so a restart runs on. Steps count from 1 (the step being computed). For
+fault-tolerance tests, never for training."""
 
 FAULT_KINDS = ("nan", "raise", "hang", "kill", "kill-save")
 
