@@ -142,6 +142,9 @@ def run_main(
     created = False  # this call made the process group, so it also decides how the process ends
     monitor: FaultMonitor | None = None
     run: RunConfig | None = None
+    joined = False  # init_distributed was called (it may have failed)
+    if not dist.is_initialized() and env_world_size() > 1:
+        exit_on_sigterm()  # this process is a rank of a launched job: stopped means failed
     try:
         parallel = from_args(args, ParallelConfig)
         task_cfg = from_args(args, task_cfg_cls)
@@ -157,6 +160,7 @@ def run_main(
         if wanted is not None:
             resume, meta = check_resume(wanted, out, task, optim)
         data_info = task.load_data()
+        joined = True
         created = init_distributed(timeout=run.timeout)
         rank = dist.get_rank()
         monitor = _start_monitor(created)
@@ -182,15 +186,13 @@ def run_main(
             message = f"communication failed{where}: {text}"
         elif not known:
             traceback.print_exc()  # a bug, not a user error: keep where it happened
-        if monitor is None and not dist.is_initialized() and env_world_size() > 1:
+        if not joined and env_world_size() > 1:
             # failed before the process group existed: join it only to leave with the others
             with contextlib.suppress(Exception):
                 created = init_distributed(timeout=run.timeout if run else None)
                 monitor = _start_monitor(created)
-        if monitor is not None:
-            monitor.fail(
-                message, waited=waited
-            )  # every rank leaves with status 1, one line printed; no return
+        if monitor is not None:  # every rank leaves with status 1, one line printed; no return
+            monitor.fail(message, waited=waited)
         if rank == 0 or not known:
             print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
@@ -213,11 +215,10 @@ def _is_communication_failure(e: BaseException) -> bool:
 
 
 def _start_monitor(created: bool) -> FaultMonitor | None:
-    """For a run that owns its process group of several ranks: SIGTERM exits with status 1, and
-    a :class:`FaultMonitor` ends this rank when another one fails."""
+    """For a run that owns its process group of several ranks: a :class:`FaultMonitor` that ends
+    this rank when another one fails."""
     if not created or dist.get_world_size() == 1:
         return None
-    exit_on_sigterm()
     return FaultMonitor().start()
 
 
