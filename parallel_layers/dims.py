@@ -42,7 +42,8 @@ def init_distributed(device_type: str | None = None, timeout: float | None = Non
     (``device_type`` ``"cuda"``, or ``None`` with a GPU present) the backend is nccl, this process
     takes GPU ``LOCAL_RANK``, and the group is bound to that device (``device_id``: eager NCCL
     communicator set-up, and no guessing which GPU a rank uses); on CPU it is gloo. ``timeout``
-    (seconds) bounds every collective; ``None`` keeps PyTorch's default.
+    (seconds) bounds every collective; ``None`` keeps PyTorch's default. Under ``torchrun`` each
+    restart attempt gets keys of its own in the launcher's store (see :func:`_attempt_store`).
 
     Returns ``True`` if this call created the group (the caller then destroys it), ``False`` if
     one existed already (tests, or a user who initialized it).
@@ -59,6 +60,8 @@ def init_distributed(device_type: str | None = None, timeout: float | None = Non
     kwargs: dict = {}
     if timeout is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        kwargs.update(_attempt_store(kwargs.get("timeout")))
     if device_type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -66,6 +69,29 @@ def init_distributed(device_type: str | None = None, timeout: float | None = Non
     else:
         dist.init_process_group("gloo", **kwargs)
     return True
+
+
+def _attempt_store(timeout: datetime.timedelta | None) -> dict:
+    """``init_process_group`` arguments that join torchrun's agent store under a prefix of its
+    own per attempt (``TORCHELASTIC_RESTART_COUNT``).
+
+    The agent keeps one store across the restarts of ``--max-restarts``; without the prefix a
+    restarted rank can read the address a rank of the failed attempt published, and gloo's
+    connectFullMesh fails with "Connection refused" (or waits out its timeout).
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout or datetime.timedelta(minutes=10),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {
+        "store": dist.PrefixStore(f"tpl/attempt{attempt}/", store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 def env_world_size() -> int:

@@ -11,6 +11,8 @@ module         holds
 ``tasks``      GPT and CNN tasks: presets, layout checks, data, evaluation, sampling
 ``trainer``    the loop: LR schedule, clipping, evaluation, checkpoints, resume, errors
 ``report``     progress bar, ``metrics.jsonl``, ``loss.png``, the final summary
+``fault``      failing cleanly (every rank status 1, one error line), phases for the
+               watchdog's report, fault injection for tests
 =============  ===========================================================================
 
 Checkpoints are :mod:`triton_parallel_layers.parallel_layers.checkpoint`'s (resharding, atomic).

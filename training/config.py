@@ -166,7 +166,7 @@ class RunConfig:
     out: str | None = None
     """Run folder (metrics.jsonl, loss.png, summary.json, checkpoints/); default runs/<model>."""
     resume: str | None = field(default=None, metadata={"nargs": "?", "const": "latest"})
-    """Resume from a checkpoint: --resume alone takes the run folder's latest; or give a path."""
+    """Resume from a checkpoint: --resume alone takes the run folder's latest; or give a path; auto: the latest if there is one, else start afresh (the default of a job torchrun --max-restarts restarted)."""
     eval_only: bool = False
     """Only evaluate the --resume checkpoint (the GPT also samples), at this run's layout."""
     seed: int = 0
@@ -183,11 +183,16 @@ class RunConfig:
     """Peak bf16 TFLOP/s of one accelerator for the MFU estimate; default: known GPUs' table."""
     timeout: float = 600.0
     """Seconds a collective may wait before the process group gives up."""
+    max_skipped_steps: int = 5
+    """Optimizer steps skipped in a row (a non-finite loss or gradient norm on any rank) before the run stops; 0 stops at the first."""
 
     def __post_init__(self) -> None:
         _positive("max_steps", self.max_steps, allow_none=True)
         _positive("batch_size", self.batch_size, allow_none=True)
-        for name in ("eval_interval", "ckpt_interval", "keep_checkpoints", "log_interval"):
+        for name in (
+            "eval_interval", "ckpt_interval", "keep_checkpoints", "log_interval",
+            "max_skipped_steps",
+        ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         _choice("dtype", self.dtype, DTYPES)
 

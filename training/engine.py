@@ -161,10 +161,16 @@ class Engine:
         return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, loss: torch.Tensor | None = None) -> torch.Tensor:
         """The global gradient norm (each parameter counted once over tp, pp and dp) as a 0-dim
         fp32 tensor, and the gradients scaled down to ``max_norm`` when it is exceeded
-        (``max_norm = 0``: no clipping). No host-device sync: the scale stays on the device."""
+        (``max_norm = 0``: no clipping). No host-device sync: the scale stays on the device.
+
+        ``loss`` (this rank's loss, 0-dim) rides along in the same all-reduce: the norm is NaN on
+        every rank when any rank's loss or gradient is not finite (``0 * loss`` adds exactly 0
+        to the sum of squares otherwise), so one look at the norm decides a step alike on every
+        rank, with no collective of its own.
+        """
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for p in self.params:
             g = p.param.grad
@@ -173,6 +179,8 @@ class Engine:
             ) and p.name not in self.tied_copies
             if g is not None and counted:
                 sq += g.float().pow(2).sum()
+        if loss is not None:
+            sq += 0.0 * loss.detach().float()  # 0 * (inf or nan) = nan
         if self.dims.world_size > 1:
             dist.all_reduce(sq)  # dp replicas hold the same gradients: divide them out
         norm = (sq / self.dims.dp).sqrt()

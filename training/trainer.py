@@ -9,6 +9,12 @@ A step: the learning rate of the schedule at this step; this rank's rows of the 
 (:mod:`triton_parallel_layers.training.data`); :meth:`triton_parallel_layers.training.engine.Engine.train_step` (plain or pipelined);
 the global gradient norm clipped; the optimizer step; the loss averaged over ``dp``.
 
+**Non-finite guard.** Each rank's loss rides in the gradient norm's all-reduce (no collective of
+its own), so a non-finite loss or gradient on any rank makes the norm NaN on every rank, and every
+rank skips that optimizer step alike. Skipped steps still consume their batch; they are logged
+(``"skipped": true`` in ``metrics.jsonl``, ``skipped_steps`` in the summary), and more than
+``--max-skipped-steps`` of them in a row stop the run with an error.
+
 **Checkpoints** (:mod:`triton_parallel_layers.parallel_layers.checkpoint`) hold the model and optimizer state under
 single-device names (DTensors over the TP mesh, so any layout loads them), each rank's RNG state
 (``rng/rank<r>/...``, restored only at the same layout), and in ``meta.json`` the step (which is the
@@ -48,6 +54,7 @@ from triton_parallel_layers.training.config import (
     RunConfig,
 )
 from triton_parallel_layers.training.engine import Engine, build_engine
+from triton_parallel_layers.training.fault import FaultMonitor, FaultPlan
 from triton_parallel_layers.training.report import (
     Reporter,
     format_summary,
@@ -129,6 +136,8 @@ class Trainer:
     on_step: Callable[[int, dict], None] | None = None
     task_data_info: dict | None = None
     """What ``task.load_data()`` returned (loaded in ``setup`` when ``None``)."""
+    monitor: FaultMonitor | None = None
+    """Told where the run is (:attr:`FaultMonitor.phase`), for failure reports."""
     planned_layout: dict | None = None
     """What ``--layout auto``'s planner said (kept in the summary)."""
     history: list[dict] = field(default_factory=list)
@@ -172,6 +181,9 @@ class Trainer:
         )
         self.optimizer = _make_optimizer(self.engine, self.optim, lr)
         self.step = 0
+        self.skipped_steps = 0  # steps whose optimizer step was skipped (non-finite), this session
+        self.skipped_in_a_row = 0
+        self.faults = FaultPlan(self.rank)
         self.notes: list[str] = []
         if self.resume is not None:
             path = find_checkpoint(self.resume)
@@ -202,8 +214,13 @@ class Trainer:
             state.update(self._rng_keys())
         return state
 
+    def _phase(self, text: str) -> None:
+        if self.monitor is not None:
+            self.monitor.phase = text
+
     def save(self) -> Path:
         """Checkpoint the state after ``self.step`` steps (every rank calls it)."""
+        self._phase(f"step {self.step}: checkpoint save")
         meta = {
             "format": FORMAT,
             "model": self.task.model_meta(),
@@ -220,12 +237,14 @@ class Trainer:
             "data": {"position": self.step, **(self.task_data_info or {})},
             "items_seen": self.step * self.task.items_per_step,
             "seed": self.run.seed,
-            "last_loss": self.history[-1]["loss"] if self.history else None,
+            "last_loss": self.history[-1].get("loss") if self.history else None,
         }
         self.schedule.last_step = self.step
         meta["scheduler"] = self.schedule.state_dict()
+        state = self.state_dict()
+        self.faults.in_save(self.step)  # test hook (fault.INJECT_ENV)
         path = save_checkpoint(
-            self.ckpt_root, self.step, self.state_dict(), meta, keep=self.run.keep_checkpoints
+            self.ckpt_root, self.step, state, meta, keep=self.run.keep_checkpoints
         )
         self._saved_step = self.step
         return path
@@ -304,39 +323,49 @@ class Trainer:
                 lr = self.schedule.lr_at(self.step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                self._phase(f"step {self.step + 1}: data")
                 x, y = task.train_batch(self.step, dims.dp_rank, dims.dp)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                self.faults.before_step(self.rank, self.step + 1)
+                self._phase(f"step {self.step + 1}: forward and backward")
                 t0 = time.perf_counter()
                 loss = engine.train_step(x, y)
-                grad_norm = engine.clip_grad_norm_(self.optim.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.faults.has("nan", self.step + 1):
+                    loss = loss * float("nan")  # test hook (fault.INJECT_ENV)
+                self._phase(f"step {self.step + 1}: gradient norm and optimizer step")
+                # NaN on every rank when any rank's loss or gradient is not finite
+                grad_norm = engine.clip_grad_norm_(self.optim.grad_clip, loss)
                 if dims.dp > 1:
                     dist.all_reduce(loss, group=dims.dp_group)
                     loss = loss / dims.dp
-                # The step's one host-device sync: the loss and the norm read back together.
+                # The step's one host-device sync: the loss and the norm read back together,
+                # which decides (alike on every rank) whether the optimizer steps.
                 loss_value, grad_norm = torch.stack([loss.float(), grad_norm]).tolist()
+                finite = math.isfinite(grad_norm)
+                if finite:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
                 self.step += 1
                 step_times.append(dt)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"the loss is {loss_value} at step {self.step}: training diverged (try a "
-                        "lower --lr or --grad-clip)"
-                    )
-                first_loss = loss_value if first_loss is None else first_loss
-                recent = [*recent[-9:], loss_value]
-                record = {
-                    "step": self.step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "step_seconds": dt,
-                    f"{task.unit}_per_s": task.items_per_step / dt,
-                    f"{task.unit}_seen": self.step * task.items_per_step,
-                }
+                if finite:
+                    self.skipped_in_a_row = 0
+                    first_loss = loss_value if first_loss is None else first_loss
+                    recent = [*recent[-9:], loss_value]
+                    record = {
+                        "step": self.step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "step_seconds": dt,
+                        f"{task.unit}_per_s": task.items_per_step / dt,
+                        f"{task.unit}_seen": self.step * task.items_per_step,
+                    }
+                else:
+                    record = self._skip(self.step, lr, dt, rep)
                 evaluate = run.eval_interval and self.step % run.eval_interval == 0
                 if evaluate and self.step < self.max_steps:
+                    self._phase(f"step {self.step}: evaluation")
                     last_eval = self._evaluate()
                     record.update(last_eval)
                     rep.print(
@@ -357,6 +386,7 @@ class Trainer:
         finally:
             rep.close()
 
+        self._phase(f"step {self.step}: final evaluation")
         final_eval = self._evaluate()
         if self.history and self.step > start_step:
             self.history[-1].update(final_eval)
@@ -374,6 +404,28 @@ class Trainer:
         if self.rank == 0:
             self._write_outputs(summary, rep)
         return summary
+
+    def _skip(self, step: int, lr: float, dt: float, rep: Reporter) -> dict:
+        """Step ``step`` had a non-finite loss or gradient norm on some rank: every rank skipped
+        its optimizer step alike. Count it (its metrics record, returned); stop after
+        ``--max-skipped-steps`` in a row."""
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        rep.print(
+            f"step {step:>6} | skipped: non-finite loss or gradient norm ({self.skipped_in_a_row} "
+            "in a row)"
+        )
+        limit = self.run.max_skipped_steps
+        if self.skipped_in_a_row > limit:
+            raise FloatingPointError(
+                f"the loss or gradient norm was not finite in {self.skipped_in_a_row} consecutive "
+                f"steps (up to step {step}; --max-skipped-steps {limit}): training diverged (try "
+                "a lower --lr or --grad-clip, or resume from an earlier checkpoint)"
+            )
+        return {
+            "step": step, "skipped": True, "skipped_in_a_row": self.skipped_in_a_row,
+            "skipped_steps": self.skipped_steps, "lr": lr, "step_seconds": dt,
+        }  # fmt: skip
 
     def _summary(self, times, first_loss, last_loss, final_eval, checkpoint) -> dict:
         task, dims = self.task, self.dims
@@ -395,6 +447,7 @@ class Trainer:
             "backend": dims.backend,
             "dtype": self.dtype,
             "steps_run": len(times),
+            "skipped_steps": self.skipped_steps,
             "final_step": self.step,
             "train_seconds": sum(times),
             "first_loss": first_loss if first_loss is not None else float("nan"),

@@ -1,0 +1,159 @@
+"""Fault tolerance of the trainer (``training/fault.py``), with faults injected by the test hook
+``TPL_INJECT_FAULT`` (``kind@rank:step``).
+
+* A NaN loss on one tensor-parallel rank (its peer's loss is finite) skips the optimizer step on
+  both ranks: the weights after the skipped step are bitwise those before it, the step is logged
+  as skipped and counted in the summary, and training goes on.
+* More skipped steps in a row than ``--max-skipped-steps`` stop the run: status 1 on every rank,
+  one error line.
+* Under ``torchrun``: a rank that raises on its own (its peer waits in a collective), and a rank
+  that hangs (its peer's collective times out after ``--timeout``) end every rank with status 1,
+  no signal, and one error line naming the rank and what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import GPT_TINY, ROOT, _main, _metrics
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from triton_parallel_layers.training.fault import INJECT_ENV, FaultPlan
+
+TP2 = [*GPT_TINY, "--tp", "2", "--optimizer", "adamw"]
+
+
+def _main_with_faults(spec: str, kind: str, argv: list[str]) -> dict:
+    """``_main`` on this worker rank with ``INJECT_ENV=spec`` set for the run."""
+    os.environ[INJECT_ENV] = spec
+    try:
+        return _main(kind, argv)
+    finally:
+        del os.environ[INJECT_ENV]
+
+
+def _model_tensors(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    dcp_to_torch_save(ckpt, tmp / f"{ckpt.name}.pt")
+    state = torch.load(tmp / f"{ckpt.name}.pt", weights_only=False)
+    return {k: v for k, v in state.items() if k.startswith(("model/", "optim/"))}
+
+
+def test_fault_plan_parses_the_hook():
+    assert FaultPlan(1, "nan@1:3, nan@0:4,nan@1:5").faults == {("nan", 3), ("nan", 5)}
+    assert FaultPlan(0, "").faults == set()
+    with pytest.raises(ValueError, match="expected kind@rank:step"):
+        FaultPlan(0, "nan@1")
+    with pytest.raises(ValueError, match="fault 'boom'"):
+        FaultPlan(0, "boom@0:1")
+
+
+def test_nan_loss_on_one_rank_skips_the_step_everywhere(dist_run, tmp_path):
+    out = tmp_path / "run"
+    args = [*TP2, "--max-steps", "4", "--ckpt-interval", "1", "--keep-checkpoints", "0"]
+    results = dist_run(2, _main_with_faults, "nan@1:3", "gpt", [*args, "--out", str(out)])
+    assert [r["code"] for r in results] == [0, 0], results[0]["err"]
+    records = [r for r in _metrics(out) if "loss" in r or "skipped" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[2]["skipped"] is True and "loss" not in records[2]
+    assert all("loss" in r for r in records[:2] + records[3:])  # and training went on
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+    assert "skipped: non-finite loss or gradient norm (1 in a row)" in results[0]["out"]
+    # step 3 changed nothing on either rank (the NaN was on rank 1 only): the weights and the
+    # optimizer state saved after it are bitwise those saved after step 2; step 4 moved on
+    ckpts = out / "checkpoints"
+    after2, after3, after4 = (
+        _model_tensors(ckpts / f"step_0000000{s}", tmp_path) for s in (2, 3, 4)
+    )
+    assert after2.keys() == after3.keys() and any(k.startswith("optim/") for k in after2)
+    for key, value in after2.items():
+        assert torch.equal(value, after3[key]), key
+    assert not torch.equal(
+        after3["model/blocks.0.mlp.fc1.weight"], after4["model/blocks.0.mlp.fc1.weight"]
+    )
+
+
+def test_nan_losses_in_a_row_stop_the_run(dist_run, tmp_path):
+    args = [*TP2, "--max-steps", "5", "--max-skipped-steps", "1", "--out", str(tmp_path / "r")]
+    results = dist_run(2, _main_with_faults, "nan@1:2,nan@1:3", "gpt", args)
+    assert [r["code"] for r in results] == [1, 1], results
+    lines = results[0]["err"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), results[0]["err"]
+    assert "not finite in 2 consecutive steps (up to step 3; --max-skipped-steps 1)" in lines[0]
+    assert results[1]["err"] == ""
+
+
+def _torchrun(spec: str, args: list[str], cwd: Path, *launcher: str):
+    """A 2-rank tensor-parallel ``torchrun`` of the GPT with ``spec`` injected."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", INJECT_ENV: spec}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           *launcher, str(ROOT / "scripts" / "train_gpt.py"), *TP2, *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _torchrun_with_fault(spec: str, args: list[str], cwd: Path) -> str:
+    """The error line of a 2-rank run of 3 steps with ``spec`` injected (checked: it failed,
+    every rank with status 1, one error line)."""
+    done = _torchrun(spec, ["--max-steps", "3", *args], cwd)
+    text = done.stdout + done.stderr
+    assert done.returncode != 0, text
+    # every rank failed with status 1: none stopped by a signal, none hanging
+    assert text.count("exitcode  : 1 ") == 2 and "Signal" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+def test_torchrun_a_rank_that_raises_ends_every_rank(tmp_path):
+    line = _torchrun_with_fault("raise@1:2", ["--out", str(tmp_path / "r")], tmp_path)
+    assert (
+        line == "error: rank 1: OSError: injected fault (TPL_INJECT_FAULT) on rank 1 before step 2"
+    )
+
+
+def test_torchrun_a_hung_rank_times_out_every_rank(tmp_path):
+    args = ["--timeout", "20", "--out", str(tmp_path / "r")]
+    line = _torchrun_with_fault("hang@1:2", args, tmp_path)
+    assert line.startswith(
+        "error: rank 0: communication failed in step 2: forward and backward: Timed out waiting "
+        "20000ms"
+    ), line
+    assert "; not there: rank 1 in 'step 2: data' for " in line, line
+
+
+RESTART_ARGS = ["--max-steps", "6", "--ckpt-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final state of the 6-step run the restarted ones must match."""
+    tmp = tmp_path_factory.mktemp("whole")
+    whole = _torchrun("", [*RESTART_ARGS, "--out", str(tmp / "run")], tmp)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    return _model_tensors(tmp / "run" / "checkpoints" / "step_00000006", tmp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec, resumed_at",
+    [("kill@1:5", 4), ("kill-save@1:4", 2)],
+    ids=["before-step", "checkpoint-save"],
+)
+def test_torchrun_restarts_a_killed_rank_bit_exactly(uninterrupted, tmp_path, spec, resumed_at):
+    """A rank SIGKILLed before step 5, or inside the save of step 4's checkpoint (its peer is in
+    the save's collectives): ``torchrun --max-restarts=1`` restarts the job, which resumes from
+    the latest complete checkpoint by itself; the final state is bitwise the uninterrupted run's."""
+    out = tmp_path / "run"
+    killed = _torchrun(spec, [*RESTART_ARGS, "--out", str(out)], tmp_path, "--max-restarts=1")
+    text = killed.stdout + killed.stderr
+    assert killed.returncode == 0, text
+    assert "exitcode: -9" in text and f"at step {resumed_at}\n" in text, text
+    got = _model_tensors(out / "checkpoints" / "step_00000006", tmp_path)
+    assert uninterrupted.keys() == got.keys() and any(k.startswith("optim/") for k in got)
+    for key, value in uninterrupted.items():
+        assert torch.equal(value, got[key]), key
