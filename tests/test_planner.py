@@ -189,3 +189,21 @@ def test_layout_auto_trains_with_the_planners_choice(dist_run, tmp_path):
     assert summary["layout"] == plan["chosen"] and plan["feasible"] >= 1
     dp, pp, tp = (int(part.split("=")[1]) for part in plan["chosen"].split(" (")[0].split())
     assert dp * pp * tp == 4
+
+
+def _measured_spec() -> str:
+    from triton_parallel_layers.parallel_layers.planner.measure import profile_hardware
+
+    return profile_hardware(gemm_size=128, message_bytes=(1 << 10, 1 << 16), repeats=2).to_json()
+
+
+def test_profile_hardware_gives_every_rank_the_same_spec(dist_run):
+    """Every rank plans from rank 0's measurements: ranks planning from their own noisy timings
+    could choose different layouts and then wait for each other."""
+    specs = dist_run(2, _measured_spec)
+    assert specs[0] == specs[1]
+    spec = HardwareSpec.from_json(specs[0])
+    assert spec.peak_flops["fp32"] > 0 and spec.memory_bandwidth > 0
+    fits = spec.measured["collectives"]
+    assert set(fits) == {"all_reduce", "all_gather", "reduce_scatter", "p2p"}
+    assert all(f["2"]["beta"] > 0 and f["2"]["alpha"] >= 0 for f in fits.values())

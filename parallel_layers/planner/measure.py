@@ -101,24 +101,26 @@ def profile_hardware(
                 measured["collectives"].setdefault(kind, {})[str(size)] = fit
         if size < world:
             dist.barrier()
-    if world > 1:  # every rank keeps rank 0's fits, so the spec is the same everywhere
-        box = [measured]
-        dist.broadcast_object_list(box, src=0)
-        measured = box[0]
-
     if cuda:
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         memory = pages / int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    measured["memory_bytes"] = float(memory)
+    if world > 1:
+        # Every rank takes rank 0's measurements, all of them: ranks that planned from their own
+        # (noisy) figures could pick different layouts and then wait for each other forever.
+        box = [measured]
+        dist.broadcast_object_list(box, src=0)
+        measured = box[0]
     p2p = measured["collectives"].get("p2p", {}).get("2", {"alpha": 5e-6, "beta": 1e10})
     link = Link(beta=p2p["beta"], alpha=p2p["alpha"])
     return HardwareSpec(
         name=name or f"{device.type}-{backend}",
         gpus_per_node=max(world, 1),
-        peak_flops=peak,
-        memory_bytes=float(memory),
-        memory_bandwidth=bandwidth,
+        peak_flops=dict(measured["gemm_flops"]),
+        memory_bytes=measured["memory_bytes"],
+        memory_bandwidth=measured["copy_bandwidth"],
         intra_node=link,
         inter_node=link,
         matmul_efficiency=1.0,
