@@ -14,6 +14,9 @@ module             holds
 ``synthetic``      :class:`TimedLayer`: known F/B/W costs, for measuring schedules
 ``timeline``       per-rank :class:`Timeline`, :func:`bubble_fraction`, ASCII/PNG rendering,
                    :class:`ActivationMemoryTracker`
+``p2p_check``      test tool: :func:`~.p2p_check.record_p2p` logs every rank's p2p groups on
+                   gloo, :func:`~.p2p_check.replay_nccl` replays them under NCCL's ordering
+                   rule (deadlock or completion); not imported here
 =================  =====================================================================
 
 A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed, or on
