@@ -44,7 +44,9 @@ Typical use in a multi-process test (every rank returns its log, the test replay
     assert replay.completes, replay.report()
 
 :func:`replay_nccl` is pure Python: it also takes hand-written or computed logs
-(:func:`op`, the tests' known-bad orders).
+(:func:`op`, the tests' known-bad orders, and :func:`planned_groups`: what the pipeline executor
+posts for given action lists, computed without running it, so that every ``(pp, m, v)`` can be
+checked in milliseconds; the tests check it against recorded runs).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ __all__ = [
     "Replay",
     "StuckGroup",
     "op",
+    "planned_groups",
     "record_p2p",
     "replay_nccl",
 ]
@@ -373,3 +376,52 @@ def replay_nccl(groups_by_rank: Sequence[Sequence[Sequence[P2POpRecord]]]) -> Re
 
 def _opposite(kind: str) -> str:
     return "recv" if kind == "send" else "send"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the pipeline executor posts, without running it
+# ---------------------------------------------------------------------------------------------
+def planned_groups(
+    actions, v: int = 1, *, first_step: bool = True
+) -> list[list[list[P2POpRecord]]]:
+    """The groups :class:`~.schedules.PipelineSchedule` posts in one step, per pipeline rank, for
+    the action lists ``actions`` (every activation needing a gradient), as
+    :func:`replay_nccl` takes them: peers are pipeline ranks, tags the transport's, each message
+    1 byte and each metadata header 88 (``(3 + MAX_DIMS,)`` int64).
+
+    ``first_step``: the shapes are not known yet, so the first activation of each stream is
+    preceded by its metadata, and the receiver splits the group there
+    (:meth:`~.p2p.StageTransport.post`).
+    """
+    from triton_parallel_layers.parallel_layers.pipeline.actions import p2p_plan
+    from triton_parallel_layers.parallel_layers.pipeline.p2p import MAX_DIMS, message_tag
+
+    pp = len(actions)
+    num_stages = pp * v
+    meta_bytes = (3 + MAX_DIMS) * 8
+    out: list[list[list[P2POpRecord]]] = []
+    for plan in p2p_plan(actions, v):
+        groups: list[list[P2POpRecord]] = []
+        sent, known = set(), set()
+        for slot in plan:
+            group: list[P2POpRecord] = []
+            for kind, msg in slot:
+                tag = message_tag(msg.stream, msg.stage, num_stages)
+                meta_tag = message_tag("meta", msg.stage, num_stages)
+                if kind == "send":
+                    peer = msg.dst(pp)
+                    if msg.stream == "act" and first_step and msg.stage not in sent:
+                        sent.add(msg.stage)
+                        group.append(P2POpRecord("send", peer, meta_bytes, tag=meta_tag))
+                    group.append(P2POpRecord("send", peer, 1, tag=tag))
+                    continue
+                peer = msg.src(pp)
+                if msg.stream == "act" and first_step and msg.stage not in known:
+                    known.add(msg.stage)
+                    group.append(P2POpRecord("recv", peer, meta_bytes, tag=meta_tag))
+                    groups.append(group)
+                    group = []
+                group.append(P2POpRecord("recv", peer, 1, tag=tag))
+            groups.append(group)
+        out.append([g for g in groups if g])
+    return out

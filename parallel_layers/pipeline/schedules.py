@@ -18,9 +18,13 @@ One step, on each rank:
 3. The rank's actions run in order. ``F(i, c)``: receive the input (or take microbatch ``i``),
    run chunk ``c``, send the output (or, on the last stage, compute ``loss_fn(output, target_i)``).
    ``B(i, c)``: receive the output gradient (or start from ``loss_i / m``), backpropagate, send
-   the input gradient. ``W(i, c)``: the deferred weight gradients (zero-bubble only). Receives are
-   posted up to ``lookahead`` actions early; sends never block, and each send buffer is freed as
-   soon as the action lists prove it has arrived (so 1F1B's memory stays bounded).
+   the input gradient. ``W(i, c)``: the deferred weight gradients (zero-bubble only). Before each
+   action the rank posts one group of sends and receives (one ``batch_isend_irecv``), the one
+   :func:`~.actions.p2p_plan` assigns to it: the output of the action before, with the receives
+   whose turn has come in one global order of all messages. That order cannot deadlock under
+   NCCL's rule and is the same on every backend (checked on CPU by :mod:`.p2p_check`). Sends are
+   not waited for when posted; each send buffer is freed as soon as the action lists prove it has
+   arrived (so 1F1B's memory stays bounded).
 4. Outstanding sends are waited for; parameters shared by stages on several ranks (tied
    embeddings) get their gradients summed over the pipeline; data-parallel stages synchronize
    their gradients once (:meth:`~.stage.PipelineStage.sync_gradients`); the loss is broadcast
@@ -46,10 +50,12 @@ import torch.distributed as dist
 from triton_parallel_layers.kernels.collectives import group_rank
 from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
+    Message,
     check_interleaved,
     gpipe_actions,
     interleaved_actions,
     one_f_one_b_actions,
+    p2p_plan,
     simulate,
     zb_h1_actions,
 )
@@ -89,9 +95,6 @@ class PipelineSchedule:
         track_memory: measure the activation bytes held for backward; the last step's peak is in
             :attr:`peak_activation_bytes` (and the most send buffers held at once in
             :attr:`peak_pending_sends`).
-        lookahead: how many actions ahead receives are posted; ``None``: 2 on gloo, 0 on NCCL
-            (NCCL ignores tags and runs one group's p2p in order on one stream, so a receive
-            posted ahead of an earlier send to the same peer would block that send).
 
     Raises:
         TypeError, ValueError: stages that do not form this rank's share of one pipeline, or a
@@ -111,7 +114,6 @@ class PipelineSchedule:
         *,
         record_timeline: bool = False,
         track_memory: bool = False,
-        lookahead: int | None = None,
     ) -> None:
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
@@ -138,12 +140,11 @@ class PipelineSchedule:
         self.stages = stages
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
-        if lookahead is None:
-            nccl = self.pp > 1 and dist.get_backend(self.pp_group) == "nccl"
-            lookahead = 0 if nccl else 2
-        self.lookahead = lookahead
         self.actions_by_rank = self.build_actions(self.pp, n_microbatches, self.num_chunks)
         self.actions: list[Action] = self.actions_by_rank[self.pp_rank]
+        self.plan = p2p_plan(self.actions_by_rank, self.num_chunks)[self.pp_rank]
+        """``plan[k]``: the sends and receives posted as one group before action ``k``
+        (``k = len(actions)``: after the last one)."""
         params = [p for s in stages for p in s.parameters()]
         device = params[0].device if params else torch.device("cpu")
         self.transport = StageTransport(self.pp_group, self.num_chunks, device)
@@ -238,7 +239,7 @@ class PipelineSchedule:
             for stage in self.stages:
                 no_sync.enter_context(stage.no_sync())
             for idx, action in enumerate(self.actions):
-                self._prefetch(idx, run)
+                self._post(idx, run)
                 if action.kind == "F":
                     self._forward(action, run)
                 elif action.kind == "B":
@@ -247,8 +248,7 @@ class PipelineSchedule:
                     self._weight(action, run)
                 if self.memory is not None:
                     self.memory.sample(sum(s.held_bytes for s in run.stores.values()))
-                    pending = self.transport.pending_sends
-                    self.peak_pending_sends = max(self.peak_pending_sends, pending)
+            self._post(len(self.actions), run)
         self.transport.finish()
         if self.memory is not None:
             self.peak_activation_bytes = self.memory.peak
@@ -286,51 +286,51 @@ class PipelineSchedule:
                     break
         return releases
 
-    # -- the three kinds of action --------------------------------------------------------------
-    def _recv_key(self, a: Action) -> tuple[str, int, int] | None:
-        s = self.stages[a.chunk].stage_index
-        if a.kind == "F" and s > 0:
-            return ("act", a.microbatch, a.chunk)
-        if a.kind == "B" and s < self.num_stages - 1:
-            return ("grad", a.microbatch, a.chunk)
-        return None
-
-    def _post_recv(self, key: tuple[str, int, int], run: _StepState, *, eager: bool) -> None:
-        if key in run.recvs:
+    # -- communication ----------------------------------------------------------------------
+    def _post(self, idx: int, run: _StepState) -> None:
+        """Post the group the plan puts before action ``idx``. A gradient of an output that needs
+        none is skipped on both sides (the receiver knows from its output; the sender from the
+        activation's metadata: its input does not require grad, so it has no gradient to send)."""
+        ops = []
+        for kind, msg in self.plan[idx]:
+            if kind == "send":
+                tensor = run.outbox.pop(msg, None)
+                if tensor is None:  # an input gradient nobody needs
+                    continue
+                ops.append((kind, msg, tensor))
+            else:
+                if msg.stream == "grad":
+                    _, output = run.held[(msg.microbatch, msg.stage // self.pp)]
+                    if not output.requires_grad:
+                        continue
+                ops.append((kind, msg, None))
+        if not ops:
             return
-        kind, i, c = key
-        s = self.stages[c].stage_index
-        if kind == "act":
-            if eager and not self.transport.knows_input(s):
-                return  # its shape arrives with the first message: post when it is needed
-            run.recvs[key] = self.transport.recv_activation(s, i)
-        else:
-            meta = self.transport.output_meta(s)
-            if meta is None or not meta[2]:
-                return  # not sent yet, or needs no gradient
-            run.recvs[key] = self.transport.recv_grad(s, i)
+        start = self._now()
+        run.recvs.update(self.transport.post(ops))
+        if self.memory is not None:
+            pending = self.transport.pending_sends
+            self.peak_pending_sends = max(self.peak_pending_sends, pending)
+        chunk = ops[0][1].stage // self.pp
+        self._event("send", ops[0][1].microbatch, chunk, start)
 
-    def _prefetch(self, idx: int, run: _StepState) -> None:
-        for a in self.actions[idx : idx + 1 + self.lookahead]:
-            key = self._recv_key(a)
-            if key is not None:
-                self._post_recv(key, run, eager=a is not self.actions[idx])
-
-    def _wait(self, key: tuple[str, int, int], run: _StepState) -> torch.Tensor:
-        self._post_recv(key, run, eager=False)
-        pending: PendingRecv = run.recvs.pop(key)
+    def _wait(self, msg: Message, run: _StepState) -> torch.Tensor:
+        pending = run.recvs.pop(msg, None)
+        if pending is None:  # the plan posts every receive before the action needing it
+            raise RuntimeError(f"rank {self.pp_rank}: {msg} was never posted")
         start = self._now()
         value = pending.wait()
-        self._event("recv", key[1], key[2], start)
+        self._event("recv", msg.microbatch, msg.stage // self.pp, start)
         return value
 
+    # -- the three kinds of action --------------------------------------------------------------
     def _forward(self, a: Action, run: _StepState) -> None:
         stage = self.stages[a.chunk]
         i = a.microbatch
         if stage.is_first:
             x = run.inputs[i]
         else:
-            x = self._wait(("act", i, a.chunk), run)
+            x = self._wait(Message("act", stage.stage_index, i), run)
             for j, c in self._releases.get((i, a.chunk), ()):  # those have arrived: free them
                 self.transport.release("grad", self.stages[c].stage_index, j)
         start = self._now()
@@ -353,9 +353,7 @@ class PipelineSchedule:
             run.held[(i, a.chunk)] = (x, root)
         else:
             run.held[(i, a.chunk)] = (x, y)
-            start = self._now()
-            self.transport.send_activation(stage.stage_index, i, y)
-            self._event("send", i, a.chunk, start)
+            run.outbox[Message("act", stage.stage_index + 1, i)] = y
 
     def _backward(self, a: Action, run: _StepState) -> None:
         stage = self.stages[a.chunk]
@@ -363,7 +361,7 @@ class PipelineSchedule:
         x, root = run.held.pop((i, a.chunk))
         grad = None
         if not stage.is_last and root.requires_grad:
-            grad = self._wait(("grad", i, a.chunk), run)
+            grad = self._wait(Message("grad", stage.stage_index, i), run)
             self.transport.release("act", stage.stage_index, i)  # it arrived: its gradient did
         store = WeightGradStore() if self.split_backward else None
         start = self._now()
@@ -376,9 +374,7 @@ class PipelineSchedule:
         del root, grad
         if not stage.is_first and x.requires_grad:
             dx = x.grad if x.grad is not None else torch.zeros_like(x)
-            start = self._now()
-            self.transport.send_grad(stage.stage_index, i, dx)
-            self._event("send", i, a.chunk, start)
+            run.outbox[Message("grad", stage.stage_index - 1, i)] = dx
 
     def _weight(self, a: Action, run: _StepState) -> None:
         store = run.stores.pop((a.microbatch, a.chunk))
@@ -424,7 +420,8 @@ class _StepState:
     def __init__(self, inputs, targets) -> None:
         self.inputs, self.targets = inputs, targets
         self.held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.recvs: dict[tuple[str, int, int], PendingRecv] = {}
+        self.recvs: dict[Message, PendingRecv] = {}
+        self.outbox: dict[Message, torch.Tensor] = {}  # produced, sent with the next group
         self.stores: dict[tuple[int, int], WeightGradStore] = {}
         self.losses: list[torch.Tensor] = []
 

@@ -1,0 +1,106 @@
+"""The pipeline schedules' point-to-point traffic completes under NCCL's rule (issue 12).
+
+* Computed (:func:`~triton_parallel_layers.parallel_layers.pipeline.p2p_check.planned_groups`):
+  every schedule at pp = 2..8, m = 1..16 where the schedule accepts it, 1 to 4 chunks for the
+  interleaved one, the first step (shapes exchanged) and later ones: all complete. The order the
+  schedules posted before (each receive alone before its action, each send alone after it)
+  deadlocks for 1F1B, interleaved 1F1B and ZB-H1, as the issue's replay found.
+* Recorded on gloo (``bench/check_nccl_order.py``): every schedule at pp = 2, 3, 4 with
+  m = 1, pp, pp + 1, 2 pp (where accepted), interleaved with 2 chunks, and the (dp, pp, tp) =
+  (2, 2, 2) hybrid with tensor-parallel stages and DDP: every case completes, and each pipeline's
+  recorded groups are exactly the computed ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from triton_parallel_layers.parallel_layers.pipeline import SCHEDULES
+from triton_parallel_layers.parallel_layers.pipeline.actions import action_messages
+from triton_parallel_layers.parallel_layers.pipeline.p2p_check import (
+    op,
+    planned_groups,
+    replay_nccl,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import check_nccl_order  # noqa: E402
+
+
+def _cases(pps, ms):
+    for name, cls in SCHEDULES.items():
+        for pp in pps:
+            for m in ms:
+                for v in (2, 3, 4) if name == "interleaved" else (1,):
+                    try:
+                        cls.check(pp, m, v)
+                    except ValueError:
+                        continue
+                    yield name, pp, m, v
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_planned_orders_complete(name):
+    n = 0
+    for sched, pp, m, v in _cases([2, 3, 4, 5, 6, 8], range(1, 17)):
+        if sched != name:
+            continue
+        actions = SCHEDULES[name].build_actions(pp, m, v)
+        for first_step in (True, False):
+            replay = replay_nccl(planned_groups(actions, v, first_step=first_step))
+            assert replay.ok, f"{name} pp={pp} m={m} v={v} first={first_step}\n{replay.report()}"
+            n += 1
+    assert n >= 100
+
+
+def _lone_groups(actions, v):
+    """The order before issue 12 with ``lookahead=0``: each receive alone right before its
+    action, each send alone right after it."""
+    pp = len(actions)
+    out = []
+    for r, acts in enumerate(actions):
+        groups = []
+        for a in acts:
+            recv, send = action_messages(a, r, pp, pp * v)
+            if recv is not None:
+                groups.append([op("recv", recv.src(pp))])
+            if send is not None:
+                groups.append([op("send", send.dst(pp))])
+        out.append(groups)
+    return out
+
+
+def test_previous_order_deadlocks_as_the_issue_found():
+    found = {}
+    for name in SCHEDULES:
+        for pp in (2, 4):
+            v = 2 if name == "interleaved" else 1
+            actions = SCHEDULES[name].build_actions(pp, 2 * pp, v)
+            found[(name, pp)] = replay_nccl(_lone_groups(actions, v)).completes
+    assert found == {(name, pp): name == "gpipe" for name in SCHEDULES for pp in (2, 4)}, found
+
+
+def _print(rows):
+    print("\n" + check_nccl_order.table(rows))
+    bad = [r for r in rows if not r["completes"] or not r["planned"]]
+    assert not bad, "\n".join(f"{r['schedule']} m={r['m']}: {r['report']}" for r in bad)
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_recorded_schedules_complete(dist_run, pp):
+    rows = check_nccl_order.check_layout(dist_run, 1, pp, 1)
+    assert {r["schedule"] for r in rows} == set(SCHEDULES)
+    assert {r["m"] for r in rows if r["schedule"] == "1f1b"} == {1, pp, pp + 1, 2 * pp}
+    _print(rows)
+
+
+def test_recorded_hybrid_222_completes(dist_run):
+    """(dp, pp, tp) = (2, 2, 2): tensor-parallel stages (their all-reduces are not p2p) under
+    DDP; the p2p of all 8 ranks, every schedule, m = 1 (where accepted), 2, 3, 4."""
+    rows = check_nccl_order.check_layout(dist_run, 2, 2, 2)
+    assert len({r["schedule"] for r in rows}) == len(SCHEDULES)
+    _print(rows)
