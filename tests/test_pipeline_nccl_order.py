@@ -9,6 +9,8 @@
   m = 1, pp, pp + 1, 2 pp (where accepted), interleaved with 2 chunks, and the (dp, pp, tp) =
   (2, 2, 2) hybrid with tensor-parallel stages and DDP: every case completes, and each pipeline's
   recorded groups are exactly the computed ones.
+* Every tensor a stage sends or receives is on the stage's device, which comes from the mesh
+  (``PipelineStage.device``), also for stages without parameters.
 """
 
 from __future__ import annotations
@@ -104,3 +106,68 @@ def test_recorded_hybrid_222_completes(dist_run):
     rows = check_nccl_order.check_layout(dist_run, 2, 2, 2)
     assert len({r["schedule"] for r in rows}) == len(SCHEDULES)
     _print(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every tensor on the stage's device, from the mesh (also a stage without parameters)
+# ---------------------------------------------------------------------------------------------
+def test_stage_device_comes_from_the_mesh_not_the_parameters():
+    import torch
+    from torch import nn
+
+    from triton_parallel_layers.parallel_layers.pipeline import PipelineStage, Schedule1F1B
+
+    # no parameters at all, on a device this machine may not have: nothing is allocated yet
+    stage = PipelineStage(nn.Tanh(), 0, 1, device="cuda:0")
+    schedule = Schedule1F1B(stage, 2, torch.nn.functional.mse_loss)
+    assert stage.device == schedule.device == schedule.transport.device == torch.device("cuda:0")
+    assert stage.shared.device == torch.device("cuda:0")
+    # parameters on meta do not decide it either: no process group -> the CPU
+    with torch.device("meta"):
+        lin = nn.Linear(4, 4)
+    assert PipelineStage(lin, 0, 1).device == torch.device("cpu")
+
+
+def _paramless_stage_run(schedule: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch import nn
+
+    from triton_parallel_layers.parallel_layers import ParallelDims
+    from triton_parallel_layers.parallel_layers.pipeline import (
+        build_stages,
+        get_schedule,
+        partition_layers,
+    )
+    from triton_parallel_layers.parallel_layers.pipeline.p2p_check import record_p2p
+
+    dims = ParallelDims(pp=dist.get_world_size())
+    torch.manual_seed(0)
+    # the middle stages have no parameters
+    layers = [nn.Linear(4, 4)] + [nn.Tanh() for _ in range(dims.pp - 2)] + [nn.Linear(4, 4)]
+    stages = build_stages(layers, partition_layers(layers, dims.pp), dims.pp_group)
+    sched = get_schedule(schedule)(stages, 2, F.mse_loss)
+    with record_p2p() as log:
+        loss = sched.step(torch.randn(4, 4), torch.randn(4, 4))
+    return {
+        "device": str(stages[0].device),
+        "expected": str(dims.device),
+        "has_params": any(True for s in stages for _ in s.parameters()),
+        "posted": sorted({o.device for g in log.groups for o in g}),
+        "groups": log.groups,
+        "loss_device": str(loss.device),
+        "grad": [float(p.grad.abs().sum()) for s in stages for p in s.parameters()],
+    }
+
+
+def test_stage_without_parameters_on_the_mesh_device(dist_run):
+    for schedule in ("1f1b", "zb-h1"):
+        results = dist_run(3, _paramless_stage_run, schedule)
+        assert [r["has_params"] for r in results] == [True, False, True]
+        replay = replay_nccl([r["groups"] for r in results])
+        assert replay.ok, replay.report()
+        for r in results:
+            assert r["device"] == r["expected"] == r["loss_device"]
+            assert r["posted"] == [r["device"]], r["posted"]  # headers, activations, gradients
+        assert all(g > 0 for r in results for g in r["grad"])  # gradients crossed the middle

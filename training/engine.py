@@ -301,7 +301,9 @@ def build_engine(
         if j not in local:
             _release_(layer, keep=shared)
 
-    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
+    stages = build_stages(
+        layers, partition, dims.pp_group, dp_group=dims.dp_group, device=dims.device
+    )
     modules = [
         (f"{names_of[id(layers[j])]}.{n}" if n else names_of[id(layers[j])], m)
         for j in sorted(local)

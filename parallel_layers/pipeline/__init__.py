@@ -5,7 +5,8 @@ interleaved 1F1B, ZB-H1), hybrid with tensor and data parallelism, and instrumen
 module             holds
 =================  =====================================================================
 ``partition``      :func:`partition_layers` -> :class:`Partition` (by params/FLOPs/time/list)
-``stage``          :class:`PipelineStage`, :func:`build_stages` (DDP over ``dp`` per chunk)
+``stage``          :class:`PipelineStage`, :func:`build_stages` (DDP over ``dp`` per chunk),
+                   :func:`stage_device` (every stage tensor's device, from the mesh)
 ``p2p``            :class:`StageTransport`: batched isend/irecv, shapes exchanged once
 ``actions``        schedules as per-rank :class:`Action` lists; :func:`simulate`
 ``schedules``      :class:`ScheduleGPipe`, :class:`Schedule1F1B`,
@@ -28,7 +29,8 @@ A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed
     layers = model.pipeline_layers()                      # [embed, blocks..., head]
     partition = partition_layers(layers, dims.pp, "params")
     print(partition.report(pp=dims.pp))
-    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
+    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group,
+                          device=dims.device)
     schedule = Schedule1F1B(stages, n_microbatches=8, loss_fn=model.loss)
     optimizer = torch.optim.AdamW(pipeline_parameters(stages))
     loss = schedule.step(tokens, targets)                 # the batch of this dp replica
@@ -65,6 +67,7 @@ from triton_parallel_layers.parallel_layers.pipeline.stage import (
     SharedParameters,
     build_stages,
     pipeline_parameters,
+    stage_device,
 )
 from triton_parallel_layers.parallel_layers.pipeline.synthetic import TimedLayer
 from triton_parallel_layers.parallel_layers.pipeline.timeline import (
@@ -119,6 +122,7 @@ __all__ = [
     "simulate",
     "split_weight_grad",
     "splitting",
+    "stage_device",
     "validate_actions",
     "zb_h1_actions",
 ]

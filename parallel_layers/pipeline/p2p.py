@@ -223,7 +223,9 @@ class StageTransport:
     def _add_send(self, msg: Message, t: torch.Tensor, batch: list[_Op]) -> None:
         meta = (tuple(t.shape), t.dtype, t.requires_grad)
         t = t.detach()
-        t = (t if t.device == self.device else t.to(self.device)).contiguous()
+        if self.pp > 1 and t.device != self.device:  # (handed over in memory: left as it is)
+            t = t.to(self.device)
+        t = t.contiguous()
         if msg.stream == "grad":
             src, header = msg.stage + 1, None
         else:

@@ -9,7 +9,7 @@ point-to-point operations. This module catches such orders on a CPU:
    ``isend`` and ``irecv`` while a real (gloo) run goes on, and logs, per rank, the *groups* it
    posts: each ``batch_isend_irecv`` call is one group, each lone ``send``/``recv``/``isend``/
    ``irecv`` a group of one. Each operation is a :class:`P2POpRecord` (kind, peer global rank,
-   bytes, shape, dtype, tag, group index in posting order). The wrappers call the real functions,
+   bytes, shape, dtype, tag, group index in posting order, device). The wrappers call the real functions,
    so the run is unchanged.
 2. :func:`replay_nccl` replays the ranks' logs under NCCL's rule and returns a
    :class:`Replay`: it ``completes``, or names each rank's first stuck group and what every
@@ -79,7 +79,7 @@ class P2POpRecord:
 
     ``kind`` is ``"send"`` or ``"recv"``; ``peer`` the other side's global rank (``-1``: a receive
     from any source); ``group`` the index, in this rank's posting order, of the group it belongs
-    to; ``api`` the function that posted it.
+    to; ``api`` the function that posted it; ``device`` the tensor's.
     """
 
     kind: str
@@ -90,6 +90,7 @@ class P2POpRecord:
     tag: int = 0
     group: int = 0
     api: str = ""
+    device: str = ""
 
     def __str__(self) -> str:
         arrow = "->" if self.kind == "send" else "<-"
@@ -127,6 +128,7 @@ class P2PLog:
                     tag,
                     g,
                     api,
+                    str(t.device),
                 )
                 for kind, peer, t, tag in ops
             ]

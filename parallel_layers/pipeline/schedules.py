@@ -145,9 +145,14 @@ class PipelineSchedule:
         self.plan = p2p_plan(self.actions_by_rank, self.num_chunks)[self.pp_rank]
         """``plan[k]``: the sends and receives posted as one group before action ``k``
         (``k = len(actions)``: after the last one)."""
+        if len({s.device for s in stages}) > 1:
+            raise ValueError(
+                f"this rank's stages are on several devices: {[s.device for s in stages]}"
+            )
+        self.device = stages[0].device
+        """Where every tensor of the step lives (the stages' device, from the mesh)."""
         params = [p for s in stages for p in s.parameters()]
-        device = params[0].device if params else torch.device("cpu")
-        self.transport = StageTransport(self.pp_group, self.num_chunks, device)
+        self.transport = StageTransport(self.pp_group, self.num_chunks, self.device)
         self._releases = self._grad_send_releases()
         self.timeline: Timeline | None = Timeline(self.pp_rank) if record_timeline else None
         self.memory = ActivationMemoryTracker(params) if track_memory else None
@@ -224,8 +229,10 @@ class PipelineSchedule:
             raise ValueError("this rank holds the first stage: step() needs inputs")
         if last and target is None:
             raise ValueError("this rank holds the last stage: step() needs target")
+        device = self.device
         run = _StepState(
-            inputs.tensor_split(m) if first else None, target.tensor_split(m) if last else None
+            inputs.to(device).tensor_split(m) if first else None,
+            target.to(device).tensor_split(m) if last else None,
         )
 
         if self.timeline is not None:
@@ -383,7 +390,7 @@ class PipelineSchedule:
         self._event("W", a.microbatch, a.chunk, start)
 
     def _reduce_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        device = self.transport.device
+        device = self.device
         if self.stages[-1].is_last:
             total = torch.stack(losses).sum().to(device) / self.n_microbatches
         else:
