@@ -15,7 +15,10 @@
 
 Both steps are behind one seam, :meth:`Engine.train_step` (forward + backward of the global
 batch's share of this dp replica; the optimizer is the trainer's), and :meth:`Engine.forward`
-(inference: logits on the last stage).
+(inference: logits on the last stage; at pp > 1 the pipeline package's forward-only schedule,
+:class:`~triton_parallel_layers.parallel_layers.pipeline.ScheduleForwardOnly`, with the same
+transport and NCCL-safe posting order as training, in the training microbatch count when it
+divides the batch and one microbatch otherwise, e.g. for sampling).
 
 **Tied embeddings across stages.** A GPT with ``tie_embeddings`` uses ``embed.tok.weight`` in the
 first stage and as ``head.proj.weight`` in the last one. With ``pp > 1`` each rank keeps its own
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -40,11 +43,11 @@ from triton_parallel_layers.kernels.collectives import all_gather
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
 from triton_parallel_layers.parallel_layers.pipeline import (
+    ScheduleForwardOnly,
     build_stages,
     get_schedule,
     partition_layers,
 )
-from triton_parallel_layers.parallel_layers.pipeline.p2p import MAX_DIMS, decode_meta, encode_meta
 from triton_parallel_layers.training.config import ParallelConfig
 
 __all__ = ["Engine", "build_engine", "canonical_names"]
@@ -90,6 +93,8 @@ class Engine:
     tied_copies: frozenset[str] = frozenset()
     """Parameters this rank shares with an earlier pipeline rank (tied embeddings): counted there,
     not here, in the gradient norm and the parameter count."""
+    _infer: dict[int, ScheduleForwardOnly] = field(default_factory=dict, repr=False)
+    """Forward-only schedules (evaluation, sampling) by microbatch count."""
 
     # -- small helpers ------------------------------------------------------------------------
     @property
@@ -194,35 +199,23 @@ class Engine:
             if self.stages is None:
                 with self.autocast():
                     return self.model(inputs)
-            out = None
-            x = inputs
-            last = self.stages[-1].num_stages - 1
-            for stage in self.stages:
-                s = stage.stage_index
-                if s > 0:
-                    x = self._recv(self.dims.pp_peer(s - 1))
-                with self.autocast():
-                    y = stage.layers(x)
-                if s < last:
-                    self._send(y, self.dims.pp_peer(s + 1))
-                else:
-                    out = y
-            return out
+            schedule = self._forward_schedule(inputs.shape[0])
+            with self.autocast():
+                return schedule.run(
+                    inputs if self.is_first_stage else None, batch_size=inputs.shape[0]
+                )
         finally:
             self.model.train(was_training)
 
-    def _send(self, t: torch.Tensor, dst: int) -> None:
-        header = encode_meta(tuple(t.shape), t.dtype, False).to(self.device)
-        dist.send(header, dst=dst, group=self.dims.pp_group)
-        dist.send(t.contiguous(), dst=dst, group=self.dims.pp_group)
-
-    def _recv(self, src: int) -> torch.Tensor:
-        header = torch.zeros(3 + MAX_DIMS, dtype=torch.int64, device=self.device)
-        dist.recv(header, src=src, group=self.dims.pp_group)
-        shape, dtype, _ = decode_meta(header)
-        t = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(t, src=src, group=self.dims.pp_group)
-        return t
+    def _forward_schedule(self, batch: int) -> ScheduleForwardOnly:
+        """The forward-only pipeline schedule for a batch of ``batch`` rows: in the training
+        microbatch count when it divides the batch, else one microbatch (sampling). Made on first
+        use, by every rank of the pipeline at the same call."""
+        m = self.parallel.microbatches
+        m = m if batch % m == 0 else 1
+        if m not in self._infer:
+            self._infer[m] = ScheduleForwardOnly(self.stages, m)
+        return self._infer[m]
 
     def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the last pipeline stage holds it, on every rank of the pipeline (same shape

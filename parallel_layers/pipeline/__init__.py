@@ -10,7 +10,8 @@ module             holds
 ``p2p``            :class:`StageTransport`: batched isend/irecv, shapes exchanged once
 ``actions``        schedules as per-rank :class:`Action` lists; :func:`simulate`
 ``schedules``      :class:`ScheduleGPipe`, :class:`Schedule1F1B`,
-                   :class:`ScheduleInterleaved1F1B`, :class:`ScheduleZBH1`: one executor
+                   :class:`ScheduleInterleaved1F1B`, :class:`ScheduleZBH1`: one executor;
+                   :class:`ScheduleForwardOnly` for evaluation and sampling
 ``weight_grad``    deferred weight gradients for zero-bubble schedules
 ``synthetic``      :class:`TimedLayer`: known F/B/W costs, for measuring schedules
 ``timeline``       per-rank :class:`Timeline`, :func:`bubble_fraction`, ASCII/PNG rendering,
@@ -39,6 +40,7 @@ A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed
 
 from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
+    forward_actions,
     gpipe_actions,
     ideal_bubble_fraction,
     interleaved_actions,
@@ -57,6 +59,7 @@ from triton_parallel_layers.parallel_layers.pipeline.schedules import (
     SCHEDULES,
     PipelineSchedule,
     Schedule1F1B,
+    ScheduleForwardOnly,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleZBH1,
@@ -96,6 +99,7 @@ __all__ = [
     "PipelineSchedule",
     "PipelineStage",
     "Schedule1F1B",
+    "ScheduleForwardOnly",
     "ScheduleGPipe",
     "ScheduleInterleaved1F1B",
     "ScheduleZBH1",
@@ -108,6 +112,7 @@ __all__ = [
     "build_stages",
     "defer_weight_grad",
     "deferrable_linear",
+    "forward_actions",
     "gather_timelines",
     "get_schedule",
     "gpipe_actions",

@@ -30,6 +30,8 @@ The generators, each ``(pp, m[, v]) -> list[list[Action]]`` (one list per rank):
                                shrinks ``v``-fold; needs ``m % p == 0``
 :func:`zb_h1_actions`          ZB-H1: 1F1B with the backward split into ``B`` and ``W``; the
                                ``W`` passes fill the cool-down bubble; peak memory as 1F1B
+:func:`forward_actions`        forward only (evaluation, sampling): ``F`` of every microbatch
+                               through chunk 0, then chunk 1, ..
 =============================  ==============================================================
 
 With equal stages and unit costs the bubble fraction (idle share of ``p x`` makespan) is
@@ -50,6 +52,7 @@ __all__ = [
     "Message",
     "ScheduledAction",
     "action_messages",
+    "forward_actions",
     "gpipe_actions",
     "ideal_bubble_fraction",
     "interleaved_actions",
@@ -164,6 +167,14 @@ def interleaved_actions(pp: int, m: int, v: int) -> list[list[Action]]:
         acts += [Action("B", *bwd(k)) for k in range(total - w, total)]
         out.append(acts)
     return out
+
+
+def forward_actions(pp: int, m: int, v: int = 1) -> list[list[Action]]:
+    """Forward only (evaluation, sampling): every rank runs ``F(i, c)`` for each chunk ``c`` in
+    turn and each microbatch ``i`` (all microbatches through chunk 0, then chunk 1, ..). No
+    backward, so nothing is held between actions but the last stage's outputs."""
+    _check_positive(pp=pp, n_microbatches=m, num_chunks=v)
+    return [[Action("F", i, c) for c in range(v) for i in range(m)] for _ in range(pp)]
 
 
 def zb_h1_actions(pp: int, m: int) -> list[list[Action]]:

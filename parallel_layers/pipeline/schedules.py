@@ -52,6 +52,7 @@ from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
     Message,
     check_interleaved,
+    forward_actions,
     gpipe_actions,
     interleaved_actions,
     one_f_one_b_actions,
@@ -74,6 +75,7 @@ __all__ = [
     "PipelineSchedule",
     "Schedule1F1B",
     "ScheduleGPipe",
+    "ScheduleForwardOnly",
     "ScheduleInterleaved1F1B",
     "ScheduleZBH1",
     "get_schedule",
@@ -103,6 +105,8 @@ class PipelineSchedule:
     """
 
     name: ClassVar[str] = "base"
+    forward_only: ClassVar[bool] = False
+    """Whether the schedule runs forwards only (:class:`ScheduleForwardOnly`)."""
     split_backward: ClassVar[bool] = False
     """Whether ``B`` computes only input gradients, leaving weight gradients to ``W``."""
 
@@ -341,6 +345,14 @@ class PipelineSchedule:
             for j, c in self._releases.get((i, a.chunk), ()):  # those have arrived: free them
                 self.transport.release("grad", self.stages[c].stage_index, j)
         start = self._now()
+        if self.forward_only:
+            y = stage.inner(x)  # no DDP: nothing to synchronize without a backward
+            self._event("F", i, a.chunk, start)
+            if stage.is_last:
+                run.outputs[i] = y
+            else:
+                run.outbox[Message("act", stage.stage_index + 1, i)] = y
+            return
         with contextlib.ExitStack() as ctx:
             if self.split_backward:
                 ctx.enter_context(split_weight_grad())
@@ -431,6 +443,7 @@ class _StepState:
         self.outbox: dict[Message, torch.Tensor] = {}  # produced, sent with the next group
         self.stores: dict[tuple[int, int], WeightGradStore] = {}
         self.losses: list[torch.Tensor] = []
+        self.outputs: dict[int, torch.Tensor] = {}  # forward only: the last stage's outputs
 
 
 class ScheduleGPipe(PipelineSchedule):
@@ -502,6 +515,93 @@ class ScheduleZBH1(PipelineSchedule):
     @classmethod
     def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
         return zb_h1_actions(pp, m)
+
+
+class ScheduleForwardOnly(PipelineSchedule):
+    """Forward only, for evaluation and sampling: each microbatch through every stage, no
+    backward, no gradients, no loss; the last stage's outputs come back from :meth:`run`.
+
+    The same executor, transport and posting order as the training schedules (the plan of
+    :func:`~.actions.forward_actions`, so the traffic completes under NCCL's rule), with its own
+    :class:`~.p2p.StageTransport` so that its shapes never disturb the training schedule's. With
+    ``dynamic_shapes`` (the default) the shapes are exchanged at every call, so the batch or
+    sequence length may change from call to call (sampling grows the sequence by one token per
+    call); without it, call :meth:`reset_shapes` on every rank when they change.
+
+    Example (every rank of the pipeline)::
+
+        infer = ScheduleForwardOnly(stages, n_microbatches=2)
+        logits = infer.run(tokens)          # the last stage's (B, ...) output, None elsewhere
+    """
+
+    name = "forward-only"
+    forward_only = True
+
+    def __init__(
+        self,
+        stages: PipelineStage | Sequence[PipelineStage],
+        n_microbatches: int = 1,
+        *,
+        dynamic_shapes: bool = True,
+        record_timeline: bool = False,
+    ) -> None:
+        super().__init__(stages, n_microbatches, _no_loss, record_timeline=record_timeline)
+        self.dynamic_shapes = dynamic_shapes
+
+    @classmethod
+    def check(cls, pp: int, m: int, v: int) -> None:
+        forward_actions(pp, m, v)  # any positive sizes
+
+    @classmethod
+    def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
+        return forward_actions(pp, m, v)
+
+    def step(self, *args, **kwargs):
+        raise TypeError("ScheduleForwardOnly runs no backward: call run(inputs) instead of step()")
+
+    @torch.no_grad()
+    def run(
+        self, inputs: torch.Tensor | None = None, *, batch_size: int | None = None
+    ) -> torch.Tensor | None:
+        """The model's output for ``inputs`` ``(B, ...)``, in ``n_microbatches`` microbatches.
+
+        Args:
+            inputs: needed where the first stage is (other ranks may pass it too).
+            batch_size: ``B``, for a rank that passes no inputs.
+
+        Returns:
+            On the rank holding the last stage, its outputs concatenated along dim 0; elsewhere
+            ``None``.
+        """
+        m = self.n_microbatches
+        batch = self._batch_size(inputs, None, batch_size)
+        if batch % m:
+            raise ValueError(
+                f"batch size {batch} is not divisible by n_microbatches={m}: every microbatch "
+                "must have the same size"
+            )
+        if self.stages[0].is_first and inputs is None:
+            raise ValueError("this rank holds the first stage: run() needs inputs")
+        if self.dynamic_shapes:
+            self.transport.reset_shapes()
+        first = self.stages[0].is_first
+        run = _StepState(inputs.to(self.device).tensor_split(m) if first else None, None)
+        if self.timeline is not None:
+            if self.pp > 1:
+                dist.barrier(group=self.pp_group)
+            self.timeline.begin()
+        for idx, action in enumerate(self.actions):
+            self._post(idx, run)
+            self._forward(action, run)
+        self._post(len(self.actions), run)
+        self.transport.finish()
+        if not self.stages[-1].is_last:
+            return None
+        return torch.cat([run.outputs[i] for i in range(m)])
+
+
+def _no_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("a forward-only schedule computes no loss")
 
 
 SCHEDULES: dict[str, type[PipelineSchedule]] = {
