@@ -37,12 +37,13 @@ call :meth:`StageTransport.reset_shapes` on every rank before the next step.
 Every tensor this transport sends, receives or allocates is on ``device`` (the stage's device,
 from the mesh: :attr:`~triton_parallel_layers.parallel_layers.ParallelDims.device`).
 
-Sends are not waited for when posted. Gloo cannot tell whether a send has completed without
-blocking (its works report ``is_completed() == False`` until waited on), so a send buffer is kept
-until the caller knows it has arrived and calls :meth:`StageTransport.release` (the executor does
-so when the gradient of that activation comes back, or when the receiver has provably moved past
-the receive: waiting then costs nothing), and :meth:`StageTransport.finish` waits for the rest at
-the end of the step.
+Sends are not waited for when posted: a send buffer is kept until the caller calls
+:meth:`StageTransport.release` (the executor does so one action later, before posting the next
+group, and then frees the output it carried: see :mod:`.schedules`), and
+:meth:`StageTransport.finish` waits for the rest at the end of the step. (Gloo cannot tell whether
+a send has completed without blocking, its works report ``is_completed() == False`` until waited
+on, and completes a send only once the receiver has posted its receive; NCCL's ``wait`` only
+orders the streams.)
 
 Every byte sent is recorded in the active
 :func:`triton_parallel_layers.kernels.collectives.record_comm` ledger as ``"send"``.
@@ -296,6 +297,10 @@ class StageTransport:
         if entry is not None:
             for w in entry[0]:
                 w.wait()
+
+    def send_buffers(self) -> list[torch.Tensor]:
+        """The tensors of the sends still held (for memory accounting)."""
+        return [t for _, buffers in self._sends.values() for t in buffers]
 
     @property
     def pending_sends(self) -> int:

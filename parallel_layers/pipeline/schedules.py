@@ -22,9 +22,12 @@ One step, on each rank:
    action the rank posts one group of sends and receives (one ``batch_isend_irecv``), the one
    :func:`~.actions.p2p_plan` assigns to it: the output of the action before, with the receives
    whose turn has come in one global order of all messages. That order cannot deadlock under
-   NCCL's rule and is the same on every backend (checked on CPU by :mod:`.p2p_check`). Sends are
-   not waited for when posted; each send buffer is freed as soon as the action lists prove it has
-   arrived (so 1F1B's memory stays bounded).
+   NCCL's rule and is the same on every backend (checked on CPU by :mod:`.p2p_check`). A group's
+   sends are waited for one action later, before the next group is posted (as
+   ``torch.distributed.pipelining`` waits for its sends one step late): the compute of that action
+   overlaps them, the wait cannot deadlock (it waits only for messages ahead of every one this
+   rank has not posted yet in the plan's global order), and then each send buffer, and with
+   ``free_outputs`` the output it carried, is freed, so no rank holds more than a group's sends.
 4. Outstanding sends are waited for; parameters shared by stages on several ranks (tied
    embeddings) get their gradients summed over the pipeline; data-parallel stages synchronize
    their gradients once (:meth:`~.stage.PipelineStage.sync_gradients`); the loss is broadcast
@@ -94,9 +97,15 @@ class PipelineSchedule:
             stage; e.g. ``functools.partial(model.loss, tp_group=dims.tp_group)``).
         record_timeline: time every action and wait (a pipeline barrier starts each step);
             the last step's events are in :attr:`timeline`.
-        track_memory: measure the activation bytes held for backward; the last step's peak is in
-            :attr:`peak_activation_bytes` (and the most send buffers held at once in
-            :attr:`peak_pending_sends`).
+        track_memory: measure the activation bytes held for backward (what autograd saved, the
+            stage outputs kept as roots of their backward, send buffers in flight; each storage
+            once); the last step's peak is in :attr:`peak_activation_bytes` (and the most send
+            buffers held at once in :attr:`peak_pending_sends`).
+        free_outputs: once an output sent to the next stage has arrived, free its storage,
+            keeping only what the backward needs (Megatron-LM's ``deallocate_pipeline_outputs``):
+            the output tensor stays the root of the stage's backward, with a one-element
+            placeholder for data, and the backward runs through autograd's engine directly
+            (autograd's saved tensors keep whatever the graph needs).
 
     Raises:
         TypeError, ValueError: stages that do not form this rank's share of one pipeline, or a
@@ -118,6 +127,7 @@ class PipelineSchedule:
         *,
         record_timeline: bool = False,
         track_memory: bool = False,
+        free_outputs: bool = True,
     ) -> None:
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
@@ -146,9 +156,6 @@ class PipelineSchedule:
         self.loss_fn = loss_fn
         self.actions_by_rank = self.build_actions(self.pp, n_microbatches, self.num_chunks)
         self.actions: list[Action] = self.actions_by_rank[self.pp_rank]
-        self.plan = p2p_plan(self.actions_by_rank, self.num_chunks)[self.pp_rank]
-        """``plan[k]``: the sends and receives posted as one group before action ``k``
-        (``k = len(actions)``: after the last one)."""
         if len({s.device for s in stages}) > 1:
             raise ValueError(
                 f"this rank's stages are on several devices: {[s.device for s in stages]}"
@@ -157,7 +164,10 @@ class PipelineSchedule:
         """Where every tensor of the step lives (the stages' device, from the mesh)."""
         params = [p for s in stages for p in s.parameters()]
         self.transport = StageTransport(self.pp_group, self.num_chunks, self.device)
-        self._releases = self._grad_send_releases()
+        self.plan = p2p_plan(self.actions_by_rank, self.num_chunks)[self.pp_rank]
+        """``plan[k]``: the sends and receives posted as one group before action ``k``
+        (``k = len(actions)``: after the last one)."""
+        self.free_outputs = free_outputs
         self.timeline: Timeline | None = Timeline(self.pp_rank) if record_timeline else None
         self.memory = ActivationMemoryTracker(params) if track_memory else None
         self.peak_activation_bytes = 0
@@ -258,8 +268,10 @@ class PipelineSchedule:
                 else:
                     self._weight(action, run)
                 if self.memory is not None:
-                    self.memory.sample(sum(s.held_bytes for s in run.stores.values()))
+                    self._sample_memory(run)
             self._post(len(self.actions), run)
+            for msg in run.in_flight:
+                self._release(msg, run)
         self.transport.finish()
         if self.memory is not None:
             self.peak_activation_bytes = self.memory.peak
@@ -268,40 +280,27 @@ class PipelineSchedule:
             stage.sync_gradients()
         return self._reduce_loss(run.losses)
 
-    def _grad_send_releases(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
-        """When this rank's gradient sends have provably arrived, from every rank's action list.
-
-        The gradient that ``B(i, c)`` sends goes to virtual stage ``s - 1`` on rank ``q``, which
-        receives it before it runs its own ``B(i)``. The first forward that ``q`` runs after that
-        ``B`` and whose output comes to this rank tells us so when it arrives: returns
-        ``{(j, chunk) of that activation here: [(i, c) of the gradient sends it releases]}``.
-        (An activation's own send is released when its gradient comes back.)
-        """
-        pp, rank = self.pp, self.pp_rank
-        releases: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        if pp == 1:
-            return releases
-        for a in self.actions:
-            s = a.chunk * pp + rank
-            if a.kind != "B" or s == 0:
-                continue
-            q, q_chunk = (s - 1) % pp, (s - 1) // pp
-            theirs = self.actions_by_rank[q]
-            k = theirs.index(Action("B", a.microbatch, q_chunk))
-            for later in theirs[k + 1 :]:
-                dst = later.chunk * pp + q + 1  # where that forward's output goes
-                if later.kind == "F" and dst < self.num_stages and dst % pp == rank:
-                    releases.setdefault((later.microbatch, dst // pp), []).append(
-                        (a.microbatch, a.chunk)
-                    )
-                    break
-        return releases
+    def _release(self, msg: Message, run: _StepState) -> None:
+        """Wait for the send of ``msg`` and free its buffer and, for an activation (which its
+        stage keeps only as the root of its backward), the output's storage."""
+        sender = msg.stage - 1 if msg.stream == "act" else msg.stage + 1
+        self.transport.release(msg.stream, sender, msg.microbatch)
+        if msg.stream == "act" and self.free_outputs:
+            held = run.held.get((msg.microbatch, sender // self.pp))
+            if held is not None:
+                _free_output(held[1])
 
     # -- communication ----------------------------------------------------------------------
     def _post(self, idx: int, run: _StepState) -> None:
         """Post the group the plan puts before action ``idx``. A gradient of an output that needs
         none is skipped on both sides (the receiver knows from its output; the sender from the
         activation's metadata: its input does not require grad, so it has no gradient to send)."""
+        # the sends of the group before (posted one action ago) complete now: a wait that costs
+        # little (the receiver posted its receive about when they were sent, in the plan's
+        # order), and frees their buffers and the outputs they carried
+        for msg in run.in_flight:
+            self._release(msg, run)
+        run.in_flight = []
         ops = []
         for kind, msg in self.plan[idx]:
             if kind == "send":
@@ -309,6 +308,7 @@ class PipelineSchedule:
                 if tensor is None:  # an input gradient nobody needs
                     continue
                 ops.append((kind, msg, tensor))
+                run.in_flight.append(msg)
             else:
                 if msg.stream == "grad":
                     _, output = run.held[(msg.microbatch, msg.stage // self.pp)]
@@ -322,8 +322,19 @@ class PipelineSchedule:
         if self.memory is not None:
             pending = self.transport.pending_sends
             self.peak_pending_sends = max(self.peak_pending_sends, pending)
+            self._sample_memory(run)
         chunk = ops[0][1].stage // self.pp
         self._event("send", ops[0][1].microbatch, chunk, start)
+
+    def _sample_memory(self, run: _StepState) -> None:
+        """Activation bytes now: autograd's saved tensors, the deferred weight-gradient passes',
+        the inputs and outputs kept for their backward (freed outputs: a placeholder) and the
+        send buffers."""
+        held = [t for pair in run.held.values() for t in pair if t.dim() > 0]
+        self.memory.sample(
+            sum(s.held_bytes for s in run.stores.values()),
+            [*held, *self.transport.send_buffers()],
+        )
 
     def _wait(self, msg: Message, run: _StepState) -> torch.Tensor:
         pending = run.recvs.pop(msg, None)
@@ -342,8 +353,6 @@ class PipelineSchedule:
             x = run.inputs[i]
         else:
             x = self._wait(Message("act", stage.stage_index, i), run)
-            for j, c in self._releases.get((i, a.chunk), ()):  # those have arrived: free them
-                self.transport.release("grad", self.stages[c].stage_index, j)
         start = self._now()
         if self.forward_only:
             y = stage.inner(x)  # no DDP: nothing to synchronize without a backward
@@ -381,12 +390,11 @@ class PipelineSchedule:
         grad = None
         if not stage.is_last and root.requires_grad:
             grad = self._wait(Message("grad", stage.stage_index, i), run)
-            self.transport.release("act", stage.stage_index, i)  # it arrived: its gradient did
         store = WeightGradStore() if self.split_backward else None
         start = self._now()
         with store.capture() if store is not None else contextlib.nullcontext():
             if root.requires_grad:
-                torch.autograd.backward(root, grad)
+                _backward_from(root, grad)
         self._event("B", i, a.chunk, start)
         if store is not None:
             run.stores[(i, a.chunk)] = store
@@ -433,6 +441,25 @@ class PipelineSchedule:
         )
 
 
+def _free_output(y: torch.Tensor) -> None:
+    """Replace ``y``'s data by a one-element placeholder (its storage is freed unless autograd
+    saved it), keeping ``y`` as the root of its graph (Megatron-LM's ``deallocate_output_tensor``).
+    A view is left alone (its storage is its base's)."""
+    if y._base is None and y.numel() > 1:
+        y.data = torch.empty((1,), dtype=y.dtype, device=y.device)
+
+
+def _backward_from(root: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """``torch.autograd.backward(root, grad)`` without the check that ``grad`` has ``root``'s
+    shape, which a freed output (:func:`_free_output`) no longer has."""
+    if grad is None:
+        torch.autograd.backward(root)
+        return
+    torch.autograd.Variable._execution_engine.run_backward(
+        (root,), (grad,), False, False, (), True, True
+    )
+
+
 class _StepState:
     """What one step keeps between actions."""
 
@@ -441,6 +468,7 @@ class _StepState:
         self.held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.recvs: dict[Message, PendingRecv] = {}
         self.outbox: dict[Message, torch.Tensor] = {}  # produced, sent with the next group
+        self.in_flight: list[Message] = []  # sent with the group posted last
         self.stores: dict[tuple[int, int], WeightGradStore] = {}
         self.losses: list[torch.Tensor] = []
         self.outputs: dict[int, torch.Tensor] = {}  # forward only: the last stage's outputs
