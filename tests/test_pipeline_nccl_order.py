@@ -11,6 +11,8 @@
   recorded groups are exactly the computed ones.
 * Every tensor a stage sends or receives is on the stage's device, which comes from the mesh
   (``PipelineStage.device``), also for stages without parameters.
+* The training engine's evaluation and sampling (the forward-only schedule) complete under the
+  rule too, all batched, and give one device's results.
 """
 
 from __future__ import annotations
