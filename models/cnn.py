@@ -103,10 +103,11 @@ class _SeededModel(nn.Module):
 
     seed: int
 
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, *, skip_meta: bool = False) -> None:
         """(Re)initialize every parameter from ``(seed, its name)``, keeping local shards
-        (:func:`triton_parallel_layers.parallel_layers.init.init_by_name_`); ``seed`` defaults to ``self.seed``."""
-        init_by_name_(self, self.seed if seed is None else seed, _init_param)
+        (:func:`triton_parallel_layers.parallel_layers.init.init_by_name_`); ``seed`` defaults to ``self.seed``;
+        ``skip_meta``: leave parameters still on ``meta`` alone (a pipeline rank's model)."""
+        init_by_name_(self, self.seed if seed is None else seed, _init_param, skip_meta=skip_meta)
 
     def _maybe_init(self) -> None:
         if not next(self.parameters()).is_meta:

@@ -289,7 +289,7 @@ class GPT(nn.Module):
         if self.config.tie_embeddings:
             self.head.proj.weight = self.embed.tok.weight
 
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, *, skip_meta: bool = False) -> None:
         """(Re)initialize every parameter from ``(seed, its name)`` alone, keeping local shards.
 
         Weights ``N(0, init_std)``; the residual branches' output projections (``attn.proj``,
@@ -297,10 +297,13 @@ class GPT(nn.Module):
         vocabulary rows 0. Works on the single-device model, the parallelized one and one
         materialized from ``meta`` with ``to_empty``, with the same values (shards) in all three:
         see :func:`triton_parallel_layers.parallel_layers.init.init_by_name_`. ``seed`` defaults to ``self.seed``.
-        Re-ties the embeddings first (:meth:`tie_weights`).
+        Re-ties the embeddings first (:meth:`tie_weights`). ``skip_meta``: leave parameters still
+        on ``meta`` alone (a pipeline rank's model, materialized only in its own stages).
         """
         self.tie_weights()
-        init_by_name_(self, self.seed if seed is None else seed, self._init_param)
+        init_by_name_(
+            self, self.seed if seed is None else seed, self._init_param, skip_meta=skip_meta
+        )
 
     def _init_param(
         self, name: str, module: nn.Module, shape: torch.Size, gen: torch.Generator

@@ -38,7 +38,7 @@ def name_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def init_by_name_(model: nn.Module, seed: int, init_fn: InitFn) -> None:
+def init_by_name_(model: nn.Module, seed: int, init_fn: InitFn, *, skip_meta: bool = False) -> None:
     """Initialize every parameter from ``(seed, its qualified name)`` alone, keeping local shards.
 
     For each parameter (a tied one once, under its first name) this draws the *full*,
@@ -57,6 +57,8 @@ def init_by_name_(model: nn.Module, seed: int, init_fn: InitFn) -> None:
         seed: the model's seed.
         init_fn: ``(name, module, full_shape, generator) -> tensor`` of ``full_shape``, drawn only
             from ``generator``; ``module`` is the (possibly parallel) module owning the parameter.
+        skip_meta: leave parameters still on ``meta`` alone (a model materialized in part: a
+            pipeline rank's stages); otherwise they raise ``ValueError``.
     """
     seen: set[int] = set()
     for mname, module in model.named_modules():
@@ -64,6 +66,8 @@ def init_by_name_(model: nn.Module, seed: int, init_fn: InitFn) -> None:
             if id(param) in seen:
                 continue
             seen.add(id(param))
+            if param.is_meta and skip_meta:
+                continue
             if param.is_meta:
                 raise ValueError(
                     f"init_by_name_: {mname}.{pname} is still on the meta device; call "

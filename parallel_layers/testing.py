@@ -23,6 +23,10 @@ Failure is clean, never a hang:
   ranks that did not finish.
 * Process groups a function creates (meshes, TP groups) are destroyed after it returns, so one
   test's groups never leak into the next.
+
+Gloo buffers sends, so a point-to-point order that runs here may hang on NCCL: record what the
+ranks post with :func:`triton_parallel_layers.parallel_layers.pipeline.p2p_check.record_p2p` and
+replay it under NCCL's rule with :func:`~triton_parallel_layers.parallel_layers.pipeline.p2p_check.replay_nccl`.
 """
 
 from __future__ import annotations

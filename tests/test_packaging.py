@@ -222,7 +222,7 @@ ENTRY_POINTS = [
     ["scripts/tp_demo.py"],
     ["-m", "triton_parallel_layers.info"],
     ["-m", "triton_parallel_layers.models.cnn"],
-    *[[f"bench/{p.name}"] for p in sorted((ROOT / "bench").glob("bench_*.py"))],
+    *[[f"bench/{p.name}"] for p in sorted((ROOT / "bench").glob("[!_]*.py"))],
 ]
 
 

@@ -222,3 +222,53 @@ def test_torchrun_train_then_corrupt_resume(tmp_path):
     assert 'train_gpt.py", line' not in text and "training/" not in text, text
     # every rank failed with status 1 (none stopped by the launcher's SIGTERM, none aborted)
     assert text.count("exitcode  : 1 ") == 2 and "Signal" not in text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# A pipeline rank materializes only its own stages
+# ---------------------------------------------------------------------------------------------
+_GPT_SMALL = dict(vocab_size=256, n_layers=4, n_heads=2, embed_dim=32, max_seq_len=16)
+
+
+def _build_small_gpt():
+    from triton_parallel_layers.models.gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(**_GPT_SMALL), seed=3)
+
+
+def _engine_params(pp: int) -> dict:
+    import torch
+
+    from triton_parallel_layers.models.gpt import GPT_TP_PLAN
+    from triton_parallel_layers.parallel_layers import ParallelDims
+    from triton_parallel_layers.training.config import ParallelConfig
+    from triton_parallel_layers.training.engine import build_engine
+
+    engine = build_engine(_build_small_gpt, GPT_TP_PLAN, ParallelDims(pp=pp), ParallelConfig(pp=pp))
+    local = {id(p) for s in engine.stages for p in s.parameters()}
+    materialized = {id(p): p for p in engine.model.parameters() if not p.is_meta}
+    ref = _build_small_gpt()  # the single-device model, initialized on the CPU
+    ref_params = dict(ref.named_parameters())
+    return {
+        "only_local": set(materialized) == local,
+        "bytes": sum(p.numel() * p.element_size() for p in materialized.values()),
+        "total_bytes": sum(p.numel() * p.element_size() for p in ref.parameters()),
+        "equal": all(torch.equal(p.param, ref_params[p.name]) for p in engine.params),
+        "names": sorted(p.name for p in engine.params),
+    }
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipeline_rank_materializes_only_its_stages(dist_run, pp):
+    """build_engine at pp = 2 and 4: each rank's non-meta parameters are exactly its stages'
+    (a tied embedding on both ends once per holder, none on the middle ranks), their values
+    are the single-device model's, and together the ranks hold every parameter."""
+    results = dist_run(pp, _engine_params, pp)
+    total = results[0]["total_bytes"]
+    for r in results:
+        assert r["only_local"] and r["equal"]
+        assert r["bytes"] < total / pp * 1.7  # ~1/pp: no rank holds the whole model
+    names = set().union(*(r["names"] for r in results))
+    ref_names = set(dict(_build_small_gpt().named_parameters()))
+    assert names == ref_names
+    print(f"\nparameter bytes per rank at pp={pp}: {[r['bytes'] for r in results]} of {total}")

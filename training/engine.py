@@ -5,9 +5,11 @@
 1. :func:`triton_parallel_layers.parallel_layers.parallelize` by the model's TP plan (still on ``meta``);
 2. the layer sequence (``model.pipeline_layers()``) cut into ``pp * chunks`` stages by parameter
    count (:func:`triton_parallel_layers.parallel_layers.pipeline.partition_layers`); this rank keeps its stages;
-3. the model is materialized (``to_empty``) and initialized from ``(seed, parameter name)``
+3. the model is materialized and initialized from ``(seed, parameter name)``
    (``model.init_weights()``), so every layout starts from the shards of the same single-device
-   model; then the layers of other stages are released back to ``meta``;
+   model; at ``pp > 1`` only this rank's layers are (the others stay on ``meta``, and
+   ``init_weights(skip_meta=True)`` skips them), so a rank's parameter memory is its stages',
+   about ``1/pp`` of the model, also while building;
 4. the step: **pp = 1** a plain step (DDP over ``dp`` when ``dp > 1``; ``microbatches`` is gradient
    accumulation under ``no_sync``); **pp > 1** the pipeline schedule
    (:mod:`triton_parallel_layers.parallel_layers.pipeline`) over :func:`~triton_parallel_layers.parallel_layers.pipeline.build_stages`' stages,
@@ -15,7 +17,10 @@
 
 Both steps are behind one seam, :meth:`Engine.train_step` (forward + backward of the global
 batch's share of this dp replica; the optimizer is the trainer's), and :meth:`Engine.forward`
-(inference: logits on the last stage).
+(inference: logits on the last stage; at pp > 1 the pipeline package's forward-only schedule,
+:class:`~triton_parallel_layers.parallel_layers.pipeline.ScheduleForwardOnly`, with the same
+transport and NCCL-safe posting order as training, in the training microbatch count when it
+divides the batch and one microbatch otherwise, e.g. for sampling).
 
 **Tied embeddings across stages.** A GPT with ``tie_embeddings`` uses ``embed.tok.weight`` in the
 first stage and as ``head.proj.weight`` in the last one. With ``pp > 1`` each rank keeps its own
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -40,11 +45,11 @@ from triton_parallel_layers.kernels.collectives import all_gather
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
 from triton_parallel_layers.parallel_layers.pipeline import (
+    ScheduleForwardOnly,
     build_stages,
     get_schedule,
     partition_layers,
 )
-from triton_parallel_layers.parallel_layers.pipeline.p2p import MAX_DIMS, decode_meta, encode_meta
 from triton_parallel_layers.training.config import ParallelConfig
 
 __all__ = ["Engine", "build_engine", "canonical_names"]
@@ -62,14 +67,24 @@ def canonical_names(model: nn.Module) -> dict[tuple[str, str], str]:
     return out
 
 
-def _release_(module: nn.Module, keep: set[int]) -> None:
-    """Replace the parameters ``module`` owns (recursively) by ``meta`` ones of the same shape,
-    except those whose ``id`` is in ``keep``. Per owner: a parameter tied to a module that is kept
-    stays alive there."""
-    for sub in module.modules():
+def _materialize_(model: nn.Module, modules: list[nn.Module], device: torch.device) -> None:
+    """``to_empty`` for the parameters and buffers of ``modules`` (sub-modules of ``model``) only:
+    each ``meta`` parameter they use gets one uninitialized tensor on ``device``, put in place of
+    the ``meta`` one in every module of ``model`` that owns it (so ties survive); everything else
+    stays on ``meta``."""
+    new: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            if p.is_meta and id(p) not in new:
+                new[id(p)] = nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+        for sub in module.modules():
+            for bname, b in list(sub.named_buffers(recurse=False)):
+                if b.is_meta:
+                    setattr(sub, bname, torch.empty_like(b, device=device))
+    for sub in model.modules():
         for pname, p in list(sub.named_parameters(recurse=False)):
-            if not p.is_meta and id(p) not in keep:
-                setattr(sub, pname, nn.Parameter(torch.empty_like(p, device="meta"), False))
+            if id(p) in new:
+                setattr(sub, pname, new[id(p)])
 
 
 @dataclass
@@ -90,6 +105,8 @@ class Engine:
     tied_copies: frozenset[str] = frozenset()
     """Parameters this rank shares with an earlier pipeline rank (tied embeddings): counted there,
     not here, in the gradient norm and the parameter count."""
+    _infer: dict[int, ScheduleForwardOnly] = field(default_factory=dict, repr=False)
+    """Forward-only schedules (evaluation, sampling) by microbatch count."""
 
     # -- small helpers ------------------------------------------------------------------------
     @property
@@ -203,35 +220,23 @@ class Engine:
             if self.stages is None:
                 with self.autocast():
                     return self.model(inputs)
-            out = None
-            x = inputs
-            last = self.stages[-1].num_stages - 1
-            for stage in self.stages:
-                s = stage.stage_index
-                if s > 0:
-                    x = self._recv(self.dims.pp_peer(s - 1))
-                with self.autocast():
-                    y = stage.layers(x)
-                if s < last:
-                    self._send(y, self.dims.pp_peer(s + 1))
-                else:
-                    out = y
-            return out
+            schedule = self._forward_schedule(inputs.shape[0])
+            with self.autocast():
+                return schedule.run(
+                    inputs if self.is_first_stage else None, batch_size=inputs.shape[0]
+                )
         finally:
             self.model.train(was_training)
 
-    def _send(self, t: torch.Tensor, dst: int) -> None:
-        header = encode_meta(tuple(t.shape), t.dtype, False).to(self.device)
-        dist.send(header, dst=dst, group=self.dims.pp_group)
-        dist.send(t.contiguous(), dst=dst, group=self.dims.pp_group)
-
-    def _recv(self, src: int) -> torch.Tensor:
-        header = torch.zeros(3 + MAX_DIMS, dtype=torch.int64, device=self.device)
-        dist.recv(header, src=src, group=self.dims.pp_group)
-        shape, dtype, _ = decode_meta(header)
-        t = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(t, src=src, group=self.dims.pp_group)
-        return t
+    def _forward_schedule(self, batch: int) -> ScheduleForwardOnly:
+        """The forward-only pipeline schedule for a batch of ``batch`` rows: in the training
+        microbatch count when it divides the batch, else one microbatch (sampling). Made on first
+        use, by every rank of the pipeline at the same call."""
+        m = self.parallel.microbatches
+        m = m if batch % m == 0 else 1
+        if m not in self._infer:
+            self._infer[m] = ScheduleForwardOnly(self.stages, m)
+        return self._infer[m]
 
     def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the last pipeline stage holds it, on every rank of the pipeline (same shape
@@ -268,7 +273,7 @@ def build_engine(
     Args:
         model_fn: builds the single-device model; called under ``torch.device("meta")``. It must
             fix the model's seed (``GPT(config, seed=...)``) and provide ``pipeline_layers()``,
-            ``init_weights()`` and ``loss(logits, target)``.
+            ``init_weights(skip_meta=False)`` and ``loss(logits, target)``.
         plan: the model's tensor-parallel plan.
         dims: the layout.
         parallel: schedule, microbatches, chunks, sequence parallel, overlap.
@@ -281,11 +286,9 @@ def build_engine(
     model = parallelize(model, plan, dims, **kwargs)
     canonical = canonical_names(model)
     names_of = {id(m): n for n, m in model.named_modules()}
-    model.to_empty(device=dims.device)
-    model.init_weights()  # re-ties tied parameters, then fills every shard from (seed, name)
-    layers = model.pipeline_layers()
-
     if dims.pp == 1:
+        model.to_empty(device=dims.device)
+        model.init_weights()  # re-ties tied parameters, then fills every shard from (seed, name)
         params = sharded_params(model.named_modules(), canonical)
         engine = Engine(model, dims, parallel, params, model.loss, autocast_dtype)
         if dims.dp > 1:
@@ -293,24 +296,30 @@ def build_engine(
             engine.ddp = DistributedDataParallel(model, process_group=dims.dp_group, **kw)
         return engine
 
+    # pp > 1: cut the layer sequence while still on meta, then materialize and initialize only
+    # this rank's layers, so a rank's parameter memory is its stages', never the whole model's
+    layers = model.pipeline_layers()
     num_stages = dims.pp * parallel.chunks
     partition = partition_layers(layers, num_stages, "params")
     mine = [s for s in range(num_stages) if s % dims.pp == dims.pp_rank]
     local = {j for s in mine for j in range(*partition.bounds[s])}
 
-    # parameters used by layers on several ranks (tied embeddings): the pipeline keeps one copy
-    # per rank and sums their gradients after each backward (SharedParameters); every rank,
-    # holder or not, keeps them materialized for that all-reduce
+    # parameters used by layers on several ranks (tied embeddings): each rank that holds one of
+    # those layers materializes its own copy (tied between its owners, so it is one object
+    # there); the pipeline sums the copies' gradients after each backward (SharedParameters)
+    in_layers = {id(q) for layer in layers for q in layer.parameters()}
+    keep = [layers[j] for j in sorted(local)]
+    keep += [m for m in model.modules() if any(id(q) not in in_layers for q in m.parameters(False))]
+    _materialize_(model, keep, dims.device)
+    model.init_weights(skip_meta=True)  # this rank's parameters only, each from (seed, name)
     used_on: dict[int, set[int]] = {}
     for j, layer in enumerate(layers):
         for q in layer.parameters():
             used_on.setdefault(id(q), set()).add(partition.stage_of(j) % dims.pp)
-    shared = {pid for pid, ranks in used_on.items() if len(ranks) > 1}
-    for j, layer in enumerate(layers):
-        if j not in local:
-            _release_(layer, keep=shared)
 
-    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
+    stages = build_stages(
+        layers, partition, dims.pp_group, dp_group=dims.dp_group, device=dims.device
+    )
     modules = [
         (f"{names_of[id(layers[j])]}.{n}" if n else names_of[id(layers[j])], m)
         for j in sorted(local)

@@ -5,17 +5,22 @@ interleaved 1F1B, ZB-H1), hybrid with tensor and data parallelism, and instrumen
 module             holds
 =================  =====================================================================
 ``partition``      :func:`partition_layers` -> :class:`Partition` (by params/FLOPs/time/list)
-``stage``          :class:`PipelineStage`, :func:`build_stages` (DDP over ``dp`` per chunk)
+``stage``          :class:`PipelineStage`, :func:`build_stages` (DDP over ``dp`` per chunk),
+                   :func:`stage_device` (every stage tensor's device, from the mesh)
 ``p2p``            :class:`StageTransport`: batched isend/irecv, shapes exchanged once
 ``actions``        schedules as per-rank :class:`Action` lists; :func:`simulate`
 ``schedules``      :class:`ScheduleGPipe`, :class:`Schedule1F1B`,
-                   :class:`ScheduleInterleaved1F1B`, :class:`ScheduleZBH1`: one executor
+                   :class:`ScheduleInterleaved1F1B`, :class:`ScheduleZBH1`: one executor;
+                   :class:`ScheduleForwardOnly` for evaluation and sampling
 ``weight_grad``    deferred weight gradients for zero-bubble schedules
 ``synthetic``      :class:`TimedLayer`: known F/B/W costs, for measuring schedules
 ``timeline``       per-rank :class:`Timeline`, :func:`bubble_fraction`, ASCII/PNG rendering,
                    :class:`ActivationMemoryTracker`
 ``wavefront``      :class:`WavefrontPipeline`: stacked recurrent layers pipelined over time
                    chunks (a single long sequence fills the pipeline)
+``p2p_check``      test tool: :func:`~.p2p_check.record_p2p` logs every rank's p2p groups on
+                   gloo, :func:`~.p2p_check.replay_nccl` replays them under NCCL's ordering
+                   rule (deadlock or completion); not imported here
 =================  =====================================================================
 
 A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed, or on
@@ -27,7 +32,8 @@ A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed
     layers = model.pipeline_layers()                      # [embed, blocks..., head]
     partition = partition_layers(layers, dims.pp, "params")
     print(partition.report(pp=dims.pp))
-    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
+    stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group,
+                          device=dims.device)
     schedule = Schedule1F1B(stages, n_microbatches=8, loss_fn=model.loss)
     optimizer = torch.optim.AdamW(pipeline_parameters(stages))
     loss = schedule.step(tokens, targets)                 # the batch of this dp replica
@@ -36,6 +42,7 @@ A whole hybrid (dp, pp, tp) step (every rank builds the model from the same seed
 
 from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
+    forward_actions,
     gpipe_actions,
     ideal_bubble_fraction,
     interleaved_actions,
@@ -54,6 +61,7 @@ from triton_parallel_layers.parallel_layers.pipeline.schedules import (
     SCHEDULES,
     PipelineSchedule,
     Schedule1F1B,
+    ScheduleForwardOnly,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleZBH1,
@@ -64,6 +72,7 @@ from triton_parallel_layers.parallel_layers.pipeline.stage import (
     SharedParameters,
     build_stages,
     pipeline_parameters,
+    stage_device,
 )
 from triton_parallel_layers.parallel_layers.pipeline.synthetic import TimedLayer
 from triton_parallel_layers.parallel_layers.pipeline.timeline import (
@@ -96,6 +105,7 @@ __all__ = [
     "PipelineSchedule",
     "PipelineStage",
     "Schedule1F1B",
+    "ScheduleForwardOnly",
     "ScheduleGPipe",
     "ScheduleInterleaved1F1B",
     "ScheduleZBH1",
@@ -109,6 +119,7 @@ __all__ = [
     "build_stages",
     "defer_weight_grad",
     "deferrable_linear",
+    "forward_actions",
     "gather_timelines",
     "get_schedule",
     "gpipe_actions",
@@ -123,6 +134,7 @@ __all__ = [
     "simulate",
     "split_weight_grad",
     "splitting",
+    "stage_device",
     "validate_actions",
     "wavefront_bubble_fraction",
     "zb_h1_actions",

@@ -30,6 +30,8 @@ The generators, each ``(pp, m[, v]) -> list[list[Action]]`` (one list per rank):
                                shrinks ``v``-fold; needs ``m % p == 0``
 :func:`zb_h1_actions`          ZB-H1: 1F1B with the backward split into ``B`` and ``W``; the
                                ``W`` passes fill the cool-down bubble; peak memory as 1F1B
+:func:`forward_actions`        forward only (evaluation, sampling): ``F`` of every microbatch
+                               through chunk 0, then chunk 1, ..
 =============================  ==============================================================
 
 With equal stages and unit costs the bubble fraction (idle share of ``p x`` makespan) is
@@ -47,11 +49,15 @@ from triton_parallel_layers.parallel_layers.utils import check_positive_int
 
 __all__ = [
     "Action",
+    "Message",
     "ScheduledAction",
+    "action_messages",
+    "forward_actions",
     "gpipe_actions",
     "ideal_bubble_fraction",
     "interleaved_actions",
     "one_f_one_b_actions",
+    "p2p_plan",
     "simulate",
     "validate_actions",
     "zb_h1_actions",
@@ -161,6 +167,14 @@ def interleaved_actions(pp: int, m: int, v: int) -> list[list[Action]]:
         acts += [Action("B", *bwd(k)) for k in range(total - w, total)]
         out.append(acts)
     return out
+
+
+def forward_actions(pp: int, m: int, v: int = 1) -> list[list[Action]]:
+    """Forward only (evaluation, sampling): every rank runs ``F(i, c)`` for each chunk ``c`` in
+    turn and each microbatch ``i`` (all microbatches through chunk 0, then chunk 1, ..). No
+    backward, so nothing is held between actions but the last stage's outputs."""
+    _check_positive(pp=pp, n_microbatches=m, num_chunks=v)
+    return [[Action("F", i, c) for c in range(v) for i in range(m)] for _ in range(pp)]
 
 
 def zb_h1_actions(pp: int, m: int) -> list[list[Action]]:
@@ -293,3 +307,110 @@ def ideal_bubble_fraction(timeline: Sequence[Sequence[ScheduledAction]]) -> floa
     busy = sum(e.end - e.start for row in timeline for e in row)
     total = len(timeline) * (span - start)
     return 0.0 if total <= 0 else 1.0 - busy / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Point-to-point plan: what each rank posts, in an order NCCL cannot deadlock on
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class Message:
+    """One tensor between neighbouring virtual stages: ``stream`` ``"act"`` is the input of
+    virtual stage ``stage`` (sent by ``stage - 1``), ``"grad"`` the gradient of ``stage``'s
+    output (sent by ``stage + 1``); for ``microbatch``."""
+
+    stream: str
+    stage: int
+    microbatch: int
+
+    def src(self, pp: int) -> int:
+        """The pipeline rank that sends it."""
+        return (self.stage - 1 if self.stream == "act" else self.stage + 1) % pp
+
+    def dst(self, pp: int) -> int:
+        """The pipeline rank that receives it."""
+        return self.stage % pp
+
+    def __str__(self) -> str:
+        return f"{self.stream}{self.microbatch}->s{self.stage}"
+
+
+def action_messages(
+    a: Action, rank: int, pp: int, num_stages: int
+) -> tuple[Message | None, Message | None]:
+    """``(received, sent)``: the message action ``a`` of ``rank`` needs before it runs and the one
+    it produces (``None`` where there is none: first/last stage, ``W``)."""
+    s = a.chunk * pp + rank
+    if a.kind == "F":
+        recv = Message("act", s, a.microbatch) if s > 0 else None
+        send = Message("act", s + 1, a.microbatch) if s < num_stages - 1 else None
+        return recv, send
+    if a.kind == "B":
+        recv = Message("grad", s, a.microbatch) if s < num_stages - 1 else None
+        send = Message("grad", s - 1, a.microbatch) if s > 0 else None
+        return recv, send
+    return None, None
+
+
+def p2p_plan(
+    actions: Sequence[Sequence[Action]], v: int = 1
+) -> list[list[list[tuple[str, Message]]]]:
+    """When each rank posts each send and receive: ``plan[r][k]`` is the list of
+    ``("send" | "recv", Message)`` that rank ``r`` posts as one ``batch_isend_irecv`` group right
+    before its action ``k`` (``k = len(actions[r])``: after its last action).
+
+    The order is deadlock-free under NCCL's rule (each rank runs its groups one after another; a
+    large message moves only while both sides' groups holding it are current) for any action
+    lists that :func:`simulate` runs to completion:
+
+    * every message gets one global key: the simulated end time of the action that produces it
+      (unit costs as in :func:`simulate`), then ``(stream, stage, microbatch)``; every rank
+      posts its sends and receives in increasing key order. Then the pending message of least
+      key is at the head of both its ranks' queues, so it can always move, and by induction all
+      do. (Merging consecutive operations into one group only lets more of them move at once.)
+    * a send goes into the group right after the action that produced it (its key is that
+      action's end, at most the next action's start); a receive into the last group before the
+      action that needs it whose slot its key has reached (its producer ends no later than the
+      consumer starts), so it is posted as early as that order allows.
+
+    In 1F1B's steady state this is Megatron-LM's pairing: after a forward the activation goes
+    out with the receive of the gradient the next backward needs
+    (``send_forward_recv_backward``), after a backward the gradient with the next forward's input
+    (``send_backward_recv_forward``).
+    """
+    pp = len(actions)
+    num_stages = pp * v
+    timeline = simulate(actions, v=v)
+    end: dict[tuple[str, int, int], float] = {}  # (kind, microbatch, virtual stage) -> end
+    for r, row in enumerate(timeline):
+        for e in row:
+            end[(e.kind, e.microbatch, e.chunk * pp + r)] = e.end
+
+    def key(msg: Message) -> tuple:
+        producer = ("F", msg.microbatch, msg.stage - 1) if msg.stream == "act" else (
+            "B", msg.microbatch, msg.stage + 1)  # fmt: skip
+        return (end[producer], msg.stream, msg.stage, msg.microbatch)
+
+    plan: list[list[list[tuple[str, Message]]]] = []
+    for r, acts in enumerate(actions):
+        starts = [e.start for e in timeline[r]]
+        ops: list[tuple[tuple, int, str, Message]] = []  # (key, latest slot, kind, message)
+        for k, a in enumerate(acts):
+            recv, send = action_messages(a, r, pp, num_stages)
+            if recv is not None:
+                ops.append((key(recv), k, "recv", recv))
+            if send is not None:
+                ops.append((key(send), k + 1, "send", send))
+        ops.sort(key=lambda o: o[0])
+        groups: list[list[tuple[str, Message]]] = [[] for _ in range(len(acts) + 1)]
+        slot = 0
+        for k_, latest, kind, msg in ops:
+            # the first slot whose action starts at or after the key (a send: after its action)
+            while slot < len(acts) and starts[slot] < k_[0]:
+                slot += 1
+            if kind == "send":
+                slot = max(slot, latest)
+            if kind == "recv" and slot > latest:
+                raise AssertionError(f"rank {r}: {msg} keyed after the action that needs it")
+            groups[slot].append((kind, msg))
+        plan.append(groups)
+    return plan

@@ -5,14 +5,17 @@ output to rank ``(s + 1) % p`` and its input gradient to rank ``(s - 1) % p``; w
 are always other ranks, and with ``p == 1`` (all chunks on one rank) the tensors are handed over in
 memory.
 
-Messages travel with ``batch_isend_irecv`` on the ``pp`` group (this rank's pipeline: same ``dp``
-and ``tp`` coordinates, so each tensor-parallel rank exchanges its own shard or replica with its
-peer). Each stream has its own tag, so gloo matches messages by (peer, tag) in posting order and
-the order between streams does not matter there. NCCL ignores tags and runs a group's p2p in
-order on one stream: the schedules then post no receive ahead of an earlier send to the same peer
-(``lookahead=0``). Pipelines over NCCL have not been run yet (no multi-GPU machine so far); two
-ranks sending to each other in separate batches could still block on large messages, which
-pairing each send with the next receive in one batch (as Megatron-LM does) would rule out.
+Messages travel in groups: :meth:`StageTransport.post` sends and receives a list of
+:class:`~.actions.Message` s with one ``batch_isend_irecv`` on the ``pp`` group (this rank's
+pipeline: same ``dp`` and ``tp`` coordinates, so each tensor-parallel rank exchanges its own shard
+or replica with its peer). The schedules (:mod:`.schedules`) post, before each action, the group
+:func:`~.actions.p2p_plan` assigns to it; that plan orders every rank's operations by one global
+key, so the traffic completes under NCCL's rule (a large message moves only while the groups
+holding it on both sides are current; each rank runs its groups in posting order): checked on CPU
+by recording the groups on gloo and replaying them (:mod:`.p2p_check`). The same order runs on
+every backend. NCCL ignores tags and matches messages between two ranks in order; the plan's
+order is the same on both sides, and the replay checks that matched messages agree in size and
+tag (the tags below are what gloo matches by).
 
 ===================  ==========  ===========================================
 stream               tag         shape
@@ -22,33 +25,48 @@ gradient into s      ``S + s``   that of stage ``s``'s own output
 metadata into s      ``2S + s``  ``(3 + MAX_DIMS,)`` int64
 ===================  ==========  ===========================================
 
-Shapes and dtypes are exchanged once: the first activation a stage sends is preceded by a small
-metadata message (dtype, whether it needs a gradient, shape), which the receiver caches. So stages
-whose activation shapes change from stage to stage (a CNN's ``(B, C, H, W)`` shrinking spatially)
-need no declared shapes. If the microbatch shape changes later (a different batch or sequence
-length), call :meth:`StageTransport.reset_shapes` on every rank before the next step.
+Shapes and dtypes are exchanged once: the first activation a stage sends is preceded, in the same
+group, by a small metadata message (dtype, whether it needs a gradient, shape), which the receiver
+caches. The receiver cannot size the activation's buffer before the metadata has arrived: it posts
+the operations before that point with the metadata receive, waits for it, and posts the activation
+receive with the rest (same order on both sides, so NCCL's matching holds). So stages whose
+activation shapes change from stage to stage (a CNN's ``(B, C, H, W)`` shrinking spatially) need
+no declared shapes. If the microbatch shape changes later (a different batch or sequence length),
+call :meth:`StageTransport.reset_shapes` on every rank before the next step.
 
-Sends never block. Gloo cannot tell whether a send has completed without blocking (its works
-report ``is_completed() == False`` until waited on), so a send buffer is kept until the caller
-knows it has arrived and calls :meth:`StageTransport.release` (the executor does so when the
-gradient of that activation comes back, or when the receiver has provably moved past the receive:
-waiting then costs nothing), and :meth:`StageTransport.finish` waits for the rest at the end of
-the step.
+Every tensor this transport sends, receives or allocates is on ``device`` (the stage's device,
+from the mesh: :attr:`~triton_parallel_layers.parallel_layers.ParallelDims.device`).
 
-Every byte sent is recorded in the active :func:`triton_parallel_layers.kernels.collectives.record_comm` ledger as
-``"send"``.
+Sends are not waited for when posted: a send buffer is kept until the caller calls
+:meth:`StageTransport.release` (the executor does so one action later, before posting the next
+group, and then frees the output it carried: see :mod:`.schedules`), and
+:meth:`StageTransport.finish` waits for the rest at the end of the step. (Gloo cannot tell whether
+a send has completed without blocking, its works report ``is_completed() == False`` until waited
+on, and completes a send only once the receiver has posted its receive; NCCL's ``wait`` only
+orders the streams.)
+
+Every byte sent is recorded in the active
+:func:`triton_parallel_layers.kernels.collectives.record_comm` ledger as ``"send"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from triton_parallel_layers.kernels.collectives import group_rank, group_size, record
+from triton_parallel_layers.parallel_layers.pipeline.actions import Message
 
-__all__ = ["MAX_DIMS", "PendingRecv", "StageTransport", "decode_meta", "encode_meta"]
+__all__ = [
+    "MAX_DIMS",
+    "PendingRecv",
+    "StageTransport",
+    "decode_meta",
+    "encode_meta",
+    "message_tag",
+]
 
 MAX_DIMS = 8
 _DTYPES = [
@@ -65,19 +83,28 @@ _DTYPES = [
 ]
 
 
-def encode_meta(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
-    """``[requires_grad, dtype code, ndim, *shape, 0 ..]``: ``(3 + MAX_DIMS,)`` int64."""
+def message_tag(stream: str, stage: int, num_stages: int) -> int:
+    """The tag of ``stream`` (``"act"``, ``"grad"``, ``"meta"``) into virtual ``stage`` (table
+    above)."""
+    return {"act": 0, "grad": 1, "meta": 2}[stream] * num_stages + stage
+
+
+def encode_meta(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    requires_grad: bool,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[requires_grad, dtype code, ndim, *shape, 0 ..]``: ``(3 + MAX_DIMS,)`` int64 on
+    ``device``."""
     if len(shape) > MAX_DIMS or dtype not in _DTYPES:
         raise ValueError(
             f"a stage output of shape {shape} and dtype {dtype} cannot be sent: expected at "
             f"most {MAX_DIMS} dims and one of {_DTYPES}"
         )
-    meta = torch.zeros(3 + MAX_DIMS, dtype=torch.int64)
-    meta[0] = int(requires_grad)
-    meta[1] = _DTYPES.index(dtype)
-    meta[2] = len(shape)
-    meta[3 : 3 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
-    return meta
+    values = [int(requires_grad), _DTYPES.index(dtype), len(shape), *shape]
+    values += [0] * (3 + MAX_DIMS - len(values))
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def decode_meta(meta: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
@@ -88,15 +115,17 @@ def decode_meta(meta: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]
 
 
 class PendingRecv:
-    """A posted receive; :meth:`wait` returns the tensor (a leaf that requires grad when the
-    sender's tensor did and ``grad_leaf`` was asked)."""
+    """A posted receive; :meth:`wait` waits for it and returns the tensor."""
 
     def __init__(self, finish: Callable[[], torch.Tensor]) -> None:
         self._finish = finish
+        self.works: list[dist.Work] = []
         self._value: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
         if self._value is None:
+            for w in self.works:
+                w.wait()
             self._value = self._finish()
         return self._value
 
@@ -107,7 +136,8 @@ class StageTransport:
     Args:
         pp_group: the pipeline group (``ParallelDims.pp_group``); ``None`` means one rank.
         num_chunks: model chunks per rank, ``v``; there are ``S = p * v`` virtual stages.
-        device: where received tensors are allocated.
+        device: the stage's device: every buffer is allocated there and every tensor sent is
+            moved there first (NCCL sends and receives device tensors only).
     """
 
     def __init__(
@@ -123,9 +153,9 @@ class StageTransport:
         self.device = torch.device(device)
         self._in_meta: dict[int, tuple[tuple[int, ...], torch.dtype, bool]] = {}
         self._out_meta: dict[int, tuple[tuple[int, ...], torch.dtype, bool]] = {}
-        # (stream, stage, microbatch) -> the works and the buffers they read (kept alive)
+        # (stream, sending stage, microbatch) -> the works and the buffers they read (kept alive)
         self._sends: dict[tuple[str, int, int], tuple[list[dist.Work], list[torch.Tensor]]] = {}
-        self._local: dict[tuple[str, int, int], torch.Tensor] = {}  # p == 1 hand-over
+        self._local: dict[Message, torch.Tensor] = {}  # p == 1 hand-over
         if self.pp > 2 and dist.get_backend(pp_group) == "nccl":
             # NCCL sets up batched p2p lazily, and needs every rank of the group in the first
             # call; a barrier makes it so before the first pairwise exchange.
@@ -137,15 +167,11 @@ class StageTransport:
         return dist.get_global_rank(self.group, stage % self.pp)
 
     def _tag(self, stream: str, stage: int) -> int:
-        return {"act": 0, "grad": 1, "meta": 2}[stream] * self.num_stages + stage
-
-    def _post(self, ops: list[tuple[Callable, torch.Tensor, int, int]]) -> list[dist.Work]:
-        p2p = [dist.P2POp(op, t, self._peer(stage), self.group, tag) for op, t, stage, tag in ops]
-        return dist.batch_isend_irecv(p2p)
+        return message_tag(stream, stage, self.num_stages)
 
     # -- metadata -----------------------------------------------------------------------------
     def knows_input(self, stage: int) -> bool:
-        """Whether stage ``stage``'s input shape is known here (a receive can be posted early)."""
+        """Whether stage ``stage``'s input shape is known here (its receive needs no metadata)."""
         return self.pp == 1 or stage in self._in_meta
 
     def output_meta(self, stage: int) -> tuple[tuple[int, ...], torch.dtype, bool] | None:
@@ -157,87 +183,111 @@ class StageTransport:
         self._in_meta.clear()
         self._out_meta.clear()
 
-    # -- forward: activations -------------------------------------------------------------------
-    def send_activation(self, stage: int, microbatch: int, y: torch.Tensor) -> None:
-        """Send stage ``stage``'s output ``y`` (any shape) to stage ``stage + 1``."""
-        meta = (tuple(y.shape), y.dtype, y.requires_grad)
-        y = y.detach().contiguous()
-        known = self._out_meta.get(stage)
-        if known is not None and known != meta:
-            raise ValueError(
-                f"stage {stage} produced an output of shape {meta[0]} and dtype {meta[1]} after "
-                f"sending {known[0]}/{known[1]} earlier: call reset_shapes() on every rank when "
-                "the microbatch shape changes"
+    # -- one group ------------------------------------------------------------------------------
+    def post(
+        self, ops: Sequence[tuple[str, Message, torch.Tensor | None]]
+    ) -> dict[Message, PendingRecv]:
+        """Post ``ops`` as one group (one ``batch_isend_irecv``), in order; return the receives.
+
+        Args:
+            ops: ``("send", message, tensor)`` (``message.stream`` ``"act"``: the output of
+                stage ``message.stage - 1``, any shape; ``"grad"``: the gradient of stage
+                ``message.stage``'s output, of that output's shape) or
+                ``("recv", message, None)`` (a message into one of this rank's stages).
+
+        Returns:
+            ``{message: PendingRecv}`` for the receives; ``wait()`` gives the tensor (an
+            activation arrives as a leaf that requires grad when the sender's output did).
+
+        A receive of an activation whose shape is not known yet splits the group (module
+        docstring): the operations before it go out with its metadata receive, which is waited
+        for; the rest follow in a second group.
+        """
+        batch: list[_Op] = []
+        recvs: dict[Message, PendingRecv] = {}
+        for kind, msg, tensor in ops:
+            if kind == "send":
+                self._add_send(msg, tensor, batch)
+            elif self.pp == 1:
+                recvs[msg] = PendingRecv(lambda key=msg: self._local.pop(key))
+            else:
+                if msg.stream == "act" and msg.stage not in self._in_meta:
+                    header = torch.empty(3 + MAX_DIMS, dtype=torch.int64, device=self.device)
+                    batch.append(_Op(dist.irecv, header, msg.stage - 1, "meta", msg.stage))
+                    for w in self._flush(batch)[-1].works:
+                        w.wait()
+                    self._in_meta[msg.stage] = decode_meta(header)
+                recvs[msg] = self._add_recv(msg, batch)
+        self._flush(batch)
+        return recvs
+
+    def _add_send(self, msg: Message, t: torch.Tensor, batch: list[_Op]) -> None:
+        meta = (tuple(t.shape), t.dtype, t.requires_grad)
+        t = t.detach()
+        if self.pp > 1 and t.device != self.device:  # (handed over in memory: left as it is)
+            t = t.to(self.device)
+        t = t.contiguous()
+        if msg.stream == "grad":
+            src, header = msg.stage + 1, None
+        else:
+            src = msg.stage - 1
+            known = self._out_meta.get(src)
+            if known is not None and known != meta:
+                raise ValueError(
+                    f"stage {src} produced an output of shape {meta[0]} and dtype {meta[1]} "
+                    f"after sending {known[0]}/{known[1]} earlier: call reset_shapes() on every "
+                    "rank when the microbatch shape changes"
+                )
+            self._out_meta[src] = meta
+            t = t.requires_grad_(meta[2]) if self.pp == 1 else t
+            # the first message of this stream carries its shape first
+            header = None if known is not None else encode_meta(*meta, device=self.device)
+        if self.pp == 1:
+            self._local[msg] = t
+            return
+        entry: tuple[list[dist.Work], list[torch.Tensor]] = ([], [])
+        if header is not None:
+            batch.append(_Op(dist.isend, header, msg.stage, "meta", msg.stage, entry))
+        batch.append(_Op(dist.isend, t, msg.stage, msg.stream, msg.stage, entry))
+        record("send", t.numel() * t.element_size())
+        self._sends[(msg.stream, src, msg.microbatch)] = entry
+
+    def _add_recv(self, msg: Message, batch: list[_Op]) -> PendingRecv:
+        if msg.stream == "act":
+            shape, dtype, requires_grad = self._in_meta[msg.stage]
+            peer_stage = msg.stage - 1
+        else:
+            shape, dtype, _ = self._out_meta[msg.stage]
+            requires_grad, peer_stage = False, msg.stage + 1
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        pending = PendingRecv(lambda: buf.requires_grad_(requires_grad))
+        batch.append(_Op(dist.irecv, buf, peer_stage, msg.stream, msg.stage, pending))
+        return pending
+
+    def _flush(self, batch: list[_Op]) -> list[_Op]:
+        """Post ``batch`` as one group, hand each operation's work to its owner, empty it;
+        returns the operations posted."""
+        if not batch:
+            return []
+        p2p = [
+            dist.P2POp(
+                o.op, o.tensor, self._peer(o.peer_stage), self.group, self._tag(o.stream, o.stage)
             )
-        self._out_meta[stage] = meta
-        dst = stage + 1
-        if self.pp == 1:
-            self._local[("act", dst, microbatch)] = y.requires_grad_(meta[2])
-            return
-        ops = []
-        if known is None:  # first message of this stream: its shape goes first
-            header = encode_meta(*meta).to(self.device)  # NCCL sends device tensors only
-            ops.append((dist.isend, header, dst, self._tag("meta", dst)))
-        ops.append((dist.isend, y, dst, self._tag("act", dst)))
-        record("send", y.numel() * y.element_size())
-        self._sends[("act", stage, microbatch)] = (self._post(ops), [t for _, t, _, _ in ops])
-
-    def recv_activation(self, stage: int, microbatch: int) -> PendingRecv:
-        """Post the receive of stage ``stage``'s input (from stage ``stage - 1``)."""
-        if self.pp == 1:
-            key = ("act", stage, microbatch)
-            return PendingRecv(lambda: self._local.pop(key))
-        if stage in self._in_meta:
-            return self._post_recv_act(stage)
-        meta_buf = torch.zeros(3 + MAX_DIMS, dtype=torch.int64, device=self.device)
-        works = self._post([(dist.irecv, meta_buf, stage - 1, self._tag("meta", stage))])
-
-        def finish() -> torch.Tensor:
-            for w in works:
-                w.wait()
-            self._in_meta[stage] = decode_meta(meta_buf)
-            return self._post_recv_act(stage).wait()
-
-        return PendingRecv(finish)
-
-    def _post_recv_act(self, stage: int) -> PendingRecv:
-        shape, dtype, requires_grad = self._in_meta[stage]
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        works = self._post([(dist.irecv, buf, stage - 1, self._tag("act", stage))])
-
-        def finish() -> torch.Tensor:
-            for w in works:
-                w.wait()
-            return buf.requires_grad_(requires_grad)
-
-        return PendingRecv(finish)
-
-    # -- backward: gradients -----------------------------------------------------------------
-    def send_grad(self, stage: int, microbatch: int, dx: torch.Tensor) -> None:
-        """Send the gradient of stage ``stage``'s input to stage ``stage - 1``."""
-        dx = dx.detach().contiguous()
-        if self.pp == 1:
-            self._local[("grad", stage - 1, microbatch)] = dx
-            return
-        record("send", dx.numel() * dx.element_size())
-        works = self._post([(dist.isend, dx, stage - 1, self._tag("grad", stage - 1))])
-        self._sends[("grad", stage, microbatch)] = (works, [dx])
-
-    def recv_grad(self, stage: int, microbatch: int) -> PendingRecv:
-        """Post the receive of the gradient of stage ``stage``'s output (from ``stage + 1``)."""
-        if self.pp == 1:
-            key = ("grad", stage, microbatch)
-            return PendingRecv(lambda: self._local.pop(key))
-        shape, dtype, _ = self._out_meta[stage]
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        works = self._post([(dist.irecv, buf, stage + 1, self._tag("grad", stage))])
-
-        def finish() -> torch.Tensor:
-            for w in works:
-                w.wait()
-            return buf
-
-        return PendingRecv(finish)
+            for o in batch
+        ]
+        works = dist.batch_isend_irecv(p2p)
+        # gloo: one work per operation; NCCL: one work for the coalesced group
+        per_op = works if len(works) == len(batch) else [works] * len(batch)
+        posted = list(batch)
+        for o, w in zip(posted, per_op):
+            o.works = w if isinstance(w, list) else [w]
+            if isinstance(o.owner, PendingRecv):
+                o.owner.works = o.works
+            elif o.owner is not None:  # a send's (works, buffers) entry
+                o.owner[0].extend(o.works)
+                o.owner[1].append(o.tensor)
+        batch.clear()
+        return posted
 
     # -- completion ------------------------------------------------------------------------------
     def release(self, stream: str, stage: int, microbatch: int) -> None:
@@ -247,6 +297,10 @@ class StageTransport:
         if entry is not None:
             for w in entry[0]:
                 w.wait()
+
+    def send_buffers(self) -> list[torch.Tensor]:
+        """The tensors of the sends still held (for memory accounting)."""
+        return [t for _, buffers in self._sends.values() for t in buffers]
 
     @property
     def pending_sends(self) -> int:
@@ -260,3 +314,15 @@ class StageTransport:
                 w.wait()
         self._sends.clear()
         self._local.clear()
+
+
+class _Op:
+    """One operation of a group being built: ``op`` (``dist.isend``/``dist.irecv``), the tensor,
+    the peer's virtual stage, the stream and stage that name its tag, and who gets its work."""
+
+    __slots__ = ("op", "tensor", "peer_stage", "stream", "stage", "owner", "works")
+
+    def __init__(self, op, tensor, peer_stage, stream, stage, owner=None) -> None:
+        self.op, self.tensor, self.peer_stage = op, tensor, peer_stage
+        self.stream, self.stage, self.owner = stream, stage, owner
+        self.works: list[dist.Work] = []

@@ -18,9 +18,16 @@ One step, on each rank:
 3. The rank's actions run in order. ``F(i, c)``: receive the input (or take microbatch ``i``),
    run chunk ``c``, send the output (or, on the last stage, compute ``loss_fn(output, target_i)``).
    ``B(i, c)``: receive the output gradient (or start from ``loss_i / m``), backpropagate, send
-   the input gradient. ``W(i, c)``: the deferred weight gradients (zero-bubble only). Receives are
-   posted up to ``lookahead`` actions early; sends never block, and each send buffer is freed as
-   soon as the action lists prove it has arrived (so 1F1B's memory stays bounded).
+   the input gradient. ``W(i, c)``: the deferred weight gradients (zero-bubble only). Before each
+   action the rank posts one group of sends and receives (one ``batch_isend_irecv``), the one
+   :func:`~.actions.p2p_plan` assigns to it: the output of the action before, with the receives
+   whose turn has come in one global order of all messages. That order cannot deadlock under
+   NCCL's rule and is the same on every backend (checked on CPU by :mod:`.p2p_check`). A group's
+   sends are waited for one action later, before the next group is posted (as
+   ``torch.distributed.pipelining`` waits for its sends one step late): the compute of that action
+   overlaps them, the wait cannot deadlock (it waits only for messages ahead of every one this
+   rank has not posted yet in the plan's global order), and then each send buffer, and with
+   ``free_outputs`` the output it carried, is freed, so no rank holds more than a group's sends.
 4. Outstanding sends are waited for; parameters shared by stages on several ranks (tied
    embeddings) get their gradients summed over the pipeline; data-parallel stages synchronize
    their gradients once (:meth:`~.stage.PipelineStage.sync_gradients`); the loss is broadcast
@@ -46,10 +53,13 @@ import torch.distributed as dist
 from triton_parallel_layers.kernels.collectives import group_rank
 from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
+    Message,
     check_interleaved,
+    forward_actions,
     gpipe_actions,
     interleaved_actions,
     one_f_one_b_actions,
+    p2p_plan,
     simulate,
     zb_h1_actions,
 )
@@ -68,6 +78,7 @@ __all__ = [
     "PipelineSchedule",
     "Schedule1F1B",
     "ScheduleGPipe",
+    "ScheduleForwardOnly",
     "ScheduleInterleaved1F1B",
     "ScheduleZBH1",
     "get_schedule",
@@ -86,12 +97,15 @@ class PipelineSchedule:
             stage; e.g. ``functools.partial(model.loss, tp_group=dims.tp_group)``).
         record_timeline: time every action and wait (a pipeline barrier starts each step);
             the last step's events are in :attr:`timeline`.
-        track_memory: measure the activation bytes held for backward; the last step's peak is in
-            :attr:`peak_activation_bytes` (and the most send buffers held at once in
-            :attr:`peak_pending_sends`).
-        lookahead: how many actions ahead receives are posted; ``None``: 2 on gloo, 0 on NCCL
-            (NCCL ignores tags and runs one group's p2p in order on one stream, so a receive
-            posted ahead of an earlier send to the same peer would block that send).
+        track_memory: measure the activation bytes held for backward (what autograd saved, the
+            stage outputs kept as roots of their backward, send buffers in flight; each storage
+            once); the last step's peak is in :attr:`peak_activation_bytes` (and the most send
+            buffers held at once in :attr:`peak_pending_sends`).
+        free_outputs: once an output sent to the next stage has arrived, free its storage,
+            keeping only what the backward needs (Megatron-LM's ``deallocate_pipeline_outputs``):
+            the output tensor stays the root of the stage's backward, with a one-element
+            placeholder for data, and the backward runs through autograd's engine directly
+            (autograd's saved tensors keep whatever the graph needs).
 
     Raises:
         TypeError, ValueError: stages that do not form this rank's share of one pipeline, or a
@@ -100,6 +114,8 @@ class PipelineSchedule:
     """
 
     name: ClassVar[str] = "base"
+    forward_only: ClassVar[bool] = False
+    """Whether the schedule runs forwards only (:class:`ScheduleForwardOnly`)."""
     split_backward: ClassVar[bool] = False
     """Whether ``B`` computes only input gradients, leaving weight gradients to ``W``."""
 
@@ -111,7 +127,7 @@ class PipelineSchedule:
         *,
         record_timeline: bool = False,
         track_memory: bool = False,
-        lookahead: int | None = None,
+        free_outputs: bool = True,
     ) -> None:
         stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
         if not stages or not all(isinstance(s, PipelineStage) for s in stages):
@@ -138,16 +154,20 @@ class PipelineSchedule:
         self.stages = stages
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
-        if lookahead is None:
-            nccl = self.pp > 1 and dist.get_backend(self.pp_group) == "nccl"
-            lookahead = 0 if nccl else 2
-        self.lookahead = lookahead
         self.actions_by_rank = self.build_actions(self.pp, n_microbatches, self.num_chunks)
         self.actions: list[Action] = self.actions_by_rank[self.pp_rank]
+        if len({s.device for s in stages}) > 1:
+            raise ValueError(
+                f"this rank's stages are on several devices: {[s.device for s in stages]}"
+            )
+        self.device = stages[0].device
+        """Where every tensor of the step lives (the stages' device, from the mesh)."""
         params = [p for s in stages for p in s.parameters()]
-        device = params[0].device if params else torch.device("cpu")
-        self.transport = StageTransport(self.pp_group, self.num_chunks, device)
-        self._releases = self._grad_send_releases()
+        self.transport = StageTransport(self.pp_group, self.num_chunks, self.device)
+        self.plan = p2p_plan(self.actions_by_rank, self.num_chunks)[self.pp_rank]
+        """``plan[k]``: the sends and receives posted as one group before action ``k``
+        (``k = len(actions)``: after the last one)."""
+        self.free_outputs = free_outputs
         self.timeline: Timeline | None = Timeline(self.pp_rank) if record_timeline else None
         self.memory = ActivationMemoryTracker(params) if track_memory else None
         self.peak_activation_bytes = 0
@@ -223,8 +243,10 @@ class PipelineSchedule:
             raise ValueError("this rank holds the first stage: step() needs inputs")
         if last and target is None:
             raise ValueError("this rank holds the last stage: step() needs target")
+        device = self.device
         run = _StepState(
-            inputs.tensor_split(m) if first else None, target.tensor_split(m) if last else None
+            inputs.to(device).tensor_split(m) if first else None,
+            target.to(device).tensor_split(m) if last else None,
         )
 
         if self.timeline is not None:
@@ -238,7 +260,7 @@ class PipelineSchedule:
             for stage in self.stages:
                 no_sync.enter_context(stage.no_sync())
             for idx, action in enumerate(self.actions):
-                self._prefetch(idx, run)
+                self._post(idx, run)
                 if action.kind == "F":
                     self._forward(action, run)
                 elif action.kind == "B":
@@ -246,9 +268,10 @@ class PipelineSchedule:
                 else:
                     self._weight(action, run)
                 if self.memory is not None:
-                    self.memory.sample(sum(s.held_bytes for s in run.stores.values()))
-                    pending = self.transport.pending_sends
-                    self.peak_pending_sends = max(self.peak_pending_sends, pending)
+                    self._sample_memory(run)
+            self._post(len(self.actions), run)
+            for msg in run.in_flight:
+                self._release(msg, run)
         self.transport.finish()
         if self.memory is not None:
             self.peak_activation_bytes = self.memory.peak
@@ -257,83 +280,88 @@ class PipelineSchedule:
             stage.sync_gradients()
         return self._reduce_loss(run.losses)
 
-    def _grad_send_releases(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
-        """When this rank's gradient sends have provably arrived, from every rank's action list.
+    def _release(self, msg: Message, run: _StepState) -> None:
+        """Wait for the send of ``msg`` and free its buffer and, for an activation (which its
+        stage keeps only as the root of its backward), the output's storage."""
+        sender = msg.stage - 1 if msg.stream == "act" else msg.stage + 1
+        self.transport.release(msg.stream, sender, msg.microbatch)
+        if msg.stream == "act" and self.free_outputs:
+            held = run.held.get((msg.microbatch, sender // self.pp))
+            if held is not None:
+                _free_output(held[1])
 
-        The gradient that ``B(i, c)`` sends goes to virtual stage ``s - 1`` on rank ``q``, which
-        receives it before it runs its own ``B(i)``. The first forward that ``q`` runs after that
-        ``B`` and whose output comes to this rank tells us so when it arrives: returns
-        ``{(j, chunk) of that activation here: [(i, c) of the gradient sends it releases]}``.
-        (An activation's own send is released when its gradient comes back.)
-        """
-        pp, rank = self.pp, self.pp_rank
-        releases: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        if pp == 1:
-            return releases
-        for a in self.actions:
-            s = a.chunk * pp + rank
-            if a.kind != "B" or s == 0:
-                continue
-            q, q_chunk = (s - 1) % pp, (s - 1) // pp
-            theirs = self.actions_by_rank[q]
-            k = theirs.index(Action("B", a.microbatch, q_chunk))
-            for later in theirs[k + 1 :]:
-                dst = later.chunk * pp + q + 1  # where that forward's output goes
-                if later.kind == "F" and dst < self.num_stages and dst % pp == rank:
-                    releases.setdefault((later.microbatch, dst // pp), []).append(
-                        (a.microbatch, a.chunk)
-                    )
-                    break
-        return releases
-
-    # -- the three kinds of action --------------------------------------------------------------
-    def _recv_key(self, a: Action) -> tuple[str, int, int] | None:
-        s = self.stages[a.chunk].stage_index
-        if a.kind == "F" and s > 0:
-            return ("act", a.microbatch, a.chunk)
-        if a.kind == "B" and s < self.num_stages - 1:
-            return ("grad", a.microbatch, a.chunk)
-        return None
-
-    def _post_recv(self, key: tuple[str, int, int], run: _StepState, *, eager: bool) -> None:
-        if key in run.recvs:
+    # -- communication ----------------------------------------------------------------------
+    def _post(self, idx: int, run: _StepState) -> None:
+        """Post the group the plan puts before action ``idx``. A gradient of an output that needs
+        none is skipped on both sides (the receiver knows from its output; the sender from the
+        activation's metadata: its input does not require grad, so it has no gradient to send)."""
+        # the sends of the group before (posted one action ago) complete now: a wait that costs
+        # little (the receiver posted its receive about when they were sent, in the plan's
+        # order), and frees their buffers and the outputs they carried
+        for msg in run.in_flight:
+            self._release(msg, run)
+        run.in_flight = []
+        ops = []
+        for kind, msg in self.plan[idx]:
+            if kind == "send":
+                tensor = run.outbox.pop(msg, None)
+                if tensor is None:  # an input gradient nobody needs
+                    continue
+                ops.append((kind, msg, tensor))
+                run.in_flight.append(msg)
+            else:
+                if msg.stream == "grad":
+                    _, output = run.held[(msg.microbatch, msg.stage // self.pp)]
+                    if not output.requires_grad:
+                        continue
+                ops.append((kind, msg, None))
+        if not ops:
             return
-        kind, i, c = key
-        s = self.stages[c].stage_index
-        if kind == "act":
-            if eager and not self.transport.knows_input(s):
-                return  # its shape arrives with the first message: post when it is needed
-            run.recvs[key] = self.transport.recv_activation(s, i)
-        else:
-            meta = self.transport.output_meta(s)
-            if meta is None or not meta[2]:
-                return  # not sent yet, or needs no gradient
-            run.recvs[key] = self.transport.recv_grad(s, i)
+        start = self._now()
+        run.recvs.update(self.transport.post(ops))
+        if self.memory is not None:
+            pending = self.transport.pending_sends
+            self.peak_pending_sends = max(self.peak_pending_sends, pending)
+            self._sample_memory(run)
+        chunk = ops[0][1].stage // self.pp
+        self._event("send", ops[0][1].microbatch, chunk, start)
 
-    def _prefetch(self, idx: int, run: _StepState) -> None:
-        for a in self.actions[idx : idx + 1 + self.lookahead]:
-            key = self._recv_key(a)
-            if key is not None:
-                self._post_recv(key, run, eager=a is not self.actions[idx])
+    def _sample_memory(self, run: _StepState) -> None:
+        """Activation bytes now: autograd's saved tensors, the deferred weight-gradient passes',
+        the inputs and outputs kept for their backward (freed outputs: a placeholder) and the
+        send buffers."""
+        held = [t for pair in run.held.values() for t in pair if t.dim() > 0]
+        self.memory.sample(
+            sum(s.held_bytes for s in run.stores.values()),
+            [*held, *self.transport.send_buffers()],
+        )
 
-    def _wait(self, key: tuple[str, int, int], run: _StepState) -> torch.Tensor:
-        self._post_recv(key, run, eager=False)
-        pending: PendingRecv = run.recvs.pop(key)
+    def _wait(self, msg: Message, run: _StepState) -> torch.Tensor:
+        pending = run.recvs.pop(msg, None)
+        if pending is None:  # the plan posts every receive before the action needing it
+            raise RuntimeError(f"rank {self.pp_rank}: {msg} was never posted")
         start = self._now()
         value = pending.wait()
-        self._event("recv", key[1], key[2], start)
+        self._event("recv", msg.microbatch, msg.stage // self.pp, start)
         return value
 
+    # -- the three kinds of action --------------------------------------------------------------
     def _forward(self, a: Action, run: _StepState) -> None:
         stage = self.stages[a.chunk]
         i = a.microbatch
         if stage.is_first:
             x = run.inputs[i]
         else:
-            x = self._wait(("act", i, a.chunk), run)
-            for j, c in self._releases.get((i, a.chunk), ()):  # those have arrived: free them
-                self.transport.release("grad", self.stages[c].stage_index, j)
+            x = self._wait(Message("act", stage.stage_index, i), run)
         start = self._now()
+        if self.forward_only:
+            y = stage.inner(x)  # no DDP: nothing to synchronize without a backward
+            self._event("F", i, a.chunk, start)
+            if stage.is_last:
+                run.outputs[i] = y
+            else:
+                run.outbox[Message("act", stage.stage_index + 1, i)] = y
+            return
         with contextlib.ExitStack() as ctx:
             if self.split_backward:
                 ctx.enter_context(split_weight_grad())
@@ -353,9 +381,7 @@ class PipelineSchedule:
             run.held[(i, a.chunk)] = (x, root)
         else:
             run.held[(i, a.chunk)] = (x, y)
-            start = self._now()
-            self.transport.send_activation(stage.stage_index, i, y)
-            self._event("send", i, a.chunk, start)
+            run.outbox[Message("act", stage.stage_index + 1, i)] = y
 
     def _backward(self, a: Action, run: _StepState) -> None:
         stage = self.stages[a.chunk]
@@ -363,22 +389,19 @@ class PipelineSchedule:
         x, root = run.held.pop((i, a.chunk))
         grad = None
         if not stage.is_last and root.requires_grad:
-            grad = self._wait(("grad", i, a.chunk), run)
-            self.transport.release("act", stage.stage_index, i)  # it arrived: its gradient did
+            grad = self._wait(Message("grad", stage.stage_index, i), run)
         store = WeightGradStore() if self.split_backward else None
         start = self._now()
         with store.capture() if store is not None else contextlib.nullcontext():
             if root.requires_grad:
-                torch.autograd.backward(root, grad)
+                _backward_from(root, grad)
         self._event("B", i, a.chunk, start)
         if store is not None:
             run.stores[(i, a.chunk)] = store
         del root, grad
         if not stage.is_first and x.requires_grad:
             dx = x.grad if x.grad is not None else torch.zeros_like(x)
-            start = self._now()
-            self.transport.send_grad(stage.stage_index, i, dx)
-            self._event("send", i, a.chunk, start)
+            run.outbox[Message("grad", stage.stage_index - 1, i)] = dx
 
     def _weight(self, a: Action, run: _StepState) -> None:
         store = run.stores.pop((a.microbatch, a.chunk))
@@ -387,7 +410,7 @@ class PipelineSchedule:
         self._event("W", a.microbatch, a.chunk, start)
 
     def _reduce_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        device = self.transport.device
+        device = self.device
         if self.stages[-1].is_last:
             total = torch.stack(losses).sum().to(device) / self.n_microbatches
         else:
@@ -418,15 +441,37 @@ class PipelineSchedule:
         )
 
 
+def _free_output(y: torch.Tensor) -> None:
+    """Replace ``y``'s data by a one-element placeholder (its storage is freed unless autograd
+    saved it), keeping ``y`` as the root of its graph (Megatron-LM's ``deallocate_output_tensor``).
+    A view is left alone (its storage is its base's)."""
+    if y._base is None and y.numel() > 1:
+        y.data = torch.empty((1,), dtype=y.dtype, device=y.device)
+
+
+def _backward_from(root: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """``torch.autograd.backward(root, grad)`` without the check that ``grad`` has ``root``'s
+    shape, which a freed output (:func:`_free_output`) no longer has."""
+    if grad is None:
+        torch.autograd.backward(root)
+        return
+    torch.autograd.Variable._execution_engine.run_backward(
+        (root,), (grad,), False, False, (), True, True
+    )
+
+
 class _StepState:
     """What one step keeps between actions."""
 
     def __init__(self, inputs, targets) -> None:
         self.inputs, self.targets = inputs, targets
         self.held: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.recvs: dict[tuple[str, int, int], PendingRecv] = {}
+        self.recvs: dict[Message, PendingRecv] = {}
+        self.outbox: dict[Message, torch.Tensor] = {}  # produced, sent with the next group
+        self.in_flight: list[Message] = []  # sent with the group posted last
         self.stores: dict[tuple[int, int], WeightGradStore] = {}
         self.losses: list[torch.Tensor] = []
+        self.outputs: dict[int, torch.Tensor] = {}  # forward only: the last stage's outputs
 
 
 class ScheduleGPipe(PipelineSchedule):
@@ -498,6 +543,93 @@ class ScheduleZBH1(PipelineSchedule):
     @classmethod
     def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
         return zb_h1_actions(pp, m)
+
+
+class ScheduleForwardOnly(PipelineSchedule):
+    """Forward only, for evaluation and sampling: each microbatch through every stage, no
+    backward, no gradients, no loss; the last stage's outputs come back from :meth:`run`.
+
+    The same executor, transport and posting order as the training schedules (the plan of
+    :func:`~.actions.forward_actions`, so the traffic completes under NCCL's rule), with its own
+    :class:`~.p2p.StageTransport` so that its shapes never disturb the training schedule's. With
+    ``dynamic_shapes`` (the default) the shapes are exchanged at every call, so the batch or
+    sequence length may change from call to call (sampling grows the sequence by one token per
+    call); without it, call :meth:`reset_shapes` on every rank when they change.
+
+    Example (every rank of the pipeline)::
+
+        infer = ScheduleForwardOnly(stages, n_microbatches=2)
+        logits = infer.run(tokens)          # the last stage's (B, ...) output, None elsewhere
+    """
+
+    name = "forward-only"
+    forward_only = True
+
+    def __init__(
+        self,
+        stages: PipelineStage | Sequence[PipelineStage],
+        n_microbatches: int = 1,
+        *,
+        dynamic_shapes: bool = True,
+        record_timeline: bool = False,
+    ) -> None:
+        super().__init__(stages, n_microbatches, _no_loss, record_timeline=record_timeline)
+        self.dynamic_shapes = dynamic_shapes
+
+    @classmethod
+    def check(cls, pp: int, m: int, v: int) -> None:
+        forward_actions(pp, m, v)  # any positive sizes
+
+    @classmethod
+    def build_actions(cls, pp: int, m: int, v: int) -> list[list[Action]]:
+        return forward_actions(pp, m, v)
+
+    def step(self, *args, **kwargs):
+        raise TypeError("ScheduleForwardOnly runs no backward: call run(inputs) instead of step()")
+
+    @torch.no_grad()
+    def run(
+        self, inputs: torch.Tensor | None = None, *, batch_size: int | None = None
+    ) -> torch.Tensor | None:
+        """The model's output for ``inputs`` ``(B, ...)``, in ``n_microbatches`` microbatches.
+
+        Args:
+            inputs: needed where the first stage is (other ranks may pass it too).
+            batch_size: ``B``, for a rank that passes no inputs.
+
+        Returns:
+            On the rank holding the last stage, its outputs concatenated along dim 0; elsewhere
+            ``None``.
+        """
+        m = self.n_microbatches
+        batch = self._batch_size(inputs, None, batch_size)
+        if batch % m:
+            raise ValueError(
+                f"batch size {batch} is not divisible by n_microbatches={m}: every microbatch "
+                "must have the same size"
+            )
+        if self.stages[0].is_first and inputs is None:
+            raise ValueError("this rank holds the first stage: run() needs inputs")
+        if self.dynamic_shapes:
+            self.transport.reset_shapes()
+        first = self.stages[0].is_first
+        run = _StepState(inputs.to(self.device).tensor_split(m) if first else None, None)
+        if self.timeline is not None:
+            if self.pp > 1:
+                dist.barrier(group=self.pp_group)
+            self.timeline.begin()
+        for idx, action in enumerate(self.actions):
+            self._post(idx, run)
+            self._forward(action, run)
+        self._post(len(self.actions), run)
+        self.transport.finish()
+        if not self.stages[-1].is_last:
+            return None
+        return torch.cat([run.outputs[i] for i in range(m)])
+
+
+def _no_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("a forward-only schedule computes no loss")
 
 
 SCHEDULES: dict[str, type[PipelineSchedule]] = {

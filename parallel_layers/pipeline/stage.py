@@ -26,6 +26,13 @@ gets only its own stage's gradient, so after every step :class:`SharedParameters
 the pipeline group (as Megatron-LM sums the tied embedding's gradient over its "embedding group"),
 and the copies, equal at the start, stay equal. Use :func:`pipeline_parameters` for the optimizer
 (each parameter once, also where one rank holds both stages).
+
+Device: each stage has one :attr:`PipelineStage.device`, where the schedule allocates, sends and
+receives every tensor of the stage (activations, gradients, metadata headers, the loss). It comes
+from the mesh, not from the parameters (a stage may have none): pass ``device=dims.device``, or
+leave it to :func:`stage_device`, which reads the pipeline group's backend (NCCL: this process's
+current GPU, as :class:`~triton_parallel_layers.parallel_layers.ParallelDims` sets it; gloo, or no
+process group: the CPU).
 """
 
 from __future__ import annotations
@@ -41,7 +48,27 @@ from torch.nn.parallel import DistributedDataParallel
 from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
 from triton_parallel_layers.parallel_layers.pipeline.partition import Partition
 
-__all__ = ["PipelineStage", "SharedParameters", "build_stages", "pipeline_parameters"]
+__all__ = [
+    "PipelineStage",
+    "SharedParameters",
+    "build_stages",
+    "pipeline_parameters",
+    "stage_device",
+]
+
+
+def stage_device(
+    device: torch.device | str | None = None, pp_group: dist.ProcessGroup | None = None
+) -> torch.device:
+    """The device of a stage: ``device`` when given; else from the process group's backend (NCCL:
+    ``cuda:<current device>``; gloo: CPU; no process group: CPU)."""
+    if device is not None:
+        return torch.device(device)
+    if dist.is_available() and dist.is_initialized():
+        backend = str(dist.get_backend(pp_group))
+        if "nccl" in backend:
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class StageModule(nn.Module):
@@ -74,9 +101,11 @@ class SharedParameters:
         self,
         entries: Sequence[tuple[str, nn.Parameter, bool]],
         pp_group: dist.ProcessGroup | None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.entries = list(entries)
         self.pp_group = pp_group
+        self.device = stage_device(device, pp_group)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -88,7 +117,7 @@ class SharedParameters:
         for _, param, held in self.entries:
             grad = param.grad if held else None
             if grad is None:
-                grad = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+                grad = torch.zeros(param.shape, dtype=param.dtype, device=self.device)
             total = all_reduce(grad, self.pp_group)  # (shape of param), summed over pp
             if held:
                 # In place, so a gradient that is a view into DDP's buckets
@@ -123,6 +152,8 @@ class PipelineStage:
         dp_group: the data-parallel group; with more than one rank the stage is wrapped in DDP.
         layer_range: ``(start, stop)`` of the layers in the whole model, for reports and tests.
         ddp_kwargs: extra keyword arguments for ``DistributedDataParallel``.
+        device: where the stage's tensors live (``dims.device``); default :func:`stage_device`
+            (from the pipeline group's backend, never from the parameters).
 
     Shapes: whatever the layers take and return; the first stage takes the model input
     (a microbatch of it), the last returns the logits.
@@ -138,6 +169,7 @@ class PipelineStage:
         dp_group: dist.ProcessGroup | None = None,
         layer_range: tuple[int, int] | None = None,
         ddp_kwargs: dict | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         pp = group_size(pp_group)
         if not 0 <= stage_index < num_stages or num_stages % pp:
@@ -154,15 +186,17 @@ class PipelineStage:
         self.stage_index, self.num_stages = stage_index, num_stages
         self.pp_group, self.pp, self.dp_group = pp_group, pp, dp_group
         self.layer_range = layer_range
-        self.shared = SharedParameters([], pp_group)
+        self.device = stage_device(device, pp_group)
+        """Where this stage's activations, gradients and messages live (module docstring)."""
+        self.shared = SharedParameters([], pp_group, self.device)
         """Parameters shared with stages on other ranks (set by :func:`build_stages`)."""
         self.inner = StageModule(layers)
         self.module: nn.Module = self.inner
         self.ddp: DistributedDataParallel | None = None
         if group_size(dp_group) > 1 and any(p.requires_grad for p in self.inner.parameters()):
             kwargs = dict(ddp_kwargs or {})
-            if next(self.inner.parameters()).is_cuda:
-                kwargs.setdefault("device_ids", [torch.cuda.current_device()])
+            if self.device.type == "cuda":
+                kwargs.setdefault("device_ids", [self.device.index])
             self.ddp = DistributedDataParallel(self.inner, process_group=dp_group, **kwargs)
             self.module = self.ddp
 
@@ -219,12 +253,15 @@ def build_stages(
     *,
     dp_group: dist.ProcessGroup | None = None,
     ddp_kwargs: dict | None = None,
+    device: torch.device | str | None = None,
 ) -> list[PipelineStage]:
     """This rank's stages of ``layers`` cut by ``partition``: chunk ``c`` is virtual stage
     ``c * pp + pp_rank``. With ``ParallelDims`` ``dims``::
 
         stages = build_stages(model.pipeline_layers(), partition, dims.pp_group,
-                              dp_group=dims.dp_group)
+                              dp_group=dims.dp_group, device=dims.device)
+
+    ``device``: the stages' device (default :func:`stage_device`: from the pipeline group).
 
     Raises:
         ValueError: the partition does not fit the layers or the pipeline size (every rank alike).
@@ -240,7 +277,8 @@ def build_stages(
             f"the partition has {partition.num_stages} stages, expected a multiple of pp={pp} "
             "(pp * chunks per rank)"
         )
-    shared = SharedParameters(_shared_entries(layers, partition, pp, pp_rank), pp_group)
+    device = stage_device(device, pp_group)
+    shared = SharedParameters(_shared_entries(layers, partition, pp, pp_rank), pp_group, device)
     stages = []
     for s in range(pp_rank, partition.num_stages, pp):
         a, b = partition.bounds[s]
@@ -253,6 +291,7 @@ def build_stages(
                 dp_group=dp_group,
                 layer_range=(a, b),
                 ddp_kwargs=ddp_kwargs,
+                device=device,
             )
         )
         stages[-1].shared = shared

@@ -221,8 +221,9 @@ class ActivationMemoryTracker:
 
     Use :meth:`hooks` around forwards (the executor does): every tensor autograd saves is counted
     once (per set of elements: views of the same elements once) until the backward that needs it
-    frees it. Parameters are excluded (pass the
-    stages' parameters). ``extra`` bytes (tensors a deferred weight-gradient pass keeps) are added
+    frees it. Parameters are excluded (pass the stages' parameters). ``extra`` bytes (tensors a
+    deferred weight-gradient pass keeps) and tensors held outside autograd (the executor passes
+    the stage outputs it keeps for their backward and the send buffers still in flight) are added
     by the caller through :meth:`sample`.
     """
 
@@ -265,9 +266,17 @@ class ActivationMemoryTracker:
         """The context under which forwards are tracked."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def sample(self, extra: int = 0) -> int:
-        """Record ``current + extra`` towards the peak; return it."""
+    def sample(self, extra: int = 0, tensors: Iterable[torch.Tensor] = ()) -> int:
+        """Record ``current + extra`` plus the bytes of ``tensors`` (held outside autograd: stage
+        outputs kept for the backward, send buffers in flight; each set of elements once, and not
+        again if autograd saved it) towards the peak; return it."""
         now = self.current + extra
+        seen = set(self._live)
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen and t.untyped_storage().nbytes() > 0:
+                seen.add(key)
+                now += t.numel() * t.element_size()
         self.peak = max(self.peak, now)
         return now
 
