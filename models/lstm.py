@@ -168,16 +168,19 @@ class LSTMLM(nn.Module):
             self.init_weights()
 
     # -- initialization --------------------------------------------------------------------------
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, *, skip_meta: bool = False) -> None:
         """(Re)initialize every parameter from ``(seed, its name)`` alone, keeping local shards.
 
         LSTM weights and ``b_hh`` uniform ``+-1/sqrt(H)`` (``nn.LSTM``'s), ``b_ih`` zero but its
         forget-gate rows ``forget_bias``; embedding ``N(0, 1)`` (``nn.Embedding``'s); head
         projection ``N(0, init_std)``; LayerNorm weight 1, bias 0; padded vocabulary rows 0.
         The same values (shards) on one device, parallelized, and materialized from ``meta``:
-        see :func:`triton_parallel_layers.parallel_layers.init.init_by_name_`.
+        see :func:`triton_parallel_layers.parallel_layers.init.init_by_name_`. ``skip_meta``: leave
+        parameters still on ``meta`` alone (a pipeline rank's model).
         """
-        init_by_name_(self, self.seed if seed is None else seed, self._init_param)
+        init_by_name_(
+            self, self.seed if seed is None else seed, self._init_param, skip_meta=skip_meta
+        )
 
     def _init_param(
         self, name: str, module: nn.Module, shape: torch.Size, gen: torch.Generator
