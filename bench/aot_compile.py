@@ -112,9 +112,11 @@ class Combination:
     fixed: bool  # the tile used with autotuning off (TPL_ATTENTION_AUTOTUNE=0, TPL_CONV_AUTOTUNE=0)
     module: str  # where the @triton.jit function lives: module and attribute name
     function: str
-    signature: dict = field(repr=False)  # parameter name -> Triton type ("*bf16", "i32", "constexpr")
-    constexprs: dict = field(repr=False)  # parameter name -> value
-    aligned: list = field(repr=False)  # parameters specialized as divisible by 16
+    # parameter name -> Triton type ("*bf16", "i32", "constexpr"), name -> value, and the
+    # parameters specialized as divisible by 16
+    signature: dict = field(repr=False)
+    constexprs: dict = field(repr=False)
+    aligned: list = field(repr=False)
 
     @property
     def label(self) -> str:
@@ -280,8 +282,8 @@ def attention_combinations(kernels: Iterable[str], dtypes: Iterable[str]) -> Ite
                 case = f"hd{head_dim}" + (" causal" if causal else "")
                 consts = {"HEAD_DIM": head_dim, "CAUSAL": causal, "DOT_PRECISION": precision}
                 common = {"Q": t, "K": t, "V": t, "DOut": t, "Lse": f32, "Delta": f32,
-                          "qk_scale": 0.125, "softmax_scale": 0.125, "group_size": heads // kv_heads,
-                          "num_kv_heads": kv_heads, **sizes, **buckets}  # fmt: skip
+                          "qk_scale": 0.125, "softmax_scale": 0.125, "num_kv_heads": kv_heads,
+                          "group_size": heads // kv_heads, **sizes, **buckets}  # fmt: skip
                 common.update(zip(_names("stride_q", "bhmd"), q_strides))
                 common.update(zip(_names("stride_do", "bhmd"), q_strides))
                 common.update(zip(_names("stride_k", "bhnd"), kv_strides))
@@ -305,7 +307,7 @@ def attention_combinations(kernels: Iterable[str], dtypes: Iterable[str]) -> Ite
 
 
 def _names(prefix: str, dims: str) -> list[str]:
-    """``_names("stride_q", "bhmd")`` -> ``["stride_qb", "stride_qh", "stride_qm", "stride_qd"]``."""
+    """``_names("stride_q", "bhmd")``: ``["stride_qb", "stride_qh", "stride_qm", "stride_qd"]``."""
     return [prefix + d for d in dims]
 
 
@@ -335,7 +337,8 @@ def conv_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
             args = {"x_ptr": _empty(dt), "w_ptr": _empty(dt), "b_ptr": _empty(dt),
                     "out_ptr": _empty(dt), "C": c, "H": h, "W": w, "K_OUT": k, "OH": oh, "OW": ow,
                     "conv_stride_h": 1, "conv_stride_w": 1, "pad_h": pad, "pad_w": pad,
-                    "dil_h": 1, "dil_w": 1, "GEMM_M": n * oh * ow, "GEMM_K": c * kh * kw}  # fmt: skip
+                    "dil_h": 1, "dil_w": 1, "GEMM_M": n * oh * ow,
+                    "GEMM_K": c * kh * kw}  # fmt: skip
             args.update(zip(_names("stride_x", "nchw"), x_strides))
             args.update(zip(_names("stride_w", "kcrs"), w_strides))
             args.update(zip(_names("stride_o", "nkhw"), out_strides))
@@ -407,8 +410,9 @@ def combinations(
     out = []
     for kernel, dtype, case, config, warps, stages, fixed, fn, sig, consts, aligned in rows:
         for target in targets:
+            module = fn.fn.__module__  # fn is a JITFunction, fn.fn the Python function
             out.append(Combination(kernel, target, dtype, case, config, warps, stages, fixed,
-                                   fn.fn.__module__, fn.__name__, sig, consts, aligned))  # fmt: skip
+                                   module, fn.__name__, sig, consts, aligned))  # fmt: skip
     return out
 
 
@@ -457,10 +461,10 @@ def compile_combination(combo: Combination, fn=None, cache_dir: Path | None = No
     try:
         # Triton prints the ptxas -v log (registers, spills) with TRITON_DUMP_PTXAS_LOG; it skips
         # ptxas on a hit in its own cache, hence TRITON_ALWAYS_COMPILE.
-        with _env(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1"), contextlib.redirect_stdout(log):
-            kernel = triton.compile(
-                src, target=GPUTarget("cuda", target.capability, 32), options=options
-            )
+        env = _env(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1")
+        with env, contextlib.redirect_stdout(log):
+            gpu = GPUTarget("cuda", target.capability, 32)
+            kernel = triton.compile(src, target=gpu, options=options)
     except Exception as err:  # a compile error is a result, reported with its first lines
         message = " ".join(str(err).split())[:400] or type(err).__name__
         return Result(error=f"{type(err).__name__}: {message}", seconds=time.perf_counter() - start)
@@ -489,7 +493,8 @@ def _env(**values: str) -> Iterator[None]:
 
 def _resource_usage(kernel, ptxas_log: str) -> Result:
     """Registers, stack and static shared memory from ``cuobjdump --dump-resource-usage`` of the
-    cubin; spilled bytes from ptxas' log (rerunning ``ptxas -v`` on the PTX if there is none)."""
+    cubin; spilled bytes from ptxas' ``-v`` log; Triton's dynamic shared memory from the
+    kernel's metadata."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -497,19 +502,13 @@ def _resource_usage(kernel, ptxas_log: str) -> Result:
             [str(_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        spills = _PTXAS_FUNCTION.search(ptxas_log)
-        if spills is None:
-            ptx = Path(tmp) / "kernel.ptx"
-            ptx.write_text(kernel.asm["ptx"])
-            arch = f"sm_{kernel.metadata.target.arch}" + ("a" if kernel.metadata.target.arch >= 90 else "")
-            ptxas_log = subprocess.run(
-                [str(_BIN / "ptxas"), "-v", f"--gpu-name={arch}", str(ptx), "-o", str(Path(tmp) / "o")],
-                capture_output=True, text=True, check=True,
-            ).stderr  # fmt: skip
-            spills = _PTXAS_FUNCTION.search(ptxas_log)
     usage = _CUOBJDUMP.search(dump)
+    spills = _PTXAS_FUNCTION.search(ptxas_log)
     if usage is None or spills is None:
-        raise RuntimeError(f"could not read the resource usage:\n{dump}\n{ptxas_log}")
+        raise RuntimeError(
+            "could not read the resource usage from cuobjdump's output and ptxas' log "
+            f"(TRITON_DUMP_PTXAS_LOG):\n{dump}\n{ptxas_log}"
+        )
     registers, stack, static_shared = (int(g) for g in usage.groups())
     return Result(
         registers=registers,
@@ -632,6 +631,12 @@ def _csv(text: str, allowed: Iterable[str], what: str) -> list[str]:
     return values
 
 
+def _default_cache_dir() -> Path:
+    """Next to Triton's own cache: ``~/.triton/tpl_aot_compile`` by default."""
+    triton_cache = os.environ.get("TRITON_CACHE_DIR", str(Path.home() / ".triton" / "cache"))
+    return Path(triton_cache).parent / "tpl_aot_compile"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     version = ".".join(triton.__version__.split(".")[:2])
     parser = argparse.ArgumentParser(
@@ -639,20 +644,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "every configuration for compile errors, register spills and shared memory over the limit.",
         epilog="Exit status 1 when any combination fails the check.",
     )
-    parser.add_argument("--kernels", type=lambda s: _csv(s, KERNELS, "kernels"),
-                        default=list(KERNELS), help=f"comma-separated, of {', '.join(KERNELS)}")  # fmt: skip
-    parser.add_argument("--targets", type=lambda s: _csv(s, TARGETS, "targets"),
-                        default=list(TARGETS), help="comma-separated, of sm_80, sm_90")  # fmt: skip
-    parser.add_argument("--dtypes", type=lambda s: _csv(s, DTYPES, "dtypes"),
-                        default=list(DTYPES), help="comma-separated, of fp16, bf16, fp32")  # fmt: skip
-    parser.add_argument("--small", action="store_true",
-                        help="CI scope: one configuration per kernel and dtype (head dim 64)")  # fmt: skip
+    for name, choices in (("kernels", KERNELS), ("targets", TARGETS), ("dtypes", DTYPES)):
+        parser.add_argument(
+            f"--{name}",
+            type=lambda text, choices=choices, name=name: _csv(text, choices, name),
+            default=list(choices),
+            help=f"comma-separated, of {', '.join(choices)} (default: all)",
+        )
+    parser.add_argument(
+        "--small", action="store_true", help="CI scope: one tile per kernel and dtype (head dim 64)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"aot_compile_triton{version}",
-                        help="output path without suffix: <out>.json and <out>.md")  # fmt: skip
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache")).parent / "tpl_aot_compile",
-                        help="results cache (default: next to Triton's cache)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results" / f"aot_compile_triton{version}",
+        help="output path without suffix: writes <out>.json and <out>.md "
+        "(default: bench/results/aot_compile_triton<version>)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=_default_cache_dir(),
+        help="where results are cached (default: next to Triton's cache)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="compile everything afresh")
     parser.add_argument("--list", action="store_true", help="list the combinations and exit")
     args = parser.parse_args(argv)
@@ -669,10 +684,11 @@ def main(argv: list[str] | None = None) -> int:
             print(combo.label + (" (fixed tile)" if combo.fixed else ""))
         print(f"{len(combos)} combinations")
         return 0
+    command = ["python", "bench/aot_compile.py", *(sys.argv[1:] if argv is None else argv)]
     meta = {
         "tool": "bench/aot_compile.py",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(["python", "bench/aot_compile.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(command),
         "machine": _machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
