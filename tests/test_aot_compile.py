@@ -38,8 +38,8 @@ def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
     out = tmp_path / "aot"
     proc = _run(str(TOOL), "--small", "--targets", "sm_90", "--dtypes", "bf16",
                 "--out", str(out), "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
-    assert out.with_suffix(".json").exists(), proc.stderr[-3000:]
-    report = json.loads(out.with_suffix(".json").read_text())
+    assert tmp_path.joinpath("aot.json").exists(), proc.stderr[-3000:]
+    report = json.loads(tmp_path.joinpath("aot.json").read_text())
     rows = report["results"]
     # every kernel of the package, each at its fixed tile (the GEMM: its first candidate)
     assert {r["kernel"] for r in rows} == {
@@ -53,7 +53,7 @@ def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
         assert 0 < r["shared"] <= r["shared_limit"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report["summary"]["all"]["ok"] == len(rows)
-    md = out.with_suffix(".md").read_text()
+    md = tmp_path.joinpath("aot.md").read_text()
     assert f"{len(rows)} combinations: 0 compile errors" in md
     assert report["triton"] in md
 
