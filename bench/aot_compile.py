@@ -20,7 +20,7 @@ Launch cases. The runtime specializes a kernel on its arguments (a pointer or in
 by 16 is marked so; an integer equal to 1 becomes a constant), so each kernel is compiled for
 representative launches, specialized as the runtime would: contiguous attention tensors
 ``(2, 8, 2048, D)`` with 2 key/value heads (grouped-query attention), ResNet-style convolutions
-(3x3 from 64 to 256 channels in both memory formats, the 7x7 RGB stem, a 1-channel 3x3), and a
+(3x3 from 64 to 256 channels and the 7x7 RGB stem, in both memory formats; a 1-channel 3x3), and a
 4096^3 GEMM in the forward layout (``x @ w.T`` with the bias and partial-sum epilogue) and the
 weight gradient's (``g.T @ x``, both operands transposed). fp32 is compiled with the precision the launchers pick by default (IEEE products
 for attention and the GEMM, TF32 for the convolution, as PyTorch's defaults).
@@ -318,6 +318,7 @@ CONV_CASES = [
     ("3x3 C64 channels_last", 32, 64, 56, 56, 256, 3, 3, 1, True),  # tap-major loop, fast path
     ("3x3 C64 NCHW", 32, 64, 56, 56, 256, 3, 3, 1, False),  # tap-major, strided channels
     ("7x7 C3 stem channels_last", 32, 3, 224, 224, 64, 7, 7, 3, True),  # flat loop
+    ("7x7 C3 stem NCHW", 32, 3, 224, 224, 64, 7, 7, 3, False),  # flat, strided channels
     ("3x3 C1 NCHW", 32, 1, 28, 28, 32, 3, 3, 1, False),  # flat, reduction of 9: BLOCK_K=16 tiles
 ]
 

@@ -150,8 +150,15 @@ _CUDA_CONFIGS = [
 ]
 
 
+# Shared memory a tile's pipeline holds: num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K operands, which
+# must fit an A100's 163 KiB per block (H100/H200: 227 KiB) with Triton's own scratch. Measured
+# (bench/aot_compile.py): 16-bit 128x256x64 takes 145 KiB in 3 stages, 48 KiB a stage plus 1, so
+# 4 stages (and fp32 128x128x64 in 3) would pass the A100's limit.
+_SHARED_MEMORY_BUDGET = 160 * 1024
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem, and those that overflow shared memory."""
+    """Drop tiles far wider than the problem, and those over an A100's shared memory."""
     m, n = named_args["M"], named_args["N"]
     elem = named_args["x_ptr"].element_size()
     max_m = max(64, triton.next_power_of_2(m))
@@ -160,7 +167,7 @@ def _prune_configs(configs, named_args, **kwargs):
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         smem = (bm + bn) * bk * elem * cfg.num_stages
-        if bm <= max_m and bn <= max_n and smem <= 200 * 1024:  # H100/H200: 227 KiB per SM
+        if bm <= max_m and bn <= max_n and smem <= _SHARED_MEMORY_BUDGET:
             kept.append(cfg)
     return kept or configs[-1:]
 
