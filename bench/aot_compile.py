@@ -21,8 +21,8 @@ by 16 is marked so; an integer equal to 1 becomes a constant), so each kernel is
 representative launches, specialized as the runtime would: contiguous attention tensors
 ``(2, 8, 2048, D)`` with 2 key/value heads (grouped-query attention), ResNet-style convolutions
 (3x3 from 64 to 256 channels and the 7x7 RGB stem, in both memory formats; a 1-channel 3x3), and a
-4096^3 GEMM in the forward layout (``x @ w.T`` with the bias and partial-sum epilogue) and the
-weight gradient's (``g.T @ x``, both operands transposed). fp32 is compiled with the precision the launchers pick by default (IEEE products
+4096^3 GEMM in the forward layout (``x @ w.T``, with the bias or the overlapped matmuls'
+partial-sum epilogue) and the weight gradient's (``g.T @ x``, both operands transposed). fp32 is compiled with the precision the launchers pick by default (IEEE products
 for attention and the GEMM, TF32 for the convolution, as PyTorch's defaults).
 
 Usage (from the repository root; no GPU needed):
@@ -350,14 +350,15 @@ def conv_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
             yield from _combinations_for("conv_fwd", tuner, case, dtype, args, consts, True)
 
 
-# The GEMM x (M, K) @ w (N, K).T in the layouts the linear layers use it:
-# (name, x strides as (M, K) multiples, w strides, bias + partial epilogue)
+# The GEMM x (M, K) @ w (N, K).T as the layers launch it:
+# (name, x layout, w layout, bias, partial). The partial sum is the overlapped matmuls' epilogue;
+# grad_x = g @ weight ("w" is weight.t(), one operand transposed) sits between the forward and the
+# weight gradient's layout (both transposed) and is left out to keep the full run short.
 MATMUL_SIZE = 4096
-# The third layout, grad_x = g @ weight ("w" is weight.t(), column-major), sits between these
-# two (one operand transposed) and is left out to keep the full run short.
 MATMUL_CASES = [
-    ("x @ w.T +bias +partial", "row", "row", True),  # forward; partial: the overlapped matmuls
-    ("g.T @ x (wgrad)", "col", "col", False),  # grad_weight: "x" is g.t(), "w" is x.t()
+    ("x @ w.T +bias", "row", "row", True, False),  # forward
+    ("x @ w.T +partial", "row", "row", False, True),  # a chunk of the overlapped matmuls
+    ("g.T @ x (wgrad)", "col", "col", False, False),  # grad_weight: "x" is g.t(), "w" is x.t()
 ]
 
 
@@ -370,15 +371,15 @@ def matmul_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
     layout = {"row": (size, 1), "col": (1, size)}
     for dtype in dtypes:
         dt = DTYPES[dtype]
-        for case, x_layout, w_layout, epilogue in MATMUL_CASES:
+        for case, x_layout, w_layout, bias, partial in MATMUL_CASES:
             args = {"x_ptr": _empty(dt), "w_ptr": _empty(dt), "out_ptr": _empty(dt),
                     "bias_ptr": _empty(dt), "partial_ptr": _empty(dt), "M": size, "N": size,
                     "K": size}  # fmt: skip
             args.update(zip(("stride_xm", "stride_xk"), layout[x_layout]))
             args.update(zip(("stride_wn", "stride_wk"), layout[w_layout]))
             args.update(zip(("stride_om", "stride_on", "stride_pm", "stride_pn"), (size, 1) * 2))
-            # EVEN_K False with the epilogue: the masked reduction, the variant with most code.
-            consts = {"HAS_BIAS": epilogue, "HAS_PARTIAL": epilogue, "EVEN_K": not epilogue,
+            # EVEN_K False with the partial sum: the masked reduction, the variant with most code.
+            consts = {"HAS_BIAS": bias, "HAS_PARTIAL": partial, "EVEN_K": not partial,
                       "INPUT_PRECISION": matmul._input_precision(dt)}  # fmt: skip
             # No fixed-tile mode: the GEMM is always autotuned.
             yield from _combinations_for("matmul", tuner, case, dtype, args, consts, False)
