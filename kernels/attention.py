@@ -137,12 +137,12 @@ _CUDA_CONFIGS = {
         (64, 32, 4, 3, _ALL_HEAD_DIMS),
     ],
 }
-# fp32 (exact IEEE dots on the CUDA cores hold their operands in registers): 8 warps from head
-# dim 64 on. The 4-warp tiles spill there (fwd 64x32 at hd128: 3,316 B on sm_90; dK/dV 32x32 at
-# hd64: 1,076 B; dQ 32x32 at hd128: 1,240 B), and a few bytes at hd16 on sm_80.
+# fp32 (exact IEEE dots hold their operands in registers; 4 warps spill from hd64: fwd 64x32 3.3 KB
+# at hd128, dK/dV 32x32 1 KB at hd64, dQ 32x32 1.2 KB at hd128). NOT yet spill-free on sm_90 with
+# Triton 3.9: fwd and dQ at hd128 (420-1,156 B), dK/dV 32x32 at hd32 causal (44 B); see results.
 _CUDA_FP32_CONFIGS = {
     "fwd": [(64, 32, 4, 2, (16, 32)), (64, 32, 8, 2, (64, 128)), (32, 32, 8, 2, (64, 128))],
-    "dkdv": [(32, 32, 8, 2, _ALL_HEAD_DIMS), (16, 32, 8, 2, (64, 128))],
+    "dkdv": [(16, 32, 8, 2, (64, 128)), (32, 32, 8, 2, (16, 32))],  # 32x32 at 64/128: 8-16 B
     "dq": [(32, 32, 4, 2, (32, 64)), (32, 32, 8, 2, _ALL_HEAD_DIMS)],
 }
 _INTERPRETER_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
