@@ -121,12 +121,13 @@ _CUDA_CONFIGS = {
     ],
     # dK/dV: a key block stays resident, query blocks stream through (small BLOCK_M).
     "dkdv": [
-        (32, 128, 4, 3, (16, 32)),  # hd64: 352 B; hd128: 20,592 B on sm_80, 2,400 B on sm_90
-        (32, 64, 4, 3, _SMALL_HEAD_DIMS),  # hd128: 296 B
-        (32, 64, 8, 2, (128,)),
-        (32, 128, 8, 2, (64,)),  # hd128: 104 B
-        (64, 128, 8, 2, (16, 32)),  # hd64: 44 B on sm_80; hd128: 492 B
-        (64, 64, 4, 2, (16, 32)),  # hd64: 68 B; hd128: 604 B
+        (32, 128, 4, 3, (16,)),  # hd32: 48 B on sm_80 (Triton 3.6); hd64: 352 B; hd128: 20 KB
+        (32, 64, 4, 3, (16, 32)),  # hd64: 32 B on sm_80 (Triton 3.6); hd128: 296 B
+        (16, 128, 8, 2, (64,)),
+        (16, 64, 4, 3, (64,)),
+        (32, 64, 8, 2, (32, 128)),  # hd64: 20 B on sm_80 (Triton 3.6)
+        (64, 128, 8, 2, (16,)),  # hd32: 32 B on sm_80 (Triton 3.6); hd64: 44 B; hd128: 492 B
+        (64, 64, 4, 2, (16,)),  # hd32: 20 B on sm_80 (Triton 3.6); hd64: 68 B; hd128: 604 B
     ],
     # dQ: a query block stays resident, key blocks stream through (small BLOCK_N).
     "dq": [
