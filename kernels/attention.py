@@ -101,18 +101,55 @@ _LOG2E = math.log2(math.e)  # exp(x) == exp2(x * log2(e)); the kernels spell out
 # exist for checking, not speed. Under Triton's interpreter autotuning would re-run the slow
 # interpreted kernel per candidate, so there is exactly one small configuration; its
 # BLOCK_M != BLOCK_N on purpose, to exercise the diagonal bookkeeping in the tests.
+#
+# Each tile names the head dims it serves: every tile here compiles for sm_80 and sm_90 without
+# register spills and within shared memory at those head dims, fp16 and bf16, causal or not
+# (`python bench/aot_compile.py`, Triton 3.6 and 3.9; bench/results/aot_compile_triton*.md). The
+# accumulators a program keeps grow with the head dim (dK and dV: 2 * BLOCK_N * HEAD_DIM fp32
+# values over 32 * num_warps threads), so the big tiles stop short of 128; the figures after a
+# tile are the spilled bytes per thread (worst of fp16/bf16, causal or not) that excluded it
+# from a head dim. The first tile serving a head dim is the one used with autotuning off.
 # ------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M = query rows, BLOCK_N = key rows.
+_SMALL_HEAD_DIMS = (16, 32, 64)
+_ALL_HEAD_DIMS = (16, 32, 64, 128)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims); BLOCK_M = query rows, BLOCK_N = key rows.
 _CUDA_CONFIGS = {
     # forward: a query block stays resident, key/value blocks stream through.
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    "fwd": [
+        (128, 64, 4, 3, _SMALL_HEAD_DIMS),  # hd128: 892 B on sm_80, 396 B on sm_90
+        (128, 64, 8, 2, (128,)),
+        (128, 64, 8, 3, _SMALL_HEAD_DIMS),  # hd128: 12 B on sm_80
+        (128, 128, 8, 2, _SMALL_HEAD_DIMS),  # hd128: 40 B on sm_80
+        (64, 64, 4, 3, (16, 64, 128)),  # hd32, causal: 4 B on sm_80
+    ],
     # dK/dV: a key block stays resident, query blocks stream through (small BLOCK_M).
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+    "dkdv": [
+        (32, 128, 4, 3, (16,)),  # hd32: 48 B on sm_80 (Triton 3.6); hd64: 352 B; hd128: 20 KB
+        (32, 64, 4, 3, (16, 32)),  # hd64: 32 B on sm_80 (Triton 3.6); hd128: 296 B
+        (16, 128, 8, 2, (64,)),
+        (16, 64, 4, 3, (64,)),
+        (32, 64, 8, 2, (32, 128)),  # hd64: 20 B on sm_80 (Triton 3.6)
+        (64, 128, 8, 2, (16,)),  # hd32: 32 B on sm_80 (Triton 3.6); hd64: 44 B; hd128: 492 B
+        (64, 64, 4, 2, (16,)),  # hd32: 20 B on sm_80 (Triton 3.6); hd64: 68 B; hd128: 604 B
+    ],
     # dQ: a query block stays resident, key blocks stream through (small BLOCK_N).
-    "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+    "dq": [
+        (128, 32, 4, 3, _SMALL_HEAD_DIMS),  # hd128: 160 B on sm_90
+        (128, 32, 8, 3, (128,)),
+        (128, 64, 8, 2, _SMALL_HEAD_DIMS),  # hd128: 36 B on sm_80
+        (64, 64, 4, 3, _ALL_HEAD_DIMS),
+        (64, 32, 4, 3, _ALL_HEAD_DIMS),
+    ],
 }
-_CUDA_FP32_CONFIGS = {"fwd": [(64, 32, 4, 2)], "dkdv": [(32, 32, 4, 2)], "dq": [(32, 32, 4, 2)]}
+# fp32 (exact IEEE dots hold their operands in registers; 4 warps spill from hd64: fwd 64x32 3.3 KB
+# at hd128, dK/dV 32x32 1 KB at hd64, dQ 32x32 1.2 KB at hd128). NOT yet spill-free on sm_90 with
+# Triton 3.9: fwd and dQ at hd128 (420-1,156 B), dK/dV 32x32 at hd32 causal (44 B); see results.
+_CUDA_FP32_CONFIGS = {
+    "fwd": [(64, 32, 4, 2, (16, 32)), (64, 32, 8, 2, (64, 128)), (32, 32, 8, 2, (64, 128))],
+    "dkdv": [(16, 32, 8, 2, (64, 128)), (32, 32, 8, 2, (16, 32))],  # 32x32 at 64/128: 8-16 B
+    "dq": [(32, 32, 4, 2, (32, 64)), (32, 32, 8, 2, _ALL_HEAD_DIMS)],
+}
 _INTERPRETER_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 _PREPROCESS_BLOCK_M = 64
 _AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "seq_q_bucket", "seq_k_bucket"]
@@ -127,32 +164,36 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 def _autotune(kernel: str):
     """``triton.autotune`` for ``kernel`` (``fwd``, ``dkdv`` or ``dq``).
 
-    The 16-bit candidates plus the fp32 ones, pruned to the input dtype's list before tuning
-    (a list of one is used without benchmarking). ``TPL_ATTENTION_AUTOTUNE=0`` (read at import)
-    keeps only the first candidate of each list, to save compile time in quick GPU tests. Under
-    the interpreter: one fixed small configuration.
+    The 16-bit candidates plus the fp32 ones, pruned before tuning to those of the input's dtype
+    that serve its head dim (Triton 3.9 runs a list of one without benchmarking).
+    ``TPL_ATTENTION_AUTOTUNE=0`` (read at import) keeps only the first of those, to save compile
+    time in quick GPU tests. Under the interpreter: one fixed small configuration.
     """
     if interpreter_enabled():
         configs = [_config(*_INTERPRETER_CONFIGS[kernel], num_warps=4, num_stages=1)]
         return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)
-    half, single = _CUDA_CONFIGS[kernel], _CUDA_FP32_CONFIGS[kernel]
-    if os.environ.get("TPL_ATTENTION_AUTOTUNE", "1") == "0":
-        half, single = half[:1], single[:1]
-    fp32_set = set(single)
+    autotune = os.environ.get("TPL_ATTENTION_AUTOTUNE", "1") != "0"
+    serves = {}  # (for fp32, tile) -> the head dims it serves
+    for fp32, tiles in ((False, _CUDA_CONFIGS[kernel]), (True, _CUDA_FP32_CONFIGS[kernel])):
+        for *tile, head_dims in tiles:
+            serves[(fp32, tuple(tile))] = head_dims
+    configs = [_config(*tile) for _, tile in serves]
 
-    def for_dtype(configs, named_args, **kwargs):
+    def for_dtype_and_head_dim(configs, named_args, **kwargs):
+        # The pointers arrive in named_args, the constexprs (HEAD_DIM) as keyword arguments.
         fp32 = named_args["Q"].dtype == torch.float32
-        return [
-            c
-            for c in configs
-            if ((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in fp32_set)
-            == fp32
-        ]
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        kept = []
+        for c in configs:
+            tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if head_dim in serves.get((fp32, tile), ()):
+                kept.append(c)
+        return kept if autotune else kept[:1]
 
     return triton.autotune(
-        configs=[_config(*c) for c in half + single],
+        configs=configs,
         key=_AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": for_dtype},
+        prune_configs_by={"early_config_prune": for_dtype_and_head_dim},
     )
 
 

@@ -220,9 +220,9 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
     return triton.Config(meta, num_stages=stages, num_warps=warps)
 
 
+# No 128x256x64 tile: with Triton 3.6 it spills 48 B per thread on sm_80 (bench/aot_compile.py).
 _CUDA_CONFIGS = [
     _config(128, 128, 64, 3, 8),
-    _config(128, 256, 64, 3, 8),
     _config(256, 128, 64, 3, 8),
     _config(128, 64, 64, 4, 4),
     _config(64, 128, 64, 4, 4),
@@ -231,21 +231,49 @@ _CUDA_CONFIGS = [
     _config(128, 32, 16, 4, 4),  # few output channels and a short reduction (1-channel 3x3)
 ]
 
+# Shared memory a tile's pipeline holds: num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K operands, which
+# must fit an A100's 163 KiB per block (H100/H200: 227 KiB) with Triton's own scratch. Measured
+# (bench/aot_compile.py): 16-bit 128x128x64 takes 97 KiB in 3 stages on sm_90, 32 KiB a stage plus
+# 1, so fp32 128x128x64 in 3 stages (192 KiB) would pass the A100's limit.
+_SHARED_MEMORY_BUDGET = 160 * 1024
+
+# Contiguous NCHW input (channels strided by H*W): the A operand cannot be loaded as vectors along
+# the channels, and the per-element addresses and masks of every pipeline stage stay in registers.
+# Compiled for sm_80 and sm_90 (bench/aot_compile.py, 3x3 from 64 to 256 channels, fp16/bf16),
+# every wider tile spills there (128x128x64: 500-568 B per thread; 128x32x32: 332-468 B;
+# 256x128x64: 5-16 KB) and only these do not. channels_last (the fast path) takes them all.
+_STRIDED_CHANNEL_TILES = {(64, 64, 64), (128, 32, 16)}
+
+# The flat reduction loop (C < 32) recovers (r, s, c) per element: more live index math, so
+# 128x64x64 spills there (76 B per thread on sm_90, the 7x7 RGB stem).
+_FLAT_K_SPILLING_TILES = {(128, 64, 64)}
+
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much wider than the problem (they only add autotuning time)."""
+    """The tiles worth trying for this launch: none much wider than the problem (they only add
+    autotuning time), none over an A100's shared memory, none that spills registers for the
+    input's memory format and reduction loop (see the sets above)."""
     k_out, gemm_k = named_args["K_OUT"], named_args["GEMM_K"]
-    is_fp32 = named_args["x_ptr"].dtype == torch.float32
+    elem = named_args["x_ptr"].element_size()
+    strided_channels = named_args["stride_xc"] != 1
+    flat_k = named_args["C"] < _FLAT_K_BELOW_CHANNELS
     max_n = max(32, triton.next_power_of_2(k_out))
-    kept = [
-        cfg
-        for cfg in configs
-        if cfg.kwargs["BLOCK_N"] <= max_n
+    kept = []
+    for cfg in configs:
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        if strided_channels:
+            if (bm, bn, bk) not in _STRIDED_CHANNEL_TILES:
+                continue
+        elif bn > max_n:
+            continue
+        if flat_k and (bm, bn, bk) in _FLAT_K_SPILLING_TILES:
+            continue
         # BLOCK_K=16 only for very short reductions, which also rule out wider K steps
-        and (cfg.kwargs["BLOCK_K"] == 16) == (gemm_k <= 16)
-        # fp32 tiles are twice the bytes: the 256-wide tiles overflow shared memory.
-        and not (is_fp32 and cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 128)
-    ]
+        if (bk == 16) != (gemm_k <= 16):
+            continue
+        if cfg.num_stages * (bm + bn) * bk * elem > _SHARED_MEMORY_BUDGET:
+            continue
+        kept.append(cfg)
     return kept or configs[-1:]
 
 
@@ -358,7 +386,8 @@ def _conv2d_fwd(
     if not x.is_cuda:  # CPU tensors: only reached under TRITON_INTERPRET=1 (triton_parallel_layers.kernels._dispatch)
         launch(_conv2d_fwd_kernel)[grid](*args, **consts, **_INTERPRETER_META)
     elif os.environ.get(_AUTOTUNE_ENV, "1") == "0":  # one tile, no tuning: quick GPU tests
-        cfg = _prune_configs(_CUDA_CONFIGS, {"K_OUT": k_out, "GEMM_K": gemm_k, "x_ptr": x})[0]
+        named = {"K_OUT": k_out, "GEMM_K": gemm_k, "x_ptr": x, "C": c, "stride_xc": x.stride(1)}
+        cfg = _prune_configs(_CUDA_CONFIGS, named)[0]
         with torch.cuda.device(x.device):
             launch(_conv2d_fwd_kernel)[grid](
                 *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages

@@ -150,9 +150,25 @@ _CUDA_CONFIGS = [
 ]
 
 
+# Shared memory a tile's pipeline holds: num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K operands, which
+# must fit an A100's 163 KiB per block (H100/H200: 227 KiB) with Triton's own scratch. Measured
+# (bench/aot_compile.py): 16-bit 128x256x64 takes 145 KiB in 3 stages, 48 KiB a stage plus 1, so
+# 4 stages (and fp32 128x128x64 in 3) would pass the A100's limit.
+_SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+# With a partial sum to add, the epilogue holds a second [BLOCK_M, BLOCK_N] tile beside the fp32
+# accumulator: tiles of 128 accumulator values per thread spill then (bf16 on sm_90, measured with
+# bench/aot_compile.py: 128x256x64 on 8 warps 232 B per thread, 256x128x64 64 B, 128x128x64 on
+# 4 warps 40 B, 128x128x32 on 4 warps 44 B); 64 per thread do not.
+_MAX_ACC_PER_THREAD_WITH_PARTIAL = 64
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem, and those that overflow shared memory."""
+    """Drop tiles far wider than the problem, those over an A100's shared memory, and those that
+    spill registers with the partial-sum epilogue."""
     m, n = named_args["M"], named_args["N"]
+    has_partial = kwargs.get("HAS_PARTIAL", named_args.get("HAS_PARTIAL", False))
     elem = named_args["x_ptr"].element_size()
     max_m = max(64, triton.next_power_of_2(m))
     max_n = max(32, triton.next_power_of_2(n))
@@ -160,7 +176,10 @@ def _prune_configs(configs, named_args, **kwargs):
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         smem = (bm + bn) * bk * elem * cfg.num_stages
-        if bm <= max_m and bn <= max_n and smem <= 200 * 1024:  # H100/H200: 227 KiB per SM
+        acc_per_thread = bm * bn // (32 * cfg.num_warps)
+        if has_partial and acc_per_thread > _MAX_ACC_PER_THREAD_WITH_PARTIAL:
+            continue
+        if bm <= max_m and bn <= max_n and smem <= _SHARED_MEMORY_BUDGET:
             kept.append(cfg)
     return kept or configs[-1:]
 
