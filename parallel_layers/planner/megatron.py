@@ -26,9 +26,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from triton_parallel_layers.parallel_layers.planner.cost import Estimate, Layout, estimate
+from triton_parallel_layers.parallel_layers.planner.hardware import HARDWARE
 from triton_parallel_layers.parallel_layers.planner.profile import LayerProfile, ModelProfile
 
-__all__ = ["NARAYANAN_2021", "PaperConfig", "gpt_profile", "paper_flops_per_sample"]
+__all__ = [
+    "NARAYANAN_2021",
+    "PaperConfig",
+    "gpt_profile",
+    "paper_flops_per_sample",
+    "published_layout_estimate",
+]
 
 SEQ = 2048
 VOCAB = 51200
@@ -130,3 +138,27 @@ def gpt_profile(cfg: PaperConfig, seq: int = SEQ, vocab: int = VOCAB) -> ModelPr
         tp_divides={"heads": a, "ffn hidden": 4 * h, "vocabulary": vocab},
         model_flops_per_sample=paper_flops_per_sample(h, cfg.layers, s, vocab),
     )
+
+
+def published_layout_estimate(cfg: PaperConfig) -> Estimate | None:
+    """The planner's prediction for the paper's own layout: its dp, pp and tp on the A100 spec,
+    with activation recomputation and 18 bytes of state per parameter, at the microbatch size
+    (1, 2, 4, 8) and schedule (1F1B or interleaved with 2 chunks) the cost model finds fastest
+    within the A100's memory. ``None`` if none fits."""
+    profile, hw = gpt_profile(cfg), HARDWARE["a100"]
+    best = None
+    per_replica = cfg.batch // cfg.dp
+    for schedule in ("none",) if cfg.pp == 1 else ("1f1b", "interleaved"):
+        for mb in (1, 2, 4, 8):
+            if per_replica % mb:
+                continue
+            m = per_replica // mb
+            if schedule == "interleaved" and (m % cfg.pp or 2 * cfg.pp > cfg.layers):
+                continue
+            layout = Layout(cfg.dp, cfg.pp, cfg.tp, schedule=schedule,
+                            chunks=2 if schedule == "interleaved" else 1, microbatches=m,
+                            micro_batch_size=mb, recompute=True)  # fmt: skip
+            e = estimate(profile, hw, layout, bytes_per_param=18)
+            if e.peak_memory <= hw.memory_bytes and (best is None or e.step_time < best.step_time):
+                best = e
+    return best
