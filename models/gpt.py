@@ -70,14 +70,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from triton_parallel_layers.kernels.attention import SUPPORTED_HEAD_DIMS
-from triton_parallel_layers.kernels.collectives import group_size
+from triton_parallel_layers.models.lm import LanguageModel
 from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelSelfAttention
-from triton_parallel_layers.parallel_layers.checks import check_values
-from triton_parallel_layers.parallel_layers.cross_entropy import vocab_parallel_cross_entropy
 from triton_parallel_layers.parallel_layers.embedding import check_token_ids
 from triton_parallel_layers.parallel_layers.init import draw_seed, init_by_name_
 
@@ -255,7 +252,7 @@ class GPTHead(nn.Module):
         return logits
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     """Decoder-only Transformer: ids ``(B, S)`` -> logits ``(B, S, V_padded)``.
 
     Args:
@@ -320,69 +317,6 @@ class GPT(nn.Module):
         if name in ("embed.tok.weight", "head.proj.weight"):
             w[c.vocab_size :] = 0.0  # padded vocabulary rows
         return w
-
-    # -- forward, loss, pipeline -----------------------------------------------------------------
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids ``(B, S)`` -> logits ``(B, S, V_padded)``, or ``(B, S, V_padded/p)`` under TP."""
-        if ids.dim() != 2:
-            raise ValueError(f"GPT: expected token ids (B, S), got shape {tuple(ids.shape)}")
-        if ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(
-                f"GPT: sequence length {ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}"
-            )
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-    def vocab_group(self) -> dist.ProcessGroup | None:
-        """The TP group the logits are sharded over (``None`` when they are whole)."""
-        proj = self.head.proj
-        if isinstance(proj, ColumnParallelLinear) and not proj.gather_output:
-            return proj.tp_group
-        return None
-
-    def loss(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        tp_group: dist.ProcessGroup | None = None,
-        *,
-        ignore_index: int = -100,
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy from this model's (vocabulary-sharded) logits.
-
-        Args:
-            logits: ``(B, S, V_padded/p)``, as returned by ``forward`` (padded columns ``-inf``).
-            target: ``(B, S)`` ids in ``[0, vocab_size)`` or ``ignore_index``, replicated.
-            tp_group: the group the logits are sharded over; default: the one the head was
-                parallelized over (``None`` on one device). The logits are never gathered.
-        """
-        group = self.vocab_group() if tp_group is None else tp_group
-        expected = self.config.padded_vocab_size
-        if logits.shape[-1] * group_size(group) != expected:
-            raise ValueError(
-                f"GPT.loss: logits of shape {tuple(logits.shape)} over {group_size(group)} rank(s) "
-                f"do not make the padded vocabulary of {expected}"
-            )
-        vocab = self.config.vocab_size
-        padding = (target != ignore_index) & (target >= vocab)  # (B, S) bool
-
-        def explain() -> str:
-            return f"GPT.loss: target id {int(target[padding].max())} is a padding id (vocab_size={vocab})"
-
-        check_values(~padding.any(), f"GPT.loss: a target id is a padding id (>= {vocab})", explain)
-        return vocab_parallel_cross_entropy(logits, target, group, ignore_index=ignore_index)
-
-    def pipeline_layers(self) -> list[nn.Module]:
-        """``[embed, block_0, ..., block_{L-1}, head]``: applied in order to ids ``(B, S)`` they
-        give ``forward``'s logits. The modules themselves (not copies): on a parallelized model,
-        the parallel ones. ``embed`` and ``head`` share a weight when embeddings are tied."""
-        return [self.embed, *self.blocks, self.head]
-
-    def num_parameters(self) -> int:
-        """Parameters held by this rank (tied ones once)."""
-        return sum(p.numel() for p in self.parameters())
 
 
 # The tensor-parallel plan (see triton_parallel_layers.parallel_layers.parallelize): Megatron-style, one all-reduce (or

@@ -135,3 +135,26 @@ def test_triton_lstm_gpu(dtype):
             assert_close_lowp(ours[name], theirs[name], truth[name], what=f"{name} ({dtype})")
     finally:
         torch.set_default_device(None)
+
+
+def test_lstm_language_model_refuses_padding_targets_and_bad_ids():
+    """``LSTMLM`` shares the GPT's forward and loss checks (``models.lm.LanguageModel``): a
+    padding target is a device-side assert by default and a named ``ValueError`` under
+    ``debug_checks``; a sequence longer than ``max_seq_len`` is an eager error."""
+    from triton_parallel_layers.models.lstm import LSTMLM, LSTMConfig
+    from triton_parallel_layers.parallel_layers.checks import debug_checks
+
+    torch.manual_seed(0)
+    model = LSTMLM(LSTMConfig(vocab_size=13, n_layers=1, embed_dim=8, hidden_size=12,
+                              max_seq_len=6, vocab_pad_multiple=8))  # fmt: skip
+    ids = torch.randint(0, 13, (2, 6))
+    logits = model(ids)
+    assert logits.shape == (2, 6, 16)
+    target = ids.clone()
+    target[1, 2] = 14
+    expect_error(RuntimeError, r"a target id is a padding id \(>= 13\)", model.loss, logits, target)
+    with debug_checks():
+        expect_error(ValueError, r"LSTMLM.loss: target id 14 is a padding id", model.loss, logits,
+                     target)  # fmt: skip
+    expect_error(ValueError, r"LSTMLM: sequence length 7 exceeds max_seq_len=6", model,
+                 torch.zeros(1, 7, dtype=torch.long))  # fmt: skip
