@@ -73,8 +73,8 @@ import torch
 from torch import nn
 
 from triton_parallel_layers.kernels.attention import SUPPORTED_HEAD_DIMS
-from triton_parallel_layers.models.lm import LanguageModel
-from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelSelfAttention
+from triton_parallel_layers.models.lm import LanguageModel, LMHead
+from triton_parallel_layers.parallel_layers import ParallelSelfAttention
 from triton_parallel_layers.parallel_layers.embedding import check_token_ids
 from triton_parallel_layers.parallel_layers.init import draw_seed, init_by_name_
 
@@ -222,34 +222,14 @@ class GPTBlock(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
-class GPTHead(nn.Module):
-    """Final norm + output projection: ``(B, S, E)`` (or ``(B, S/p, E)``) -> logits.
-
-    Logits are ``(B, S, V_padded)``, or this rank's vocabulary shard ``(B, S, V_padded/p)`` once
-    ``proj`` is column-parallel; the columns of padded vocabulary entries are ``-inf``.
-    """
+class GPTHead(LMHead):
+    """Final norm + output projection: ``(B, S, E)`` (or ``(B, S/p, E)``) -> logits
+    ``(B, S, V_padded)`` or this rank's vocabulary shard (see :class:`~.lm.LMHead`)."""
 
     def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.vocab_size = config.vocab_size
-        self.norm = _norm(config)
-        self.proj = nn.Linear(config.embed_dim, config.padded_vocab_size, bias=False)
-
-    def vocab_range(self) -> tuple[int, int]:
-        """``[start, end)``: the global vocabulary ids of this rank's logit columns."""
-        proj = self.proj
-        if isinstance(proj, ColumnParallelLinear) and not proj.gather_output:
-            start = proj.tp_rank * proj.out_features_per_partition
-            return start, start + proj.out_features_per_partition
-        return 0, proj.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(self.norm(x))  # (B, S, V_padded / p)
-        start, end = self.vocab_range()
-        if end > self.vocab_size:  # this rank holds padded columns: probability 0
-            padded = torch.arange(start, end, device=logits.device) >= self.vocab_size
-            logits = logits.masked_fill(padded, float("-inf"))
-        return logits
+        super().__init__(
+            _norm(config), config.embed_dim, config.vocab_size, config.padded_vocab_size
+        )
 
 
 class GPT(LanguageModel):

@@ -18,7 +18,37 @@ from triton_parallel_layers.parallel_layers import ColumnParallelLinear
 from triton_parallel_layers.parallel_layers.checks import check_values
 from triton_parallel_layers.parallel_layers.cross_entropy import vocab_parallel_cross_entropy
 
-__all__ = ["LanguageModel"]
+__all__ = ["LMHead", "LanguageModel"]
+
+
+class LMHead(nn.Module):
+    """Final norm + output projection: ``(B, S, width)`` -> logits ``(B, S, V_padded)``, or this
+    rank's vocabulary shard ``(B, S, V_padded/p)`` once ``proj`` is column-parallel; the columns
+    of padded vocabulary entries are ``-inf`` (probability 0, never sampled)."""
+
+    def __init__(
+        self, norm: nn.Module, width: int, vocab_size: int, padded_vocab_size: int
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.norm = norm
+        self.proj = nn.Linear(width, padded_vocab_size, bias=False)
+
+    def vocab_range(self) -> tuple[int, int]:
+        """``[start, end)``: the global vocabulary ids of this rank's logit columns."""
+        proj = self.proj
+        if isinstance(proj, ColumnParallelLinear) and not proj.gather_output:
+            start = proj.tp_rank * proj.out_features_per_partition
+            return start, start + proj.out_features_per_partition
+        return 0, proj.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(self.norm(x))  # (B, S, V_padded / p)
+        start, end = self.vocab_range()
+        if end > self.vocab_size:  # this rank holds padded columns: probability 0
+            padded = torch.arange(start, end, device=logits.device) >= self.vocab_size
+            logits = logits.masked_fill(padded, float("-inf"))
+        return logits
 
 
 class LanguageModel(nn.Module):

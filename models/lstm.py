@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from triton_parallel_layers.models.lm import LanguageModel
-from triton_parallel_layers.parallel_layers import ColumnParallelLinear
+from triton_parallel_layers.models.lm import LanguageModel, LMHead
 from triton_parallel_layers.parallel_layers.embedding import check_token_ids
 from triton_parallel_layers.parallel_layers.init import draw_seed, init_by_name_
 
@@ -115,32 +114,17 @@ class LSTMBlock(nn.Module):
         return self.drop(out)
 
 
-class LSTMHead(nn.Module):
-    """LayerNorm + output projection: ``(B, S, H)`` -> logits ``(B, S, V_padded)``, or this rank's
-    vocabulary shard ``(B, S, V_padded/p)`` once ``proj`` is column-parallel; padded columns
-    ``-inf``."""
+class LSTMHead(LMHead):
+    """LayerNorm + output projection: ``(B, S, H)`` -> logits ``(B, S, V_padded)`` or this
+    rank's vocabulary shard (see :class:`~.lm.LMHead`)."""
 
     def __init__(self, config: LSTMConfig) -> None:
-        super().__init__()
-        self.vocab_size = config.vocab_size
-        self.norm = nn.LayerNorm(config.hidden_size)
-        self.proj = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
-
-    def vocab_range(self) -> tuple[int, int]:
-        """``[start, end)``: the global vocabulary ids of this rank's logit columns."""
-        proj = self.proj
-        if isinstance(proj, ColumnParallelLinear) and not proj.gather_output:
-            start = proj.tp_rank * proj.out_features_per_partition
-            return start, start + proj.out_features_per_partition
-        return 0, proj.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(self.norm(x))  # (B, S, V_padded / p)
-        start, end = self.vocab_range()
-        if end > self.vocab_size:  # this rank holds padded columns: probability 0
-            padded = torch.arange(start, end, device=logits.device) >= self.vocab_size
-            logits = logits.masked_fill(padded, float("-inf"))
-        return logits
+        super().__init__(
+            nn.LayerNorm(config.hidden_size),
+            config.hidden_size,
+            config.vocab_size,
+            config.padded_vocab_size,
+        )
 
 
 class LSTMLM(LanguageModel):
