@@ -27,9 +27,10 @@ machine.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from triton_parallel_layers.parallel_layers.planner import _json
 
 __all__ = ["HARDWARE", "HardwareSpec", "Link", "get_hardware"]
 
@@ -103,17 +104,11 @@ class HardwareSpec:
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(asdict(self), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return _json.dump(self, path)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> HardwareSpec:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        data = json.loads(text)
+        data = _json.load(text_or_path)
         data["intra_node"] = Link(**data["intra_node"])
         data["inter_node"] = Link(**data["inter_node"])
         return cls(**data)

@@ -23,9 +23,8 @@ weight-gradient products), its weight-gradient half separable for zero-bubble sc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
+
+from triton_parallel_layers.parallel_layers.planner import _json
 
 __all__ = ["DTYPE_BYTES", "LayerProfile", "ModelProfile", "profile_model"]
 
@@ -111,17 +112,11 @@ class ModelProfile:
         return 3 * sum(layer.matmul_flops for layer in self.layers) / self.batch
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(asdict(self), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return _json.dump(self, path)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> ModelProfile:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        data = json.loads(text)
+        data = _json.load(text_or_path)
         data["layers"] = [LayerProfile(**layer) for layer in data["layers"]]
         return cls(**data)
 
