@@ -1,4 +1,4 @@
-"""Run a function on every rank of a CPU (gloo) process group: the multi-process test harness.
+"""Run a function on every rank of a process group: the multi-process test harness.
 
 Starting a process that imports torch and joins a process group costs seconds; paying that for
 every test case would make the suite crawl. A :class:`WorkerPool` starts ``world_size`` worker
@@ -24,6 +24,12 @@ Failure is clean, never a hang:
 * Process groups a function creates (meshes, TP groups) are destroyed after it returns, so one
   test's groups never leak into the next.
 
+The backend is gloo on CPU processes unless ``TPL_TEST_BACKEND=nccl`` (or ``backend="nccl"``) asks
+for NCCL with one GPU per rank: rank ``r`` takes ``cuda:r``, which is also its default device, so
+the same test bodies (tensors made without a device, meshes from :class:`ParallelDims`) run on
+GPUs. A pool that needs more GPUs than the machine has raises :class:`BackendUnavailable` (the
+test fixture turns it into a skip with the reason).
+
 Gloo buffers sends, so a point-to-point order that runs here may hang on NCCL: record what the
 ranks post with :func:`triton_parallel_layers.parallel_layers.pipeline.p2p_check.record_p2p` and
 replay it under NCCL's rule with :func:`~triton_parallel_layers.parallel_layers.pipeline.p2p_check.replay_nccl`.
@@ -42,7 +48,14 @@ from typing import Any
 
 from triton_parallel_layers.parallel_layers.dims import free_port, init_distributed
 
-__all__ = ["DistributedError", "WorkerPool", "WorkerPools", "run_distributed"]
+__all__ = [
+    "BackendUnavailable",
+    "DistributedError",
+    "WorkerPool",
+    "WorkerPools",
+    "run_distributed",
+    "harness_backend",
+]
 
 # How long the other ranks get to finish once one rank has failed, before the pool is torn down.
 _FAILURE_GRACE_S = 5.0
@@ -52,6 +65,38 @@ _STARTUP_TIMEOUT_S = 120.0
 
 class DistributedError(RuntimeError):
     """One or more ranks raised; the message holds each failing rank's traceback."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run this many ranks here (NCCL with fewer GPUs than ranks)."""
+
+
+_BACKENDS = ("gloo", "nccl")
+
+
+def harness_backend() -> str:
+    """The backend the harness uses: ``TPL_TEST_BACKEND`` (``gloo``, the default, or ``nccl``)."""
+    backend = os.environ.get("TPL_TEST_BACKEND", "gloo").strip().lower() or "gloo"
+    if backend not in _BACKENDS:
+        raise ValueError(
+            f"TPL_TEST_BACKEND={backend!r}: expected one of {_BACKENDS} (gloo on CPU processes, "
+            "or nccl with one GPU per rank)"
+        )
+    return backend
+
+
+def _check_backend(backend: str, world_size: int) -> None:
+    """Raise :class:`BackendUnavailable` unless ``backend`` can run ``world_size`` ranks here."""
+    if backend != "nccl":
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus < world_size:
+        raise BackendUnavailable(
+            f"nccl with {world_size} ranks needs {world_size} GPUs (one per rank); this machine "
+            f"has {gpus}: run fewer ranks, or use TPL_TEST_BACKEND=gloo"
+        )
 
 
 def _new_groups_since(known: set) -> list:
@@ -68,6 +113,7 @@ def _worker_main(
     tasks: mp.Queue,
     results: mp.Queue,
     num_threads: int,
+    backend: str,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -82,7 +128,9 @@ def _worker_main(
         LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
-        init_distributed("cpu", timeout=300)
+        if backend == "nccl":
+            torch.set_default_device(torch.device("cuda", rank))
+        init_distributed("cuda" if backend == "nccl" else "cpu", timeout=300)
     except Exception:  # pragma: no cover - reported to the parent
         results.put((None, rank, False, traceback.format_exc()))
         return
@@ -110,23 +158,34 @@ def _worker_main(
 
 
 class WorkerPool:
-    """``world_size`` long-lived worker processes joined in one gloo process group.
+    """``world_size`` long-lived worker processes joined in one process group.
 
     Args:
         world_size: number of ranks.
         num_threads: intra-op threads per worker (keep ranks * threads <= cores).
+        backend: ``"gloo"`` (CPU processes) or ``"nccl"`` (rank ``r`` on ``cuda:r``); ``None``
+            reads ``TPL_TEST_BACKEND`` (default gloo).
+
+    Raises:
+        BackendUnavailable: on the first :meth:`run`, if nccl needs more GPUs than there are.
     """
 
-    def __init__(self, world_size: int, *, num_threads: int = 1) -> None:
+    def __init__(
+        self, world_size: int, *, num_threads: int = 1, backend: str | None = None
+    ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size={world_size}: expected a positive number of ranks")
+        if backend is not None and backend not in _BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {_BACKENDS}")
         self.world_size = world_size
         self.num_threads = num_threads
+        self.backend = backend or harness_backend()
         self._procs: list[mp.process.BaseProcess] = []
         self._next_task = 0
 
     # -- life cycle ---------------------------------------------------------------------------
     def _start(self) -> None:
+        _check_backend(self.backend, self.world_size)
         ctx = mp.get_context("spawn")
         port = free_port()
         self._results = ctx.Queue()
@@ -134,7 +193,15 @@ class WorkerPool:
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(r, self.world_size, port, self._tasks[r], self._results, self.num_threads),
+                args=(
+                    r,
+                    self.world_size,
+                    port,
+                    self._tasks[r],
+                    self._results,
+                    self.num_threads,
+                    self.backend,
+                ),  # fmt: skip
                 daemon=True,
                 name=f"tpl-worker-{r}/{self.world_size}",
             )
@@ -251,8 +318,9 @@ def run_distributed(
 class WorkerPools:
     """One lazily started :class:`WorkerPool` per world size (what the test suite shares)."""
 
-    def __init__(self, *, num_threads: int = 1) -> None:
+    def __init__(self, *, num_threads: int = 1, backend: str | None = None) -> None:
         self.num_threads = num_threads
+        self.backend = backend
         self._pools: dict[int, WorkerPool] = {}
 
     def run(
@@ -266,7 +334,9 @@ class WorkerPools:
         """``fn(*args, **kwargs)`` on every rank of the ``world_size`` pool; results by rank."""
         pool = self._pools.get(world_size)
         if pool is None:
-            pool = self._pools[world_size] = WorkerPool(world_size, num_threads=self.num_threads)
+            pool = self._pools[world_size] = WorkerPool(
+                world_size, num_threads=self.num_threads, backend=self.backend
+            )
         return pool.run(fn, *args, timeout=timeout, **kwargs)
 
     def close(self) -> None:

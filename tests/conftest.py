@@ -19,7 +19,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from triton_parallel_layers.kernels import force_backend, interpreter_enabled  # noqa: E402
-from triton_parallel_layers.parallel_layers.testing import WorkerPools  # noqa: E402
+from triton_parallel_layers.parallel_layers.testing import (  # noqa: E402
+    BackendUnavailable,
+    WorkerPools,
+)
 
 
 @pytest.fixture
@@ -49,9 +52,19 @@ def dist_run():
     The worker processes are started once per world size and reused by every test; ``fn`` must
     be a module-level function. A rank that raises fails the test with its traceback; a rank that
     hangs fails it at ``timeout`` seconds, and the pool is restarted for the next test.
+
+    ``TPL_TEST_BACKEND=nccl`` runs the same tests on NCCL, rank ``r`` on GPU ``r``; a test that
+    needs more ranks than the machine has GPUs skips, naming both counts.
     """
     pools = WorkerPools()
-    yield pools.run
+
+    def run(world_size, fn, *args, **kwargs):
+        try:
+            return pools.run(world_size, fn, *args, **kwargs)
+        except BackendUnavailable as exc:
+            pytest.skip(str(exc))
+
+    yield run
     pools.close()
 
 
