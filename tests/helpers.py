@@ -66,6 +66,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def seeded(seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` on the default device (the CPU on gloo; the rank's GPU
+    under ``TPL_TEST_BACKEND=nccl``), for ``torch.randn(..., generator=seeded(s))``."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
+def device_type() -> str:
+    """The default device's type (``"cpu"`` or ``"cuda"``), e.g. for ``torch.autocast``."""
+    return torch.get_default_device().type
+
+
 def chunk(t: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """This rank's contiguous chunk of ``t`` along ``dim`` in ``group`` (default: the world)."""
     p = dist.get_world_size(group)

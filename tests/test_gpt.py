@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import expect_error, rel_err
+from helpers import expect_error, rel_err, seeded
 from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
@@ -53,7 +53,7 @@ def _local(full: torch.Tensor, spec) -> torch.Tensor:
 
 
 def _batch(vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded(seed)
     tokens = torch.randint(0, vocab, (B, S + 1), generator=gen)
     return tokens[:, :-1], tokens[:, 1:]
 
@@ -198,7 +198,7 @@ def _meta_case() -> None:
             model = GPT(cfg)
         model = parallelize(model, GPT_TP_PLAN, dims, sequence_parallel=True)
         assert all(p.is_meta for p in model.parameters())
-        model.to_empty(device="cpu")
+        model.to_empty(device=torch.get_default_device())
         model.init_weights()
         for name, p, ref_p, spec in _shard_pairs(model, full):
             assert torch.equal(p.detach(), _local(ref_p.detach(), spec)), name

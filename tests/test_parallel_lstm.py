@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import assert_close, expect_error
+from helpers import assert_close, expect_error, seeded
 from triton_parallel_layers.parallel_layers import ParallelDims, ParallelLSTM, parallelize
 from triton_parallel_layers.parallel_layers.lstm import gate_shard
 from triton_parallel_layers.parallel_layers.sharding import (
@@ -172,8 +172,8 @@ def _model_case():
                         vocab_pad_multiple=8)  # fmt: skip
     ref = LSTMLM(config, seed=3)
     model = parallelize(LSTMLM(config, seed=3), LSTM_TP_PLAN, dims, sequence_parallel=True)
-    ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(0))
-    target = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 50, (3, 8), generator=seeded(0))
+    target = torch.randint(0, 50, (3, 8), generator=seeded(1))
     loss = model.loss(model(ids), target)
     assert_close(loss.detach(), ref.loss(ref(ids), target).detach(), what="loss")
 

@@ -135,7 +135,7 @@ def _meta_user_case() -> None:
     with torch.device("meta"):
         model = _mlp()
     model = parallelize(model, {"0": "colwise", "2": "rowwise"}, dims)
-    model.to_empty(device="cpu")
+    model.to_empty(device=torch.get_default_device())
     init_by_name_(model, 3, init_fn)
     assert_close(model[0].weight.detach(), chunk(full[0].weight.detach(), 0), exact=True)
     assert_close(model[0].bias.detach(), chunk(full[0].bias.detach(), 0), exact=True)

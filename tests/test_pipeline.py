@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import expect_error, rel_err
+from helpers import device_type, expect_error, rel_err, seeded
 from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelDims
 from triton_parallel_layers.parallel_layers.parallelize import parallelize
@@ -116,7 +116,7 @@ def _build(name: str, tp_group: dist.ProcessGroup | None = None) -> nn.Module:
 
 
 def _batch(name: str, step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 + step)
+    gen = seeded(1000 + step)
     if name in ("gpt", "lstm"):
         tokens = torch.randint(0, GPT_CFG["vocab_size"], (batch, SEQ + 1), generator=gen)
         return tokens[:, :-1], tokens[:, 1:]
@@ -462,9 +462,9 @@ def test_deferred_linear_under_autocast_matches_nn_linear():
     ref.load_state_dict(lin.state_dict())
     x = torch.randn(3, 8, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    with split_weight_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with split_weight_grad(), torch.autocast(device_type(), dtype=torch.bfloat16):
         y = deferrable_linear(x, lin.weight, lin.bias)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device_type(), dtype=torch.bfloat16):
         y_ref = ref(x_ref)
     store = WeightGradStore()
     with store.capture():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import seeded
 from triton_parallel_layers.parallel_layers.pipeline import SCHEDULES
 from triton_parallel_layers.parallel_layers.pipeline.actions import action_messages
 from triton_parallel_layers.parallel_layers.pipeline.p2p_check import (
@@ -202,7 +203,7 @@ def _engine_eval_and_sample(pp: int, tp: int, schedule: str, chunks: int) -> dic
     dims = ParallelDims(pp=pp, tp=tp)
     parallel = ParallelConfig(pp=pp, tp=tp, schedule=schedule, microbatches=2, chunks=chunks)
     engine = build_engine(_build_gpt, GPT_TP_PLAN, dims, parallel)
-    gen = torch.Generator().manual_seed(0)
+    gen = seeded(0)
     tokens = torch.randint(0, 256, (4, 13), generator=gen)
     with record_p2p() as eval_log:
         losses = [float(engine.eval_loss(tokens[:, :-1], tokens[:, 1:])) for _ in range(2)]
@@ -214,7 +215,7 @@ def _engine_eval_and_sample(pp: int, tp: int, schedule: str, chunks: int) -> dic
     if dist.get_rank() == 0:  # the single-device model from the same seed
         with torch.device("meta"):
             model = _build_gpt()
-        model.to_empty(device="cpu")
+        model.to_empty(device=torch.get_default_device())
         model.init_weights()
         with torch.no_grad():
             ref_loss = float(model.loss(model(tokens[:, :-1]), tokens[:, 1:]))

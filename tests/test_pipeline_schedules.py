@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import expect_error
+from helpers import expect_error, seeded
 from triton_parallel_layers.parallel_layers import ColumnParallelLinear, RowParallelLinear
 from triton_parallel_layers.parallel_layers.pipeline import (
     SCHEDULES,
@@ -249,7 +249,7 @@ def test_one_rank_pipeline_matches_model(name):
     opt = torch.optim.SGD(pipeline_parameters(stages), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(3):
-        gen = torch.Generator().manual_seed(step)
+        gen = seeded(step)
         x, y = torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
         loss = schedule.step(x, y)
         opt.step()
