@@ -41,9 +41,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from triton_parallel_layers.kernels.collectives import all_gather
+from triton_parallel_layers.kernels.collectives import all_gather, all_reduce_, broadcast_
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
+from triton_parallel_layers.parallel_layers.grad_reduce import register_grad_reduce_hook
 from triton_parallel_layers.parallel_layers.pipeline import (
     ScheduleForwardOnly,
     build_stages,
@@ -199,7 +200,9 @@ class Engine:
         if loss is not None:
             sq += 0.0 * loss.detach().float()  # 0 * (inf or nan) = nan
         if self.dims.world_size > 1:
-            dist.all_reduce(sq)  # dp replicas hold the same gradients: divide them out
+            all_reduce_(
+                sq, dist.group.WORLD
+            )  # dp replicas hold the same gradients: divide them out
         norm = (sq / self.dims.dp).sqrt()
         if max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -241,9 +244,7 @@ class Engine:
     def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the last pipeline stage holds it, on every rank of the pipeline (same shape
         and dtype on every rank; the other ranks' values are ignored)."""
-        if self.dims.pp > 1:
-            dist.broadcast(t, src=self.dims.pp_peer(self.dims.pp - 1), group=self.dims.pp_group)
-        return t
+        return broadcast_(t, self.dims.pp_peer(self.dims.pp - 1), self.dims.pp_group)
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -294,6 +295,7 @@ def build_engine(
         if dims.dp > 1:
             kw = {"device_ids": [dims.device.index]} if dims.device.type == "cuda" else {}
             engine.ddp = DistributedDataParallel(model, process_group=dims.dp_group, **kw)
+            register_grad_reduce_hook(engine.ddp, parallel.grad_reduce_dtype)
         return engine
 
     # pp > 1: cut the layer sequence while still on meta, then materialize and initialize only
@@ -320,6 +322,9 @@ def build_engine(
     stages = build_stages(
         layers, partition, dims.pp_group, dp_group=dims.dp_group, device=dims.device
     )
+    for stage in stages:
+        if stage.ddp is not None:
+            register_grad_reduce_hook(stage.ddp, parallel.grad_reduce_dtype)
     modules = [
         (f"{names_of[id(layers[j])]}.{n}" if n else names_of[id(layers[j])], m)
         for j in sorted(local)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from triton_parallel_layers.kernels.collectives import all_reduce_
 from triton_parallel_layers.parallel_layers.checkpoint import (
     find_checkpoint,
     init_optimizer_state_,
@@ -336,7 +337,7 @@ class Trainer:
                 # NaN on every rank when any rank's loss or gradient is not finite
                 grad_norm = engine.clip_grad_norm_(self.optim.grad_clip, loss)
                 if dims.dp > 1:
-                    dist.all_reduce(loss, group=dims.dp_group)
+                    all_reduce_(loss, dims.dp_group)
                     loss = loss / dims.dp
                 # The step's one host-device sync: the loss and the norm read back together,
                 # which decides (alike on every rank) whether the optimizer steps.

@@ -50,7 +50,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from triton_parallel_layers.kernels.collectives import group_rank
+from triton_parallel_layers.kernels.collectives import broadcast_, group_rank
 from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
     Message,
@@ -417,7 +417,7 @@ class PipelineSchedule:
             total = torch.zeros((), dtype=torch.float32, device=device)
         if self.pp > 1:
             src = dist.get_global_rank(self.pp_group, self.pp - 1)
-            dist.broadcast(total, src=src, group=self.pp_group)
+            broadcast_(total, src, self.pp_group)
         return total
 
     # -- instrumentation ----------------------------------------------------------------------
