@@ -38,8 +38,9 @@ class _HookState:
     dtype: torch.dtype
 
 
-def _reduce_bucket(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future:
-    """Average ``bucket`` over ``state.group`` in ``state.dtype`` (module docstring)."""
+def _reduce_bucket(state, bucket):  # no annotations: DDP checks them against the real types
+    """Average the ``dist.GradBucket`` ``bucket`` over ``state.group`` in ``state.dtype`` (module
+    docstring); returns the future of the averaged fp32 bucket."""
     buf = bucket.buffer()  # the flat fp32 gradients of the bucket's parameters
     p = group_size(state.group)
     wire = buf if buf.dtype == state.dtype else buf.to(state.dtype)
