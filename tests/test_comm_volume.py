@@ -17,11 +17,17 @@ replicated and tied parameters and of DP (per ``--grad-reduce-dtype``), the grad
 the pipeline's int64 shape header (first step only).
 
 The same run checks that the parallel step computes what one device computes under bf16
-autocast (loss and every gradient, bf16 tolerances).
+autocast (loss and every gradient, bf16 tolerances). A short run of the trainer at (tp=2,
+sequence parallel) then checks its memory and communication report (``summary.json``,
+``metrics.jsonl``) against the same count and against the parameter, gradient and optimizer
+bytes the shapes give.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from fractions import Fraction
 
 import pytest
@@ -31,6 +37,7 @@ import torch.distributed as dist
 from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 from triton_parallel_layers.parallel_layers import ParallelDims
+from triton_parallel_layers.training.cli import main
 from triton_parallel_layers.training.config import ParallelConfig
 from triton_parallel_layers.training.engine import build_engine
 
@@ -119,10 +126,13 @@ def _ring(kind: str, nbytes: int, p: int) -> Fraction:
     return factor * nbytes
 
 
-def _expected(name: str, rank: int, first_step: bool) -> dict[tuple[str, str], int]:
-    """``{(kind, dtype): bytes this rank sends}`` in one step of layout ``name``."""
-    cfg = GPTConfig(**CFG)
-    b, s, h, L, V = B, S, cfg.embed_dim, cfg.n_layers, cfg.padded_vocab_size
+def _expected(
+    name: str, rank: int, first_step: bool, cfg: GPTConfig | None = None, b: int = B, s: int = S
+) -> dict[tuple[str, str], int]:
+    """``{(kind, dtype): bytes this rank sends}`` in one step of layout ``name`` for a GPT of
+    ``cfg`` (default ``CFG``) on ``b`` sequences of ``s`` tokens."""
+    cfg = cfg or GPTConfig(**CFG)
+    h, L, V = cfg.embed_dim, cfg.n_layers, cfg.padded_vocab_size
     world = 2
     count: dict[tuple[str, str], Fraction] = {}
 
@@ -190,3 +200,50 @@ def test_bf16_step_matches_one_device(results, name):
         errors = rank_result[name]["errors"]
         worst = max(errors, key=errors.get)
         assert errors[worst] <= RTOL, (name, worst, errors[worst])
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's report
+# ---------------------------------------------------------------------------------------------
+TRAIN = dict(n_layers=2, embed_dim=64, n_heads=4, seq_len=32, batch_size=8)
+TRAIN_ARGS = ["--data-bytes", "200000", "--eval-batches", "1", "--sample-tokens", "0",
+              "--no-progress", "--no-plot", "--log-interval", "0", "--eval-interval", "0",
+              "--ckpt-interval", "0", "--warmup-steps", "1", "--max-steps", "2", "--dtype", "bf16",
+              "--tp", "2", "--sequence-parallel"]  # fmt: skip
+
+
+def _train(out: str) -> int:
+    args = [*TRAIN_ARGS, "--out", out]
+    for key, value in TRAIN.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return main("gpt", args)
+
+
+def test_training_report_is_exact(dist_run, tmp_path):
+    assert dist_run(2, _train, str(tmp_path), timeout=300) == [0, 0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    cfg = GPTConfig(vocab_size=256, vocab_pad_multiple=256, n_layers=TRAIN["n_layers"],
+                    embed_dim=TRAIN["embed_dim"], n_heads=TRAIN["n_heads"],
+                    max_seq_len=TRAIN["seq_len"])  # fmt: skip
+    expected = _expected("tp2-sp", 0, True, cfg, TRAIN["batch_size"], TRAIN["seq_len"])
+    # parameters per rank at tp = 2: the embedding's rows and the blocks' matrices halved, the
+    # LayerNorm weights whole (fp32); Adam(W) keeps two moments and a step count per tensor
+    h, L, V = cfg.embed_dim, cfg.n_layers, cfg.padded_vocab_size
+    params = (V * h + L * 12 * h * h) // 2 + (2 * L + 1) * h
+    tensors = 1 + 6 * L + 1
+    report = summary["step_report"]
+    assert report["step"] == 1 and len(report["per_rank"]) == 2
+    for r in report["per_rank"]:
+        by_dtype = {(k, d): n for k, e in r["comm"].items() for d, n in e["dtypes"].items()}
+        assert by_dtype == expected, (r["rank"], by_dtype, expected)
+        assert r["comm_bytes"] == sum(expected.values())
+        assert r["param_bytes"] == r["grad_bytes"] == params * FP32, r
+        assert r["optimizer_bytes"] == 2 * params * FP32 + tensors * FP32, r
+        assert r["saved_activation_peak_bytes"] > 0
+    per_kind: dict[str, int] = {}
+    for (kind, _), n in expected.items():
+        per_kind[kind] = per_kind.get(kind, 0) + n
+    assert [m["comm_bytes"] for m in metrics if "loss" in m] == [per_kind, per_kind]
+    assert metrics[0]["param_bytes"] == params * FP32
