@@ -36,7 +36,7 @@ not cast: their gradient all-reduce is a gradient reduction and keeps the parame
 matmul, which only this call consumes; Megatron-LM does the same) and returns it; autograd's
 version counter turns any other use of the overwritten partial sum in backward into an error, not
 a wrong gradient. It copies only where autograd forbids writing into the input (a leaf that
-requires grad) or the input is not one dense block. The backward all-reduce of
+requires grad, a view) or the input is not one dense block. The backward all-reduce of
 :func:`copy_to_tp` does copy: autograd may hand the same gradient tensor to several inputs (both
 operands of an ``add``), so overwriting it would corrupt the other branch's gradient.
 """
@@ -100,7 +100,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        if (x.is_leaf and x.requires_grad) or not is_dense(x):
+        if (x.is_leaf and x.requires_grad) or x._base is not None or not is_dense(x):
             return all_reduce(x, group)
         ctx.mark_dirty(x)
         return all_reduce_(x, group)
