@@ -116,14 +116,10 @@ def _run_layouts() -> dict:
 # ---------------------------------------------------------------------------------------------
 # The analytic count
 # ---------------------------------------------------------------------------------------------
-def _ring(kind: str, nbytes: int, p: int) -> Fraction:
-    factor = {
-        "all_reduce": Fraction(2 * (p - 1), p),
-        "all_gather": Fraction(p - 1),
-        "reduce_scatter": Fraction(p - 1, p),
-        "broadcast": Fraction(p - 1, p),
-    }[kind]
-    return factor * nbytes
+def _all_reduce(nbytes: int, p: int) -> Fraction:
+    """Ring all-reduce: a reduce-scatter then an all-gather of ``p`` chunks of ``nbytes / p``;
+    each rank sends ``p - 1`` chunks in each phase."""
+    return 2 * (p - 1) * Fraction(nbytes, p)
 
 
 def _expected(
@@ -140,7 +136,7 @@ def _expected(
         count[(kind, dtype)] = count.get((kind, dtype), 0) + nbytes
 
     # every step ends with the gradient norm: one fp32 scalar all-reduced over the world
-    add("all_reduce", "float32", _ring("all_reduce", FP32, world))
+    add("all_reduce", "float32", _all_reduce(FP32, world))
     if name == "tp2-sp":
         p = 2
         act = b * s * h * BF16  # one whole (b, s, h) activation in bf16
@@ -149,14 +145,16 @@ def _expected(
         # duals in backward; plus the embedding's reduce-scatter and the head's all-gather.
         gathers = 2 * (2 * L + 1) + (2 * L if SP_BACKWARD_REGATHER else 0)
         scatters = 2 * (2 * L + 1)
-        add("all_gather", "bfloat16", gathers * _ring("all_gather", act // p, p))
-        add("reduce_scatter", "bfloat16", scatters * _ring("reduce_scatter", act, p))
+        # ring all-gather: each rank passes on p - 1 shards of act / p; ring reduce-scatter: each
+        # rank sends p - 1 partial chunks of act / p
+        add("all_gather", "bfloat16", gathers * (p - 1) * Fraction(act, p))
+        add("reduce_scatter", "bfloat16", scatters * (p - 1) * Fraction(act, p))
         # the replicated LayerNorm weights (2 per layer and the head's, h each) see 1/p of the
         # tokens: their fp32 gradients are all-reduced over TP
-        add("all_reduce", "float32", (2 * L + 1) * _ring("all_reduce", h * FP32, p))
+        add("all_reduce", "float32", (2 * L + 1) * _all_reduce(h * FP32, p))
         # vocabulary-parallel cross-entropy: the max, then (sum of exp, target logit), fp32 per
         # token
-        add("all_reduce", "float32", 3 * _ring("all_reduce", b * s * FP32, p))
+        add("all_reduce", "float32", 3 * _all_reduce(b * s * FP32, p))
     elif name == "pp2":
         p, m = 2, 2
         micro = (b // m) * s * h * BF16
@@ -165,13 +163,14 @@ def _expected(
         if rank == 0 and first_step:
             add("send", "int64", (3 + 8) * 8)  # the shape header, once
         # tied embeddings: the head's copy of the (V, h) embedding gradient is summed over pp
-        add("all_reduce", "float32", _ring("all_reduce", V * h * FP32, p))
-        add("broadcast", "float32", _ring("broadcast", FP32, p))  # the loss, from the last stage
+        add("all_reduce", "float32", _all_reduce(V * h * FP32, p))
+        # the loss, from the last stage: a chain in which every rank but the last sends it once
+        add("broadcast", "float32", (p - 1) * Fraction(FP32, p))
     else:  # dp2-*: one gradient all-reduce of every parameter (tied ones once) per step
         p = 2
         params = V * h + L * (12 * h * h + 2 * h) + h  # embedding, blocks, final norm
         dtype, size = ("bfloat16", BF16) if name.endswith("bf16") else ("float32", FP32)
-        add("all_reduce", dtype, _ring("all_reduce", params * size, p))
+        add("all_reduce", dtype, _all_reduce(params * size, p))
     return {k: round(v) for k, v in count.items()}
 
 
