@@ -222,9 +222,8 @@ class Engine:
         if loss is not None:
             sq += 0.0 * loss.detach().float()  # 0 * (inf or nan) = nan
         if self.dims.world_size > 1:
-            all_reduce_(
-                sq, dist.group.WORLD
-            )  # dp replicas hold the same gradients: divide them out
+            # dp replicas hold the same gradients: divided out below
+            all_reduce_(sq, dist.group.WORLD)
         norm = (sq / self.dims.dp).sqrt()
         if max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)

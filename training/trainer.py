@@ -186,6 +186,7 @@ class Trainer:
         self.skipped_steps = 0  # steps whose optimizer step was skipped (non-finite), this session
         self.skipped_in_a_row = 0
         self.faults = FaultPlan(self.rank)
+        self.step_report: dict | None = None  # this session's first step (fit)
         self.notes: list[str] = []
         if self.resume is not None:
             path = find_checkpoint(self.resume)
@@ -485,8 +486,7 @@ class Trainer:
     def _step_report(self) -> dict | None:
         """The memory and communication report of this session's first step, every rank's (a
         collective); ``None`` when no step ran."""
-        mine = getattr(self, "step_report", None)
-        ranks = gather_from_ranks(mine)
+        ranks = gather_from_ranks(self.step_report)
         if any(r is None for r in ranks):
             return None
         return {"step": ranks[0]["step"], "per_rank": [
