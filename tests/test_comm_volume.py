@@ -46,7 +46,7 @@ CFG = dict(vocab_size=90, n_layers=2, n_heads=4, embed_dim=64, max_seq_len=32,
 B, S = 4, 16
 SEED = 5
 BF16, FP32 = 2, 4  # bytes per element
-# normwise bf16 tolerance (max|ours - ref| <= RTOL * max|ref|), measured a few 1e-3
+# normwise bf16 tolerance (max|ours - ref| <= RTOL * max|ref|); measured at most 1.3e-2
 RTOL = 3e-2
 
 # Terms other engineers' changes move; kept as named switches so the count says what it assumes.
