@@ -20,6 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_name  # noqa: E402
 
 from triton_parallel_layers.kernels.collectives import record_comm  # noqa: E402
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig  # noqa: E402
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
             kinds = ", ".join(f"{k} {e['bytes']:,} B {e['dtypes']}" for k, e in summary.items())
             print(f"{name} rank {rank}: {kinds}")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": "tiny", "dtype": "bf16 autocast", "step": 2, "ranks": 2, "backend": "gloo"}
+    meta = {"preset": "tiny", "dtype": "bf16 autocast", "step": 2, "ranks": 2, "backend": "gloo",
+            "machine": machine_name()}  # fmt: skip
     (args.out / "comm_volume.json").write_text(
         json.dumps({"setup": meta, "per_layout_per_rank": result}, indent=1)
     )
