@@ -21,18 +21,40 @@ sequence dimension, which for the batch-first ``(B, S, E)`` activations of this 
 ``dim=-2`` (the dimension just before the features); that is the default here.
 
 The sizes that must divide by ``p`` are checked by the layers before any rank communicates.
+
+**Dtype: communication moves the compute dtype.** Under ``torch.autocast`` every function here
+first casts its (fp32) input to the autocast dtype, as the matmul on the other side of the
+collective would anyway (:func:`~triton_parallel_layers.kernels._dispatch.autocast_inputs`), so
+the forward collective and its backward dual both move bf16, never a wider copy; the cast is an
+ordinary autograd op, so the gradient handed back is cast to the input's dtype again. Outputs are
+in the compute dtype, like a matmul's under autocast: downstream of the first collective the
+residual stream of a Transformer is bf16 (as in Megatron-LM's bf16 training). Parameters passed
+to :func:`copy_to_tp` (the replicated norm weights and biases of a sequence-parallel region) are
+not cast: their gradient all-reduce is a gradient reduction and keeps the parameter's dtype.
+
+**In place.** :func:`reduce_from_tp` sums its input in place (the partial result of a row-parallel
+matmul, which only this call consumes; Megatron-LM does the same) and returns it; autograd's
+version counter turns any other use of the overwritten partial sum in backward into an error, not
+a wrong gradient. It copies only where autograd forbids writing into the input (a leaf that
+requires grad, a view) or the input is not one dense block. The backward all-reduce of
+:func:`copy_to_tp` does copy: autograd may hand the same gradient tensor to several inputs (both
+operands of an ``add``), so overwriting it would corrupt the other branch's gradient.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from triton_parallel_layers.kernels._dispatch import autocast_inputs
 from triton_parallel_layers.kernels.collectives import (
     all_gather,
     all_reduce,
+    all_reduce_,
     group_rank,
     group_size,
+    is_dense,
     reduce_scatter,
 )
 
@@ -73,11 +95,15 @@ class _CopyToTP(torch.autograd.Function):
 
 
 class _ReduceFromTP(torch.autograd.Function):
-    """Forward: all-reduce (sum) over the group. Backward: identity."""
+    """Forward: all-reduce (sum) over the group, in place where autograd allows (module
+    docstring). Backward: identity."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        return all_reduce(x, group)
+        if (x.is_leaf and x.requires_grad) or x._base is not None or not is_dense(x):
+            return all_reduce(x, group)
+        ctx.mark_dirty(x)
+        return all_reduce_(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -140,33 +166,49 @@ class _ReduceScatterToSequenceParallel(torch.autograd.Function):
         return all_gather(grad, ctx.group, ctx.dim), None, None
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on for its device (module docstring): an
+    autograd cast, whose backward casts the gradient back to ``x``'s dtype."""
+    return autocast_inputs(x)[0]
+
+
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Enter a tensor-parallel region: identity forward, gradient all-reduced backward."""
-    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+    """Enter a tensor-parallel region: identity forward, gradient all-reduced backward.
+
+    Under autocast an activation enters in the compute dtype (so its gradient is all-reduced in
+    it); a parameter keeps its dtype (its gradient reduction does too)."""
+    if group_size(group) == 1:
+        return x
+    return _CopyToTP.apply(x if isinstance(x, nn.Parameter) else _compute_dtype(x), group)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Leave a tensor-parallel region by summing partial results: all-reduce forward."""
-    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+    """Leave a tensor-parallel region by summing partial results: all-reduce forward, in place
+    (``x`` is overwritten with the sum unless autograd forbids it; see the module docstring)."""
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(_compute_dtype(x), group)
 
 
 def scatter_to_tp(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
     """``(.., p*n, ..) -> (.., n, ..)``: keep this rank's chunk; gradient all-gathered."""
-    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group, dim)
+    return x if group_size(group) == 1 else _ScatterToTP.apply(_compute_dtype(x), group, dim)
 
 
 def gather_from_tp(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
     """``(.., n, ..) -> (.., p*n, ..)``: all-gather; gradient split back to this rank's chunk."""
-    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group, dim)
+    return x if group_size(group) == 1 else _GatherFromTP.apply(_compute_dtype(x), group, dim)
 
 
 def gather_from_sequence_parallel(x: torch.Tensor, group: Group, dim: int = -2) -> torch.Tensor:
     """``(B, S/p, E) -> (B, S, E)``: all-gather the sequence; gradient reduce-scattered."""
-    return x if group_size(group) == 1 else _GatherFromSequenceParallel.apply(x, group, dim)
+    if group_size(group) == 1:
+        return x
+    return _GatherFromSequenceParallel.apply(_compute_dtype(x), group, dim)
 
 
 def reduce_scatter_to_sequence_parallel(
     x: torch.Tensor, group: Group, dim: int = -2
 ) -> torch.Tensor:
     """``(B, S, E) -> (B, S/p, E)``: sum partial results, keep this rank's sequence chunk."""
-    return x if group_size(group) == 1 else _ReduceScatterToSequenceParallel.apply(x, group, dim)
+    if group_size(group) == 1:
+        return x
+    return _ReduceScatterToSequenceParallel.apply(_compute_dtype(x), group, dim)

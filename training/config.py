@@ -36,6 +36,7 @@ SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "fp32", "bf16")
+GRAD_REDUCE_DTYPES = ("fp32", "bf16")
 
 
 def _positive(name: str, value: Any, *, allow_none: bool = False, zero: bool = False) -> None:
@@ -74,6 +75,8 @@ class ParallelConfig:
     """Shard activations between the tensor-parallel layers along the sequence (GPT)."""
     overlap: bool = False
     """Overlap the sequence-parallel all-gather/reduce-scatter with the matmuls (needs --sequence-parallel)."""
+    grad_reduce_dtype: str = "fp32"
+    """Dtype of the data-parallel gradient all-reduce: fp32 (exact) or bf16 (half the bytes; the sum is rounded to bf16)."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp"):
@@ -82,6 +85,7 @@ class ParallelConfig:
         _positive("chunks", self.chunks, allow_none=True)
         _choice("schedule", self.schedule, SCHEDULE_NAMES)
         _choice("layout", self.layout, ("manual", "auto"))
+        _choice("grad_reduce_dtype", self.grad_reduce_dtype, GRAD_REDUCE_DTYPES)
         if self.microbatches is None:
             self.microbatches = 2 * self.pp if self.pp > 1 else 1
         if self.chunks is None:

@@ -41,10 +41,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from triton_parallel_layers.kernels.collectives import all_gather
+from triton_parallel_layers.kernels.collectives import all_gather, all_reduce_, broadcast_
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
+from triton_parallel_layers.parallel_layers.grad_reduce import register_grad_reduce_hook
 from triton_parallel_layers.parallel_layers.pipeline import (
+    ActivationMemoryTracker,
     ScheduleForwardOnly,
     build_stages,
     get_schedule,
@@ -105,6 +107,8 @@ class Engine:
     tied_copies: frozenset[str] = frozenset()
     """Parameters this rank shares with an earlier pipeline rank (tied embeddings): counted there,
     not here, in the gradient norm and the parameter count."""
+    peak_saved_bytes: int | None = None
+    """Peak bytes held for backward in the last ``train_step(..., track_memory=True)``."""
     _infer: dict[int, ScheduleForwardOnly] = field(default_factory=dict, repr=False)
     """Forward-only schedules (evaluation, sampling) by microbatch count."""
 
@@ -144,7 +148,9 @@ class Engine:
         return int(round(total.item() / self.dims.dp))
 
     # -- training -----------------------------------------------------------------------------
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, *, track_memory: bool = False
+    ) -> torch.Tensor:
         """Forward and backward of this dp replica's share of the batch; the gradients are the
         mean loss's, averaged over ``dp`` and complete on every rank (tied copies summed).
 
@@ -152,29 +158,46 @@ class Engine:
             inputs: ``(b, ...)``, this replica's rows of the global batch (every rank passes them;
                 only the first stage reads them).
             targets: ``(b, ...)``; only the last stage reads them.
+            track_memory: measure the peak bytes held for backward into
+                :attr:`peak_saved_bytes`: what autograd saves (saved-tensor hooks, each storage
+                once, parameters excluded), and at ``pp > 1`` also the stage inputs and outputs
+                the pipeline keeps and its send buffers (:class:`~triton_parallel_layers.
+                parallel_layers.pipeline.ActivationMemoryTracker`). Python hooks on every saved
+                tensor: for a step that is measured, not for every step.
 
         Returns:
             This replica's mean loss (a 0-dim fp32 tensor), on every rank of its pipeline.
         """
         m = self.parallel.microbatches
         if self.schedule is not None:
-            with self.autocast():
-                loss = self.schedule.step(
-                    inputs if self.is_first_stage else None,
-                    targets if self.is_last_stage else None,
-                    batch_size=inputs.shape[0],
-                )
+            self.schedule.set_track_memory(track_memory)
+            try:
+                with self.autocast():
+                    loss = self.schedule.step(
+                        inputs if self.is_first_stage else None,
+                        targets if self.is_last_stage else None,
+                        batch_size=inputs.shape[0],
+                    )
+            finally:
+                self.schedule.set_track_memory(False)
+            if track_memory:
+                self.peak_saved_bytes = self.schedule.peak_activation_bytes
             return loss  # the schedule summed shared parameters' gradients over pp, then DDP
         module = self.ddp if self.ddp is not None else self.model
+        memory = ActivationMemoryTracker(self.model.parameters()) if track_memory else None
         losses = []
         pairs = list(zip(inputs.tensor_split(m), targets.tensor_split(m)))
         for i, (x, y) in enumerate(pairs):
             sync = self.ddp is None or i == m - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with self.autocast():
+                with self.autocast(), memory.hooks() if memory else contextlib.nullcontext():
                     loss = self.loss_fn(module(x), y)
+                if memory is not None:
+                    memory.sample()  # a microbatch's saved tensors all live until its backward
                 (loss / m).backward()
             losses.append(loss.detach().float())
+        if memory is not None:
+            self.peak_saved_bytes = memory.peak
         return torch.stack(losses).mean()
 
     @torch.no_grad()
@@ -199,7 +222,8 @@ class Engine:
         if loss is not None:
             sq += 0.0 * loss.detach().float()  # 0 * (inf or nan) = nan
         if self.dims.world_size > 1:
-            dist.all_reduce(sq)  # dp replicas hold the same gradients: divide them out
+            # dp replicas hold the same gradients: divided out below
+            all_reduce_(sq, dist.group.WORLD)
         norm = (sq / self.dims.dp).sqrt()
         if max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -241,9 +265,7 @@ class Engine:
     def broadcast_from_last(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` as the last pipeline stage holds it, on every rank of the pipeline (same shape
         and dtype on every rank; the other ranks' values are ignored)."""
-        if self.dims.pp > 1:
-            dist.broadcast(t, src=self.dims.pp_peer(self.dims.pp - 1), group=self.dims.pp_group)
-        return t
+        return broadcast_(t, self.dims.pp_peer(self.dims.pp - 1), self.dims.pp_group)
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -294,6 +316,7 @@ def build_engine(
         if dims.dp > 1:
             kw = {"device_ids": [dims.device.index]} if dims.device.type == "cuda" else {}
             engine.ddp = DistributedDataParallel(model, process_group=dims.dp_group, **kw)
+            register_grad_reduce_hook(engine.ddp, parallel.grad_reduce_dtype)
         return engine
 
     # pp > 1: cut the layer sequence while still on meta, then materialize and initialize only
@@ -320,6 +343,9 @@ def build_engine(
     stages = build_stages(
         layers, partition, dims.pp_group, dp_group=dims.dp_group, device=dims.device
     )
+    for stage in stages:
+        if stage.ddp is not None:
+            register_grad_reduce_hook(stage.ddp, parallel.grad_reduce_dtype)
     modules = [
         (f"{names_of[id(layers[j])]}.{n}" if n else names_of[id(layers[j])], m)
         for j in sorted(local)

@@ -1,7 +1,15 @@
 """What a person watching a run sees and keeps: progress on rank 0, ``metrics.jsonl``, ``loss.png``,
-the final summary (throughput, MFU estimate on GPU, peak memory per rank, layout).
+the final summary (throughput, MFU estimate on GPU, peak memory per rank, layout, and the memory
+and communication report of a step).
 
 Only rank 0 writes; every other rank's :class:`Reporter` is silent.
+
+**The step report** (:func:`memory_bytes`, :func:`format_step_report`): every step's messages are
+counted by the communication ledger (:func:`~triton_parallel_layers.kernels.collectives.
+record_comm`: Python bookkeeping per message, no device work), and the session's first step is
+also measured for memory: the peak bytes held for backward (saved-tensor hooks) and the bytes of
+parameters, gradients and optimizer state each rank holds. The README's "Memory and communication
+report" section lists the fields.
 """
 
 from __future__ import annotations
@@ -17,7 +25,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["Reporter", "gpu_peak_tflops", "peak_memory_bytes", "plot_metrics"]
+__all__ = [
+    "Reporter",
+    "format_step_report",
+    "gather_from_ranks",
+    "gpu_peak_tflops",
+    "memory_bytes",
+    "peak_memory_bytes",
+    "plot_metrics",
+]
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets), matched on the device name.
 _PEAK_BF16_TFLOPS = {
@@ -60,10 +76,10 @@ def _fmt_rate(x: float) -> str:
 
 
 def _fmt_bytes(n: float) -> str:
-    for div, suffix in ((2**30, "GiB"), (2**20, "MiB")):
+    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if n >= div:
             return f"{n / div:.1f} {suffix}"
-    return f"{n / 1024:.0f} KiB"
+    return f"{n:.0f} B"
 
 
 class Reporter:
@@ -188,14 +204,52 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def gather_peak_memory(device: torch.device) -> list[int]:
-    """Every rank's :func:`peak_memory_bytes` (a collective), in rank order."""
-    mine = peak_memory_bytes(device)
+def gather_from_ranks(mine: object) -> list:
+    """Every rank's ``mine`` (a collective; picklable objects), in rank order."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [mine]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     return out
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of ``tensors``, each tensor once (tied parameters), ``meta`` ones not at all."""
+    unique = {id(t): t for t in tensors if t is not None and not t.is_meta}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def memory_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's ``param_bytes``, ``grad_bytes`` (the ``.grad`` s now: measure after the
+    backward) and ``optimizer_bytes`` (every tensor of the optimizer's state: measure after its
+    first step, which allocates it)."""
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return {
+        "param_bytes": _tensor_bytes(params),
+        "grad_bytes": _tensor_bytes(p.grad for p in params),
+        "optimizer_bytes": _tensor_bytes(state),
+    }
+
+
+def format_step_report(report: dict) -> list[str]:
+    """The summary's lines for its ``step_report`` (see the module docstring)."""
+    ranks = report["per_rank"]
+    first = ranks[0]
+    kinds = ", ".join(
+        f"{kind} {_fmt_bytes(e['bytes'])} ({'/'.join(e['dtypes'])})"
+        for kind, e in first["comm"].items()
+    )
+
+    def per_rank(key: str) -> str:
+        return ", ".join(_fmt_bytes(r[key]) for r in ranks if r.get(key) is not None) or "-"
+
+    return [
+        f"  sent in step {report['step']} by rank 0: {_fmt_bytes(first['comm_bytes'])}"
+        + (f" ({kinds})" if kinds else ""),
+        f"  per rank: saved activations (peak) {per_rank('saved_activation_peak_bytes')}; "
+        f"parameters {per_rank('param_bytes')}; gradients {per_rank('grad_bytes')}; optimizer "
+        f"state {per_rank('optimizer_bytes')}",
+    ]
 
 
 def format_summary(s: dict) -> str:
@@ -220,6 +274,8 @@ def format_summary(s: dict) -> str:
         ),
         "  peak memory per rank: " + ", ".join(_fmt_bytes(b) for b in s["peak_memory_bytes"]),
     ]
+    if s.get("step_report"):
+        lines += format_step_report(s["step_report"])
     if s.get("checkpoint"):
         lines.append(f"  checkpoint {s['checkpoint']}")
     if s.get("plot"):

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from triton_parallel_layers.kernels.collectives import all_reduce_, record_comm
 from triton_parallel_layers.parallel_layers.checkpoint import (
     find_checkpoint,
     init_optimizer_state_,
@@ -58,8 +58,10 @@ from triton_parallel_layers.training.fault import FaultMonitor, FaultPlan
 from triton_parallel_layers.training.report import (
     Reporter,
     format_summary,
-    gather_peak_memory,
+    gather_from_ranks,
     gpu_peak_tflops,
+    memory_bytes,
+    peak_memory_bytes,
     plot_metrics,
 )
 
@@ -184,6 +186,7 @@ class Trainer:
         self.skipped_steps = 0  # steps whose optimizer step was skipped (non-finite), this session
         self.skipped_in_a_row = 0
         self.faults = FaultPlan(self.rank)
+        self.step_report: dict | None = None  # this session's first step (fit)
         self.notes: list[str] = []
         if self.resume is not None:
             path = find_checkpoint(self.resume)
@@ -328,22 +331,35 @@ class Trainer:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 self.faults.before_step(self.rank, self.step + 1)
                 self._phase(f"step {self.step + 1}: forward and backward")
+                measure = self.step == start_step  # the step report (report.py): memory too
                 t0 = time.perf_counter()
-                loss = engine.train_step(x, y)
-                if self.faults.has("nan", self.step + 1):
-                    loss = loss * float("nan")  # test hook (fault.INJECT_ENV)
-                self._phase(f"step {self.step + 1}: gradient norm and optimizer step")
-                # NaN on every rank when any rank's loss or gradient is not finite
-                grad_norm = engine.clip_grad_norm_(self.optim.grad_clip, loss)
-                if dims.dp > 1:
-                    dist.all_reduce(loss, group=dims.dp_group)
-                    loss = loss / dims.dp
+                with record_comm() as ledger:
+                    loss = engine.train_step(x, y, track_memory=measure)
+                    if self.faults.has("nan", self.step + 1):
+                        loss = loss * float("nan")  # test hook (fault.INJECT_ENV)
+                    self._phase(f"step {self.step + 1}: gradient norm and optimizer step")
+                    # NaN on every rank when any rank's loss or gradient is not finite
+                    grad_norm = engine.clip_grad_norm_(self.optim.grad_clip, loss)
+                    if dims.dp > 1:
+                        all_reduce_(loss, dims.dp_group)
+                        loss = loss / dims.dp
                 # The step's one host-device sync: the loss and the norm read back together,
                 # which decides (alike on every rank) whether the optimizer steps.
                 loss_value, grad_norm = torch.stack([loss.float(), grad_norm]).tolist()
                 finite = math.isfinite(grad_norm)
                 if finite:
                     self.optimizer.step()
+                if measure:
+                    memory = {
+                        "saved_activation_peak_bytes": engine.peak_saved_bytes,
+                        **memory_bytes([p.param for p in engine.params], self.optimizer),
+                    }
+                    self.step_report = {
+                        "step": self.step + 1,
+                        "comm": ledger.summary(),
+                        "comm_bytes": ledger.total_bytes,
+                        **memory,
+                    }
                 self.optimizer.zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
                 self.step += 1
@@ -363,6 +379,9 @@ class Trainer:
                     }
                 else:
                     record = self._skip(self.step, lr, dt, rep)
+                record["comm_bytes"] = dict(ledger.bytes_sent)
+                if measure:
+                    record.update(memory)  # this rank's (every rank's: summary.json)
                 evaluate = run.eval_interval and self.step % run.eval_interval == 0
                 if evaluate and self.step < self.max_steps:
                     self._phase(f"step {self.step}: evaluation")
@@ -458,10 +477,22 @@ class Trainer:
             "tflops_per_device": tflops if dims.device.type == "cuda" else None,
             "peak_tflops": peak,
             "mfu": mfu,
-            "peak_memory_bytes": gather_peak_memory(dims.device),
+            "peak_memory_bytes": gather_from_ranks(peak_memory_bytes(dims.device)),
+            "step_report": self._step_report(),
             "checkpoint": checkpoint,
             "metrics": str(self.out / "metrics.jsonl"),
         }
+
+    def _step_report(self) -> dict | None:
+        """The memory and communication report of this session's first step, every rank's (a
+        collective); ``None`` when no step ran."""
+        ranks = gather_from_ranks(self.step_report)
+        if any(r is None for r in ranks):
+            return None
+        return {"step": ranks[0]["step"], "per_rank": [
+            {"rank": rank, **{k: v for k, v in r.items() if k != "step"}}
+            for rank, r in enumerate(ranks)
+        ]}  # fmt: skip
 
     def _write_outputs(self, summary: dict, rep: Reporter) -> None:
         import json

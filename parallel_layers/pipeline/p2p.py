@@ -45,8 +45,15 @@ a send has completed without blocking, its works report ``is_completed() == Fals
 on, and completes a send only once the receiver has posted its receive; NCCL's ``wait`` only
 orders the streams.)
 
-Every byte sent is recorded in the active
-:func:`triton_parallel_layers.kernels.collectives.record_comm` ledger as ``"send"``.
+**Dtype.** Under ``torch.autocast`` a floating-point activation or gradient is sent in the
+autocast dtype (bf16), never a wider copy: the send buffer is the cast of the stage's (possibly
+fp32) output, the metadata names that dtype, so the receiver's buffers, and the gradient it sends
+back, are in it too (the sender's backward takes the bf16 gradient of its fp32 output; autograd
+casts it). Without autocast, or with ``p == 1`` (handed over in memory), tensors go as they are.
+
+Every message sent, the metadata headers included, is recorded in the active
+:func:`triton_parallel_layers.kernels.collectives.record_comm` ledgers as ``"send"``, with its
+dtype.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from triton_parallel_layers.kernels._dispatch import autocast_inputs
 from triton_parallel_layers.kernels.collectives import group_rank, group_size, record
 from triton_parallel_layers.parallel_layers.pipeline.actions import Message
 
@@ -222,11 +230,12 @@ class StageTransport:
         return recvs
 
     def _add_send(self, msg: Message, t: torch.Tensor, batch: list[_Op]) -> None:
-        meta = (tuple(t.shape), t.dtype, t.requires_grad)
+        requires_grad = t.requires_grad
         t = t.detach()
-        if self.pp > 1 and t.device != self.device:  # (handed over in memory: left as it is)
-            t = t.to(self.device)
+        if self.pp > 1:  # (handed over in memory: left as it is)
+            t = autocast_inputs(t.to(self.device))[0]  # the compute dtype (module docstring)
         t = t.contiguous()
+        meta = (tuple(t.shape), t.dtype, requires_grad)
         if msg.stream == "grad":
             src, header = msg.stage + 1, None
         else:
@@ -248,8 +257,9 @@ class StageTransport:
         entry: tuple[list[dist.Work], list[torch.Tensor]] = ([], [])
         if header is not None:
             batch.append(_Op(dist.isend, header, msg.stage, "meta", msg.stage, entry))
+            record("send", header)
         batch.append(_Op(dist.isend, t, msg.stage, msg.stream, msg.stage, entry))
-        record("send", t.numel() * t.element_size())
+        record("send", t)
         self._sends[(msg.stream, src, msg.microbatch)] = entry
 
     def _add_recv(self, msg: Message, batch: list[_Op]) -> PendingRecv:

@@ -50,7 +50,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from triton_parallel_layers.kernels.collectives import group_rank
+from triton_parallel_layers.kernels.collectives import broadcast_, group_rank
 from triton_parallel_layers.parallel_layers.pipeline.actions import (
     Action,
     Message,
@@ -162,16 +162,22 @@ class PipelineSchedule:
             )
         self.device = stages[0].device
         """Where every tensor of the step lives (the stages' device, from the mesh)."""
-        params = [p for s in stages for p in s.parameters()]
         self.transport = StageTransport(self.pp_group, self.num_chunks, self.device)
         self.plan = p2p_plan(self.actions_by_rank, self.num_chunks)[self.pp_rank]
         """``plan[k]``: the sends and receives posted as one group before action ``k``
         (``k = len(actions)``: after the last one)."""
         self.free_outputs = free_outputs
         self.timeline: Timeline | None = Timeline(self.pp_rank) if record_timeline else None
-        self.memory = ActivationMemoryTracker(params) if track_memory else None
+        self.memory: ActivationMemoryTracker | None = None
+        self.set_track_memory(track_memory)
         self.peak_activation_bytes = 0
         self.peak_pending_sends = 0
+
+    def set_track_memory(self, enabled: bool) -> None:
+        """Measure activation memory from the next step on (or stop): the constructor's
+        ``track_memory``, switchable (a trainer measures its first step only)."""
+        params = [p for s in self.stages for p in s.parameters()]
+        self.memory = ActivationMemoryTracker(params) if enabled else None
 
     # -- what subclasses define -----------------------------------------------------------------
     @classmethod
@@ -417,7 +423,7 @@ class PipelineSchedule:
             total = torch.zeros((), dtype=torch.float32, device=device)
         if self.pp > 1:
             src = dist.get_global_rank(self.pp_group, self.pp - 1)
-            dist.broadcast(total, src=src, group=self.pp_group)
+            broadcast_(total, src, self.pp_group)
         return total
 
     # -- instrumentation ----------------------------------------------------------------------

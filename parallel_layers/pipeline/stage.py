@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
+from triton_parallel_layers.kernels.collectives import all_reduce_, group_rank, group_size
 from triton_parallel_layers.parallel_layers.pipeline.partition import Partition
 
 __all__ = [
@@ -118,14 +118,11 @@ class SharedParameters:
             grad = param.grad if held else None
             if grad is None:
                 grad = torch.zeros(param.shape, dtype=param.dtype, device=self.device)
-            total = all_reduce(grad, self.pp_group)  # (shape of param), summed over pp
-            if held:
-                # In place, so a gradient that is a view into DDP's buckets
-                # (gradient_as_bucket_view=True) stays one.
-                if param.grad is None:
-                    param.grad = total
-                else:
-                    param.grad.copy_(total)
+                if held:
+                    param.grad = grad
+            # (shape of param), summed over pp in place: a gradient that is a view into DDP's
+            # buckets (gradient_as_bucket_view=True) stays one
+            all_reduce_(grad, self.pp_group)
 
     def __repr__(self) -> str:
         names = [f"{n}{'' if held else ' (not here)'}" for n, _, held in self.entries]
