@@ -42,7 +42,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from triton_parallel_layers.kernels.collectives import all_gather
-from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
+from triton_parallel_layers.parallel_layers import (
+    ParallelDims,
+    allreduce_sequence_parallel_grads,
+    parallelize,
+)
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
 from triton_parallel_layers.parallel_layers.pipeline import (
     ScheduleForwardOnly,
@@ -164,7 +168,9 @@ class Engine:
                     targets if self.is_last_stage else None,
                     batch_size=inputs.shape[0],
                 )
-            return loss  # the schedule summed shared parameters' gradients over pp, then DDP
+            # the schedule summed shared parameters' gradients over pp, the sequence-parallel
+            # ones over tp, then DDP over dp
+            return loss
         module = self.ddp if self.ddp is not None else self.model
         losses = []
         pairs = list(zip(inputs.tensor_split(m), targets.tensor_split(m)))
@@ -175,6 +181,7 @@ class Engine:
                     loss = self.loss_fn(module(x), y)
                 (loss / m).backward()
             losses.append(loss.detach().float())
+        allreduce_sequence_parallel_grads(self.model)  # once per step, not per microbatch
         return torch.stack(losses).mean()
 
     @torch.no_grad()
