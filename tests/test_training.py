@@ -54,7 +54,8 @@ LAYOUTS = [
     (1, ["--dp", "1"]),
     (4, ["--dp", "2", "--tp", "2", "--sequence-parallel", "--microbatches", "2"]),
     (4, ["--pp", "2", "--tp", "2", "--schedule", "interleaved", "--microbatches", "2"]),
-    (4, ["--pp", "2", "--tp", "2", "--schedule", "zb-h1", "--microbatches", "4"]),
+    (4, ["--pp", "2", "--tp", "2", "--schedule", "zb-h1", "--microbatches", "4",
+         "--sequence-parallel"]),  # fmt: skip
 ]
 
 
