@@ -169,7 +169,21 @@ def to_markdown(result: dict) -> str:
             f"| {r['tp']} | {r['activation']} | {r['analytic']} | {r['formula']:.0f} | "
             f"{r['ratio']:.3f} | {r['weight']} |"
         )
-    lines += ["", "What is saved at t = 2 (one storage per row, in saving order):", "",
+    lines += [
+        "",
+        "Where the difference from the formula comes from (it assumes 16-bit activations, "
+        "1-byte dropout masks and no flash attention): the two norms save the residual stream "
+        f"in {result['rows'][0]['residual_dtype']} (fp32 under autocast: 2·(4−2)·s·b·h/t bytes "
+        "more than 16-bit); flash attention saves its output (B, a/t, S, D) besides the output "
+        "projection's input, a rearranged copy of it (2·s·b·h/t more, unless one head per rank "
+        "makes the copy a view, as at t = 4 here), and its log-sum-exp (4·b·a·s/t); RoPE's cos "
+        "and sin tables (4·s·d) and the norms' mean and rstd (16·s·b/t) add a little; at dropout "
+        "0 none of the formula's 2·s·b·h/t of masks is saved. `analytic_bytes` in "
+        "`bench/activation_memory.py` counts every term; tests/test_activation_memory.py checks "
+        "it equals the measurement at t = 1, 2, 4.",
+        "",
+        "What is saved at t = 2 (one storage per row, in saving order):",
+        "",
               "| kind | shape | dtype | bytes |", "| --- | --- | --- | ---: |"]  # fmt: skip
     for kind, shape, dtype, nbytes in next(r for r in result["rows"] if r["tp"] == 2)["tensors"]:
         lines.append(f"| {kind} | {tuple(shape)} | {dtype} | {nbytes} |")
