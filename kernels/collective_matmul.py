@@ -182,13 +182,14 @@ def _ring(
 
 
 # ----------------------------------------------------------------------------------------------
-# The two ops, forward and backward
+# The ops, forward and backward: the two rings, and the column layer's plain variants
 #
 # Each is a torch.library custom op (kernels/_library.py says why), so torch.compile keeps it as
-# one node rather than tracing into the point-to-point ring, which Dynamo cannot capture. A custom
-# op cannot take a ProcessGroup: the group travels as its name (``group.group_name``) and is
-# resolved inside. They are always plain custom ops (never triton_op: they communicate), so
-# their bodies run at call time and the GEMMs in them take the path use_triton picks then.
+# one node rather than tracing into the point-to-point ring or the asynchronous collectives,
+# which Dynamo cannot capture. A custom op cannot take a ProcessGroup: the group travels as its
+# name (``group.group_name``) and is resolved inside. They are always plain custom ops (never
+# triton_op: they communicate), so their bodies run at call time and the ring's GEMMs take the
+# path use_triton picks then (the plain variants use torch's GEMMs, as F.linear would).
 # ----------------------------------------------------------------------------------------------
 
 
