@@ -49,6 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_name  # noqa: E402
 
+from triton_parallel_layers.kernels.collectives import (  # noqa: E402
+    _all_gather_base,  # torch's entry points, whichever names the installed torch has
+    _reduce_scatter_base,
+)
 from triton_parallel_layers.parallel_layers import (  # noqa: E402
     ColumnParallelLinear,
     ParallelDims,
@@ -135,9 +139,9 @@ def _floor_ops(batch: int, seq: int, hidden: int, tp: int, sequence_parallel: bo
             if kind == "ar":
                 dist.all_reduce(out, group=group)
             elif kind == "ag":
-                dist.all_gather_into_tensor(out, inp, group=group)
+                _all_gather_base(out, inp, group=group)
             else:
-                dist.reduce_scatter_tensor(out, inp, group=group)
+                _reduce_scatter_base(out, inp, group=group)
 
     return gemms, comms
 
