@@ -11,6 +11,16 @@ step a forward, a backward and a gradient reset. Reported: the median step time 
 ratio ours / DTensor (below 1 is faster). Two variants: plain TP (replicated activations) and
 sequence parallel (activations sharded along the sequence between blocks).
 
+Also measured in the same loop, interleaved with the two steps: the step's *floor*, its six GEMMs
+alone (``torch.mm`` on preallocated tensors of the same shapes: forward fc1 and fc2, backward the
+input and weight gradients of each) plus its collectives alone (``torch.distributed`` on
+preallocated buffers, dim 0, no layout copies): plain TP an all-reduce of ``(B*S, E)`` forward and
+one backward; sequence parallel an all-gather and a reduce-scatter forward and, backward, the
+all-gather of the output gradient, the all-gather of the saved input shard again (our layers save
+the shard, not the gathered input) and the reduce-scatter of the input gradient. Reported:
+overhead = step / floor, for ours and for DTensor against the same floor (the GELU, the bias
+adds and the layout work are what the floor leaves out).
+
     python bench/bench_tp_layers.py                  # TP=2 on gloo (CPU), the default grid
     python bench/bench_tp_layers.py --tp 4 --iters 50
 
@@ -21,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -37,6 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_name  # noqa: E402
 
+from triton_parallel_layers.kernels.collectives import (  # noqa: E402
+    _all_gather_base,  # torch's entry points, whichever names the installed torch has
+    _reduce_scatter_base,
+)
 from triton_parallel_layers.parallel_layers import (  # noqa: E402
     ColumnParallelLinear,
     ParallelDims,
@@ -95,6 +111,47 @@ def _step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def _floor_ops(batch: int, seq: int, hidden: int, tp: int, sequence_parallel: bool, group):
+    """``(gemms, comms)``: two callables running the step's GEMMs alone and its collectives
+    alone, on buffers allocated here (see the module docstring)."""
+    m, e, f = batch * seq, hidden, 4 * hidden // tp  # tokens, width, FFN width per rank
+    r = torch.randn
+    # (out, a, b): out = a @ b for the six GEMMs of fc1 (E -> F) and fc2 (F -> E)
+    shapes = [((m, f), (m, e), (e, f)), ((m, e), (m, f), (f, e)),  # forward fc1, fc2
+              ((m, f), (m, e), (e, f)), ((e, f), (e, m), (m, f)),  # fc2: grad_x, grad_w
+              ((m, e), (m, f), (f, e)), ((f, e), (f, m), (m, e))]  # fmt: skip  # fc1
+    mms = [(r(*o), r(*a), r(*b)) for o, a, b in shapes]
+
+    def gemms() -> None:
+        for out, a, b in mms:
+            torch.mm(a, b, out=out)
+
+    full, shard = r(m, e), r(m // tp, e)
+    if sequence_parallel:
+        # forward: gather x, reduce-scatter y; backward: gather dy, gather x again, reduce-scatter
+        ops = [("ag", full, shard), ("rs", shard, full)] + [("ag", full, shard)] * 2
+        ops += [("rs", shard, full)]
+    else:
+        ops = [("ar", full, None)] * 2  # forward: fc2's output; backward: fc1's input gradient
+
+    def comms() -> None:
+        for kind, out, inp in ops:
+            if kind == "ar":
+                dist.all_reduce(out, group=group)
+            elif kind == "ag":
+                _all_gather_base(out, inp, group=group)
+            else:
+                _reduce_scatter_base(out, inp, group=group)
+
+    return gemms, comms
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _worker(shapes, iters: int, warmup: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     dims = ParallelDims(tp=dist.get_world_size())
@@ -113,14 +170,22 @@ def _worker(shapes, iters: int, warmup: int, threads: int) -> list[dict]:
             dy = torch.randn_like(x)
             # Same numbers first: a benchmark of two different computations would mean nothing.
             torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-            times = {"ours": [], "dtensor": []}
+            gemms, comms = _floor_ops(batch, seq, hidden, tp, sequence_parallel, dims.tp_group)
+            runs = {
+                "ours": functools.partial(_step, ours, x, dy),
+                "dtensor": functools.partial(_step, theirs, x, dy),
+                "gemms": functools.partial(_timed, gemms),
+                "comms": functools.partial(_timed, comms),
+            }
+            times = {k: [] for k in runs}
             for i in range(warmup + iters):
-                for name, model in (("ours", ours), ("dtensor", theirs)):
+                for name, run in runs.items():
                     dist.barrier(dims.tp_group)
-                    t = _step(model, x, dy)
+                    t = run()
                     if i >= warmup:
                         times[name].append(t)
             med = {k: statistics.median(v) for k, v in times.items()}
+            floor = med["gemms"] + med["comms"]
             rows.append(
                 {
                     "batch": batch,
@@ -130,6 +195,11 @@ def _worker(shapes, iters: int, warmup: int, threads: int) -> list[dict]:
                     "ours_ms": 1e3 * med["ours"],
                     "dtensor_ms": 1e3 * med["dtensor"],
                     "ratio": med["ours"] / med["dtensor"],
+                    "gemms_ms": 1e3 * med["gemms"],
+                    "comms_ms": 1e3 * med["comms"],
+                    "floor_ms": 1e3 * floor,
+                    "overhead": med["ours"] / floor,
+                    "dtensor_overhead": med["dtensor"] / floor,
                 }
             )
     return rows
@@ -177,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    load = os.getloadavg()
     shapes = (
         [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         if args.shapes
@@ -192,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backend": "gloo",
         "tp": args.tp,
         "threads_per_rank": args.threads,
+        "load_average_1_5_15min_at_start": [round(v, 2) for v in load],
         "torch": torch.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "iters": args.iters,
@@ -199,11 +271,15 @@ def main(argv: list[str] | None = None) -> dict:
         "median_ratio": statistics.median(r["ratio"] for r in rows),
     }
     print(f"{result['machine']}, torch {torch.__version__}, TP={args.tp} on gloo")
-    print(f"{'B':>3} {'S':>5} {'E':>5} {'SP':>3} {'ours ms':>9} {'DTensor ms':>11} {'ratio':>7}")
+    print(f"load average at start (1, 5, 15 min): {result['load_average_1_5_15min_at_start']}")
+    print(f"{'B':>3} {'S':>5} {'E':>5} {'SP':>3} {'ours ms':>9} {'DTensor ms':>11} {'ratio':>7} "
+          f"{'GEMMs ms':>9} {'comms ms':>9} {'ours/floor':>10} {'DT/floor':>9}")  # fmt: skip
     for r in rows:
         print(
             f"{r['batch']:>3} {r['seq']:>5} {r['hidden']:>5} {'y' if r['sequence_parallel'] else 'n':>3} "
-            f"{r['ours_ms']:>9.3f} {r['dtensor_ms']:>11.3f} {r['ratio']:>7.3f}"
+            f"{r['ours_ms']:>9.3f} {r['dtensor_ms']:>11.3f} {r['ratio']:>7.3f} "
+            f"{r['gemms_ms']:>9.3f} {r['comms_ms']:>9.3f} {r['overhead']:>10.3f} "
+            f"{r['dtensor_overhead']:>9.3f}"
         )
     print(f"median ratio ours/DTensor: {result['median_ratio']:.3f}")
 

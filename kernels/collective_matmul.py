@@ -48,14 +48,25 @@ Design trade-offs
   contiguous (it is dense, with ``gather_dim`` outermost), and a following
   ``matmul_reduce_scatter`` along the same dim reads it without a copy. This is Megatron's
   ``(S, B, E)`` layout, kept internal so the public tensors stay batch-first.
-* **Backward.** ``all_gather_matmul`` saves the gathered input (as the plain path's ``F.linear``
-  does), so its backward re-gathers nothing and moves exactly the plain path's bytes: the input
-  gradient is a ring ``matmul_reduce_scatter`` of ``grad_out @ W``, and each step also
-  accumulates that chunk's share of the weight gradient ``grad_out_c.T @ x_c``, which gives the
-  ring twice the compute to hide its messages behind. ``matmul_reduce_scatter``'s backward is the
-  dual: a ring all-gather of the output gradient, each arriving chunk multiplied into its rows of
-  the input gradient and its share of the weight gradient. Weight-gradient chunks accumulate in
-  fp32 (for 16-bit weights an fp32 buffer, rounded once at the end).
+* **Backward: save the shard, gather again.** ``all_gather_matmul`` saves its input *shard*, not
+  the gathered input (``1/p`` of the activation memory, Korthikanti et al. 2022), and gathers it
+  again in the backward, in the same ring pass as the input gradient: the input gradient
+  ``grad_out @ W`` is reduce-scattered one way round the ring while the shards travel the other
+  way, and each arriving shard ``x_c`` adds its share ``grad_out_c.T @ x_c`` to the weight
+  gradient while this rank computes its term of the next input-gradient chunk, so each step has
+  two GEMMs to hide two messages behind. The price is the all-gather's bytes once more in the
+  backward, as in Megatron-LM. ``matmul_reduce_scatter``'s backward is the dual: a ring
+  all-gather of the output gradient, each arriving chunk multiplied into its rows of the input
+  gradient and its share of the weight gradient. Weight-gradient chunks accumulate in fp32 (for
+  16-bit weights an fp32 buffer, rounded once at the end).
+* **The plain variants** (:data:`ALL_GATHER`, :data:`ALLREDUCE_DGRAD`), what the layers use
+  without ``overlap_comm``: one collective forward, then one GEMM; Megatron-LM's backward, where
+  the collective launched asynchronously runs while a GEMM that does not need it runs (the
+  gather of the saved shard under ``grad_out @ W``, then the reduce-scatter or all-reduce of the
+  input gradient under the weight-gradient GEMM). Each of the three is a :class:`LinearComm`:
+  a forward op and a backward op whose ``needs`` flags compute the input and weight gradients
+  separately, which is how zero-bubble schedules defer the weight gradient
+  (:mod:`triton_parallel_layers.parallel_layers.weight_grad`).
 
 Shapes, with ``p`` ranks, ``n`` rows per rank along the gathered/scattered dim, ``K`` input and
 ``N`` output features: ``all_gather_matmul`` maps ``x_shard (.., n, .., K)`` and ``W (N, K)`` to
@@ -69,16 +80,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from triton_parallel_layers.kernels._dispatch import autocast_inputs
 from triton_parallel_layers.kernels._library import NAMESPACE
 from triton_parallel_layers.kernels.collectives import (
+    _all_gather_base,
+    _reduce_scatter_base,
     all_gather,
     group_rank,
     group_size,
+    record,
     reduce_scatter,
     send_recv,
     wait_all,
@@ -86,6 +102,10 @@ from triton_parallel_layers.kernels.collectives import (
 from triton_parallel_layers.kernels.matmul import _matmul_impl, matmul
 
 __all__ = [
+    "ALLREDUCE_DGRAD",
+    "ALL_GATHER",
+    "ALL_GATHER_RING",
+    "LinearComm",
     "all_gather_matmul",
     "all_gather_matmul_ref",
     "matmul_reduce_scatter",
@@ -110,60 +130,66 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def _ring_all_gather(buf: torch.Tensor, group: Group, compute: Callable[[int], None]) -> None:
-    """All-gather ``buf`` chunk by chunk, calling ``compute(c)`` on each chunk as it arrives.
+def _ring(
+    group: Group,
+    *,
+    gather: torch.Tensor | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+    reduce: Callable[[int], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """One ring pass of ``p`` steps: an all-gather, a reduce-scatter, or both at once (their
+    messages travel in opposite directions, each step's pair posted before its matmuls).
 
-    ``buf``: ``(p, *chunk)`` contiguous; on entry ``buf[rank]`` holds this rank's chunk, on return
-    every ``buf[c]`` holds rank ``c``'s. At step ``s`` this rank holds chunk ``c = rank - s``; it
-    posts "send chunk c to the next rank, receive chunk c-1 from the previous one", runs
-    ``compute(c)`` while that travels, then waits. Sends ``(p - 1)`` chunks, as a ring all-gather.
+    All-gather: ``gather`` is ``(p, *chunk)`` contiguous; on entry ``gather[rank]`` holds this
+    rank's chunk, on return every ``gather[c]`` holds rank ``c``'s. At step ``s`` this rank holds
+    chunk ``c = rank - s``; it posts "send chunk c to the next rank, receive chunk c-1 from the
+    previous one", runs ``on_chunk(c)`` while that travels, and waits at the end of the step.
+
+    Reduce-scatter: ``reduce(c)`` returns this rank's term of chunk ``c`` as a new contiguous
+    tensor. At step ``s`` this rank computes its term of chunk ``c = rank + s + 1`` while the running
+    sum of the same chunk travels in from the next rank, adds that sum, and passes the result to
+    the previous rank; after ``p`` steps it holds (and this returns) its own chunk summed over all
+    ranks.
+
+    Each sends ``(p - 1)`` chunks, as the ring collectives do.
     """
     p, rank = group_size(group), group_rank(group)
     nxt, prv = (rank + 1) % p, (rank - 1) % p
+    part = recv = rs_works = None
     for s in range(p):
-        c = (rank - s) % p
-        works = None
-        if s < p - 1:
-            # chunk (*chunk) to rank+1 while chunk c-1 (*chunk) comes from rank-1
-            works = send_recv(buf[c], nxt, buf[(c - 1) % p], prv, group, kind="all_gather")
-        compute(c)
-        wait_all(works)
-
-
-def _ring_reduce_scatter(group: Group, compute: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """Sum over ranks of chunk ``rank`` of a result computed chunk by chunk; returns that sum.
-
-    ``compute(c)`` returns this rank's term of chunk ``c`` as a new contiguous tensor. At step
-    ``s`` this rank computes its term of chunk ``c = rank + s + 1`` while the running sum of the
-    same chunk travels in from the next rank, adds that sum, and passes the result to the
-    previous rank; after ``p`` steps it holds its own chunk summed over all ranks. Sends
-    ``(p - 1)`` chunks, as a ring reduce-scatter.
-    """
-    p, rank = group_size(group), group_rank(group)
-    nxt, prv = (rank + 1) % p, (rank - 1) % p
-    recv = works = None
-    for s in range(p):
-        c = (rank + s + 1) % p  # the last step (s = p-1) computes this rank's own chunk
-        part = compute(c)  # this rank's term of chunk c, computed while the sum travels
-        if s > 0:
-            wait_all(works)
-            part += recv  # + the terms of ranks rank+1 .. rank+s, from the next rank
-        if s < p - 1:
-            if recv is None:
-                recv = torch.empty_like(part)
-            # running sum of chunk c to rank-1, running sum of chunk c+1 from rank+1
-            works = send_recv(part, prv, recv, nxt, group, kind="reduce_scatter")
+        ag_works = None
+        if gather is not None:
+            c = (rank - s) % p
+            if s < p - 1:
+                # chunk c (*chunk) to rank+1 while chunk c-1 (*chunk) comes from rank-1
+                ag_works = send_recv(
+                    gather[c], nxt, gather[(c - 1) % p], prv, group, kind="all_gather"
+                )
+            on_chunk(c)
+        if reduce is not None:
+            c = (rank + s + 1) % p  # the last step (s = p-1) computes this rank's own chunk
+            part = reduce(c)  # this rank's term of chunk c, computed while the sum travels
+            if s > 0:
+                wait_all(rs_works)
+                part += recv  # + the terms of ranks rank+1 .. rank+s, from the next rank
+            if s < p - 1:
+                if recv is None:
+                    recv = torch.empty_like(part)
+                # running sum of chunk c to rank-1, running sum of chunk c+1 from rank+1
+                rs_works = send_recv(part, prv, recv, nxt, group, kind="reduce_scatter")
+        wait_all(ag_works)
     return part
 
 
 # ----------------------------------------------------------------------------------------------
-# The two ops, forward and backward
+# The ops, forward and backward: the two rings, and the column layer's plain variants
 #
 # Each is a torch.library custom op (kernels/_library.py says why), so torch.compile keeps it as
-# one node rather than tracing into the point-to-point ring, which Dynamo cannot capture. A custom
-# op cannot take a ProcessGroup: the group travels as its name (``group.group_name``) and is
-# resolved inside. They are always plain custom ops (never triton_op: they communicate), so
-# their bodies run at call time and the GEMMs in them take the path use_triton picks then.
+# one node rather than tracing into the point-to-point ring or the asynchronous collectives,
+# which Dynamo cannot capture. A custom op cannot take a ProcessGroup: the group travels as its
+# name (``group.group_name``) and is resolved inside. They are always plain custom ops (never
+# triton_op: they communicate), so their bodies run at call time and the ring's GEMMs take the
+# path use_triton picks then (the plain variants use torch's GEMMs, as F.linear would).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -172,8 +198,9 @@ def _group(group_name: str) -> dist.ProcessGroup:
 
 
 def _gather_layout(x_shard: torch.Tensor, n_out: int, p: int, gather_dim: int):
-    """``(dm_shape, rows, out_view)`` of all_gather_matmul: the shard dim-major ``(n, *rest, K)``,
-    its rows, and how the ``(p, rows, N)`` output buffer is viewed back to ``(.., p*n, .., N)``."""
+    """``(dm_shape, rows, out_view)`` of a gather along ``gather_dim``: the shard dim-major
+    ``(n, *rest, K)``, its rows, and how a ``(p, rows, N)`` output buffer is viewed back to
+    ``(.., p*n, .., N)``."""
     dm_shape = x_shard.movedim(gather_dim, 0).shape  # (n, *rest, K)
     rows = math.prod(dm_shape[:-1])  # n * prod(rest)
 
@@ -183,10 +210,38 @@ def _gather_layout(x_shard: torch.Tensor, n_out: int, p: int, gather_dim: int):
     return dm_shape, rows, out_view
 
 
-def _fake_all_gather_matmul_fwd(x_shard, weight, bias, group_name, gather_dim):
-    p, (n_out, k) = dist.get_world_size(_group(group_name)), weight.shape
+def _grad_rows(grad_out: torch.Tensor, gather_dim: int, p: int, rows: int) -> torch.Tensor:
+    """The output gradient ``(.., p*n, .., N)`` as dim-major chunks ``(p, rows, N)``: chunk ``c``
+    is the gradient of output chunk ``c`` (a view when it already is dim-major, else one copy)."""
+    return grad_out.movedim(gather_dim, 0).contiguous().view(p, rows, grad_out.shape[-1])
+
+
+def _ring_buffer(x_shard: torch.Tensor, gather_dim: int, p: int, rank: int) -> torch.Tensor:
+    """``(p, rows, K)`` for a ring all-gather, with this rank's shard (dim-major) in chunk ``rank``
+    (the one copy) and the other chunks still to arrive."""
+    dm = x_shard.movedim(gather_dim, 0)  # (n, *rest, K)
+    buf = x_shard.new_empty((p, dm.numel() // dm.shape[-1], dm.shape[-1]))
+    buf[rank].view(dm.shape).copy_(dm)
+    return buf
+
+
+def _fake_gather_fwd(x_shard, weight, bias, group_name, gather_dim):
+    p, n_out = dist.get_world_size(_group(group_name)), weight.shape[0]
     _, rows, out_view = _gather_layout(x_shard, n_out, p, gather_dim)
-    return out_view(x_shard.new_empty((p, rows, n_out))), x_shard.new_empty((p, rows, k))
+    return out_view(x_shard.new_empty((p, rows, n_out)))
+
+
+def _fake_gather_bwd(grad_out, x_shard, weight, group_name, gather_dim, needs):
+    # grad_x: a view of a dim-major (n, *rest, K) buffer, as the ops return it
+    grad_x = x_shard.new_empty(x_shard.movedim(gather_dim, 0).shape).movedim(0, gather_dim)
+    return _needed((grad_x, weight.new_empty(weight.shape), grad_out.new_empty(weight.shape[0])),
+                   needs, grad_out)  # fmt: skip
+
+
+def _needed(grads: tuple, needs: list[bool], like: torch.Tensor) -> tuple:
+    """``grads`` with an empty ``(0,)`` tensor where ``needs`` says no (a custom op cannot return
+    ``None``)."""
+    return tuple(g if need else like.new_empty(0) for g, need in zip(grads, needs))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::all_gather_matmul_fwd", mutates_args=())
@@ -196,108 +251,258 @@ def _all_gather_matmul_fwd_op(
     bias: torch.Tensor | None,
     group_name: str,
     gather_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (.., p*n, .., N), gathered (p, rows, K))``: the gather overlapped with the GEMMs;
-    ``gathered`` (chunk c = rank c's shard) is what the backward needs."""
+) -> torch.Tensor:
+    """``F.linear(cat(all_gather(x_shard), gather_dim), weight, bias)`` ``(.., p*n, .., N)``, the
+    gather overlapped with the GEMMs (ring)."""
     group = _group(group_name)
     p, rank = group_size(group), group_rank(group)
-    n_out, k = weight.shape
-    dm_shape, rows, out_view = _gather_layout(x_shard, n_out, p, gather_dim)
+    n_out = weight.shape[0]
+    _, rows, out_view = _gather_layout(x_shard, n_out, p, gather_dim)
     with torch.autocast(x_shard.device.type, enabled=False):
-        gathered = x_shard.new_empty((p, rows, k))  # (p, rows, K): chunk c = rank c's shard
-        gathered[rank].view(dm_shape).copy_(x_shard.movedim(gather_dim, 0))  # the one copy
+        gathered = _ring_buffer(x_shard, gather_dim, p, rank)  # (p, rows, K): chunk c = rank c's
         out = x_shard.new_empty((p, rows, n_out))  # (p, rows, N): dim-major output
 
         def multiply(c: int) -> None:
             # (rows, K) @ (K, N) + bias -> (rows, N), written into chunk c's rows of the output
             _mm(gathered[c], weight, bias=bias, out=out[c])
 
-        _ring_all_gather(gathered, group, multiply)
+        _ring(group, gather=gathered, on_chunk=multiply)
     # (p*n, *rest, N) -> the caller's order (.., p*n, .., N); a view, see the file header
-    return out_view(out), gathered
-
-
-def _fake_all_gather_matmul_bwd(grad_out, gathered, weight, group_name, gather_dim, needs):
-    p, _, k = gathered.shape
-    g_dm = grad_out.movedim(gather_dim, 0).shape  # (p*n, *rest, N)
-    # grad_x: a view of a dim-major (n, *rest, K) buffer, as the op returns it
-    grad_x = grad_out.new_empty((g_dm[0] // p, *g_dm[1:-1], k)).movedim(0, gather_dim)
-    return (
-        grad_x if needs[0] else grad_out.new_empty(0),
-        weight.new_empty(weight.shape) if needs[1] else weight.new_empty(0),
-        grad_out.new_empty(weight.shape[0]) if needs[2] else grad_out.new_empty(0),
-    )
+    return out_view(out)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::all_gather_matmul_bwd", mutates_args=())
 def _all_gather_matmul_bwd_op(
     grad_out: torch.Tensor,
-    gathered: torch.Tensor,
+    x_shard: torch.Tensor,
     weight: torch.Tensor,
     group_name: str,
     gather_dim: int,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_x_shard, grad_weight, grad_bias)``, each an empty ``(0,)`` tensor unless
-    ``needs`` (three flags) asks for it. ``grad_x_shard = reduce_scatter(grad_out @ W, dim)``
-    overlapped (ring), with ``grad_W = grad_out.T @ x_gathered`` accumulated chunk by chunk
-    inside the same ring, and ``grad_bias = grad_out.sum(rows)``."""
+    """``(grad_x_shard, grad_weight, grad_bias)``, each an empty ``(0,)`` tensor unless ``needs``
+    (three flags) asks for it, in one ring pass: ``grad_x_shard = reduce_scatter(grad_out @ W)``
+    travels one way while the input shards are gathered again the other way, each arriving
+    chunk adding its share ``grad_out_c.T @ x_c`` to ``grad_W`` while this rank's term of the
+    next ``grad_x`` chunk is computed; ``grad_bias = grad_out.sum(rows)``."""
     group = _group(group_name)
-    dim = gather_dim
-    p, rows, k = gathered.shape
-    n_out = weight.shape[0]
+    p, rank = group_size(group), group_rank(group)
+    n_out, k = weight.shape
+    dm_shape, rows, _ = _gather_layout(x_shard, n_out, p, gather_dim)
     need_x, need_w, need_b = needs
-    grad_x, grad_w, grad_b = (grad_out.new_empty(0) for _ in range(3))
+    grad_x = grad_w = grad_b = None
     with torch.autocast(grad_out.device.type, enabled=False):
-        # (.., p*n, .., N) -> (p, rows, N): chunk c = the gradient of output chunk c
-        g = grad_out.movedim(dim, 0).contiguous().view(p, rows, n_out)
-        acc = None
+        g = _grad_rows(grad_out, gather_dim, p, rows)  # (p, rows, N)
+        gathered = acc = None
         if need_w:
+            gathered = _ring_buffer(x_shard, gather_dim, p, rank)  # (p, rows, K), chunk rank set
             acc = torch.empty((n_out, k), dtype=_acc_dtype(weight.dtype), device=weight.device)
+
+        def accumulate(c: int) -> None:
+            # grad_W (+)= (N, rows) @ (rows, K): this chunk's share, views, no copies
+            _mm(g[c].t(), gathered[c].t(), partial=None if c == rank else acc, out=acc)
+
+        def multiply(c: int) -> torch.Tensor:
+            return _mm(g[c], weight.t())  # (rows, N) @ (N, K) -> (rows, K): rank's term of chunk c
+
+        part = _ring(
+            group,
+            gather=gathered,
+            on_chunk=accumulate if need_w else None,
+            reduce=multiply if need_x else None,
+        )
         if need_x:
-
-            def multiply(c: int) -> torch.Tensor:
-                if need_w:
-                    # grad_W (+)= (N, rows) @ (rows, K): this chunk's share, views, no copies
-                    first = c == (group_rank(group) + 1) % p
-                    _mm(g[c].t(), gathered[c].t(), partial=None if first else acc, out=acc)
-                # (rows, N) @ (N, K) -> (rows, K): this rank's term of grad chunk c
-                return _mm(g[c], weight.t())
-
-            part = _ring_reduce_scatter(group, multiply)  # (rows, K), summed over ranks
-            g_dm = grad_out.movedim(dim, 0).shape  # (p*n, *rest, N)
-            grad_x = part.view(g_dm[0] // p, *g_dm[1:-1], k).movedim(0, dim)  # (.., n, .., K)
-        elif need_w:
-            # (N, p*rows) @ (p*rows, K): no input gradient, so nothing to overlap with
-            _mm(g.view(-1, n_out).t(), gathered.view(-1, k).t(), out=acc)
+            grad_x = part.view(dm_shape).movedim(0, gather_dim)  # (.., n, .., K), summed
         if need_w:
             grad_w = acc.to(weight.dtype)
         if need_b:
             grad_b = g.view(-1, n_out).sum(0, dtype=torch.float32).to(grad_out.dtype)  # (N,)
-    return grad_x, grad_w, grad_b
+    return _needed((grad_x, grad_w, grad_b), needs, grad_out)
 
 
-def _all_gather_matmul_setup_context(ctx, inputs, output) -> None:
-    _, weight, bias, group_name, gather_dim = inputs
-    ctx.save_for_backward(output[1], weight)  # gathered: the plain path's F.linear saves it too
-    ctx.mark_non_differentiable(output[1])
-    ctx.group_name, ctx.gather_dim, ctx.has_bias = group_name, gather_dim, bias is not None
+@torch.library.custom_op(f"{NAMESPACE}::all_gather_linear_fwd", mutates_args=())
+def _all_gather_linear_fwd_op(
+    x_shard: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_name: str,
+    gather_dim: int,
+) -> torch.Tensor:
+    """``F.linear(cat(all_gather(x_shard), gather_dim), weight, bias)`` ``(.., p*n, .., N)``: one
+    plain all-gather, then one GEMM."""
+    group = _group(group_name)
+    p, n_out = group_size(group), weight.shape[0]
+    _, rows, out_view = _gather_layout(x_shard, n_out, p, gather_dim)
+    with torch.autocast(x_shard.device.type, enabled=False):
+        gathered, work = _all_gather_rows(x_shard, gather_dim, group)  # (p*rows, K)
+        wait_all([work])
+        out = F.linear(gathered, weight, bias)  # (p*rows, K) @ (K, N) -> (p*rows, N)
+    return out_view(out.view(p, rows, n_out))  # dim-major, viewed back as the ring's output
 
 
-def _all_gather_matmul_backward(ctx, grad_out, _grad_gathered):
-    gathered, weight = ctx.saved_tensors
-    needs = [*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = _all_gather_matmul_bwd_op(
-        grad_out, gathered, weight, ctx.group_name, ctx.gather_dim, needs
+@torch.library.custom_op(f"{NAMESPACE}::all_gather_linear_bwd", mutates_args=())
+def _all_gather_linear_bwd_op(
+    grad_out: torch.Tensor,
+    x_shard: torch.Tensor,
+    weight: torch.Tensor,
+    group_name: str,
+    gather_dim: int,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`_all_gather_linear_fwd_op` from the saved input *shard*
+    (Megatron-LM's sequence-parallel backward): the all-gather of the input travels while
+    ``grad_out @ W`` runs, then the reduce-scatter of that input gradient travels while the
+    weight-gradient GEMM runs. Returns ``(grad_x_shard, grad_weight, grad_bias)``, each an empty
+    ``(0,)`` tensor unless ``needs`` asks for it."""
+    group = _group(group_name)
+    p, (n_out, k) = group_size(group), weight.shape
+    dm_shape, rows, _ = _gather_layout(x_shard, n_out, p, gather_dim)
+    need_x, need_w, need_b = needs
+    grad_x = grad_w = grad_b = None
+    with torch.autocast(grad_out.device.type, enabled=False):
+        g = _grad_rows(grad_out, gather_dim, p, rows).view(p * rows, n_out)
+        gathered = gather = scatter = None
+        if need_w:
+            gathered, gather = _all_gather_rows(x_shard, gather_dim, group)  # (p*rows, K)
+        if need_x:
+            grad_full = g.mm(weight)  # (p*rows, N) @ (N, K) -> (p*rows, K), while x travels
+            wait_all([gather] if gather else None)  # one collective in flight at a time
+            gather = None
+            grad_x = grad_full.new_empty((rows, k))
+            record("reduce_scatter", (p - 1) / p * grad_full.numel() * grad_full.element_size())
+            scatter = _reduce_scatter_base(grad_x, grad_full, group=group, async_op=True)
+        wait_all([gather] if gather else None)
+        if need_w:
+            grad_w = g.t().mm(gathered)  # (N, p*rows) @ (p*rows, K), while grad_x travels
+        if need_b:
+            grad_b = g.sum(0, dtype=torch.float32).to(grad_out.dtype)  # (N,)
+        wait_all([scatter] if scatter else None)
+        if need_x:
+            grad_x = grad_x.view(dm_shape).movedim(0, gather_dim)  # (.., n, .., K)
+    return _needed((grad_x, grad_w, grad_b), needs, grad_out)
+
+
+def _all_gather_rows(x_shard: torch.Tensor, gather_dim: int, group: Group):
+    """Post the all-gather of this rank's shard as dim-major rows: ``(gathered (p*rows, K), work)``
+    (chunk ``c`` of the rows is rank ``c``'s shard; valid once ``work`` is waited on)."""
+    shard = x_shard.movedim(gather_dim, 0).reshape(-1, x_shard.shape[-1])  # (rows, K): view or copy
+    p = group_size(group)
+    gathered = shard.new_empty((p * shard.shape[0], shard.shape[1]))
+    record("all_gather", (p - 1) * shard.numel() * shard.element_size())
+    return gathered, _all_gather_base(gathered, shard, group=group, async_op=True)
+
+
+def _fake_allreduce_dgrad_fwd(x, weight, bias, group_name):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _fake_allreduce_dgrad_bwd(grad_out, x, weight, group_name, needs):
+    grads = (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        grad_out.new_empty(weight.shape[0]),
     )
-    return *(g if need else None for g, need in zip(grads, needs)), None, None
+    return _needed(grads, needs, grad_out)
 
 
-_all_gather_matmul_fwd_op.register_fake(_fake_all_gather_matmul_fwd)
-_all_gather_matmul_fwd_op.register_autograd(
-    _all_gather_matmul_backward, setup_context=_all_gather_matmul_setup_context
+@torch.library.custom_op(f"{NAMESPACE}::linear_allreduce_dgrad_fwd", mutates_args=())
+def _linear_allreduce_dgrad_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_name: str
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` ``(*, N)`` on a replicated input ``x (*, K)``; its backward
+    all-reduces the input gradient over the group."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_allreduce_dgrad_bwd", mutates_args=())
+def _linear_allreduce_dgrad_bwd_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    group_name: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias)`` (each ``(0,)`` unless ``needs`` asks for it), with
+    ``grad_x = all_reduce(grad_out @ W)`` in flight while the weight-gradient GEMM runs
+    (Megatron-LM's asynchronous input-gradient all-reduce)."""
+    group = _group(group_name)
+    p, (n_out, k) = group_size(group), weight.shape
+    need_x, need_w, need_b = needs
+    grad_x = grad_w = grad_b = work = None
+    with torch.autocast(grad_out.device.type, enabled=False):
+        g = grad_out.reshape(-1, n_out)  # (M, N)
+        if need_x:
+            grad_x = g.mm(weight)  # (M, N) @ (N, K) -> (M, K), summed over ranks in place:
+            record("all_reduce", 2 * (p - 1) / p * grad_x.numel() * grad_x.element_size())
+            work = dist.all_reduce(grad_x, group=group, async_op=True)
+        if need_w:
+            grad_w = g.t().mm(x.reshape(-1, k))  # (N, M) @ (M, K), while grad_x travels
+        if need_b:
+            grad_b = g.sum(0, dtype=torch.float32).to(grad_out.dtype)  # (N,)
+        wait_all([work] if work else None)
+        if need_x:
+            grad_x = grad_x.view(x.shape)
+    return _needed((grad_x, grad_w, grad_b), needs, grad_out)
+
+
+class LinearComm(NamedTuple):
+    """A linear layer that communicates, as two custom ops (what
+    :mod:`triton_parallel_layers.parallel_layers.weight_grad` needs to defer its weight gradient):
+
+    * ``forward(x, weight, bias, *args) -> out``, differentiable: its backward computes every
+      gradient at once, overlapping its communication with the GEMMs;
+    * ``backward(grad_out, x, weight, *args, needs) -> (grad_x, grad_weight, grad_bias)``, each an
+      empty ``(0,)`` tensor unless ``needs`` (three flags) asks for it, so the input gradient and
+      the weight gradients can be computed at different times.
+
+    ``x`` is what the forward saves: for the gathers, the input *shard*, gathered again in the
+    backward (Megatron-LM's sequence parallelism), not the gathered input. ``args``: the group's
+    name, and for the gathers the gather dim.
+    """
+
+    forward: Callable[..., torch.Tensor]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _linear_comm(fwd_op, bwd_op, fake_fwd, fake_bwd) -> LinearComm:
+    """Register the fakes and the autograd of a ``fwd_op``/``bwd_op`` pair."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, *args = inputs
+        ctx.save_for_backward(x, weight)  # x: the input shard, for the gathers
+        ctx.args, ctx.has_bias = tuple(args), bias is not None
+
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        needs = [*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = bwd_op(grad_out, x, weight, *ctx.args, needs)
+        return *(g if need else None for g, need in zip(grads, needs)), *(None for _ in ctx.args)
+
+    fwd_op.register_fake(fake_fwd)
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    bwd_op.register_fake(fake_bwd)
+    return LinearComm(fwd_op, bwd_op)
+
+
+ALL_GATHER_RING = _linear_comm(
+    _all_gather_matmul_fwd_op, _all_gather_matmul_bwd_op, _fake_gather_fwd, _fake_gather_bwd
 )
-_all_gather_matmul_bwd_op.register_fake(_fake_all_gather_matmul_bwd)
+"""Sequence-parallel column linear, overlapped (:func:`all_gather_matmul`); args: group name,
+gather dim."""
+ALL_GATHER = _linear_comm(
+    _all_gather_linear_fwd_op, _all_gather_linear_bwd_op, _fake_gather_fwd, _fake_gather_bwd
+)
+"""Sequence-parallel column linear, plain all-gather forward, Megatron's overlapped backward;
+args: group name, gather dim."""
+ALLREDUCE_DGRAD = _linear_comm(
+    _linear_allreduce_dgrad_fwd_op,
+    _linear_allreduce_dgrad_bwd_op,
+    _fake_allreduce_dgrad_fwd,
+    _fake_allreduce_dgrad_bwd,
+)
+"""Column linear on a replicated input: input gradient all-reduced, overlapped with the weight
+gradient; args: group name."""
 
 
 def _fake_matmul_reduce_scatter_fwd(x, weight, group_name, scatter_dim):
@@ -324,7 +529,7 @@ def _matmul_reduce_scatter_fwd_op(
         def multiply(c: int) -> torch.Tensor:
             return _mm(x3[c], weight)  # (rows, K) @ (K, N) -> (rows, N): this rank's term
 
-        part = _ring_reduce_scatter(group, multiply)  # (rows, N), summed over ranks
+        part = _ring(group, reduce=multiply)  # (rows, N), summed over ranks
     return part.view(n, *x_dm.shape[1:-1], n_out).movedim(0, scatter_dim)  # (.., n, .., N)
 
 
@@ -374,7 +579,7 @@ def _matmul_reduce_scatter_bwd_op(
                 # grad_W (+)= (N, rows) @ (rows, K): this chunk's share
                 _mm(g[c].t(), x3[c].t(), partial=None if c == rank else acc, out=acc)
 
-        _ring_all_gather(g, group, multiply)  # chunk `rank` comes first
+        _ring(group, gather=g, on_chunk=multiply)  # chunk `rank` comes first
         if need_x:
             grad_x = grad_x3.view(x_dm.shape).movedim(0, dim)
         if need_w:
@@ -481,7 +686,7 @@ def all_gather_matmul(
     dim = _check_args("all_gather_matmul", x_shard, weight, bias, gather_dim, "gather_dim")
     if group_size(group) == 1:
         return matmul(x_shard, weight, bias)
-    return _all_gather_matmul_fwd_op(x_shard, weight, bias, group.group_name, dim)[0]
+    return _all_gather_matmul_fwd_op(x_shard, weight, bias, group.group_name, dim)
 
 
 def matmul_reduce_scatter(

@@ -22,6 +22,9 @@ from triton_parallel_layers.parallel_layers.pipeline import (  # noqa: F401
     partition_layers,
     pipeline_parameters,
 )
+from triton_parallel_layers.parallel_layers.sequence_parallel import (  # noqa: F401
+    allreduce_sequence_parallel_grads,
+)
 
 __all__ = [
     "ColumnParallelConv2d",

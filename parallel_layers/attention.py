@@ -233,7 +233,9 @@ class ParallelSelfAttention(nn.Module):
         qkv = self.qkv(x)  # (B, S, G (r + 2) D), G = Hkv / p groups on this rank
         qkv = rearrange(qkv, "b s (g m d) -> b g m s d", m=r + 2, d=self.head_dim)
         q = rearrange(qkv[:, :, :r], "b g r s d -> b (g r) s d")  # (B, Hq/p, S, D)
-        k, v = qkv[:, :, r], qkv[:, :, r + 1]  # (B, Hkv/p, S, D)
+        # (B, Hkv/p, S, D); v copied out of qkv (q and k are new tensors after RoPE), so the
+        # attention saves v alone, not a view keeping the whole fused (B, S, 3E/p) output alive
+        k, v = qkv[:, :, r], qkv[:, :, r + 1].contiguous()
         if self.rope:
             cos, sin = rotary_cos_sin(q.shape[2], self.head_dim, self.rope_base, q.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

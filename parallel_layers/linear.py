@@ -18,9 +18,24 @@ from the default CPU generator, and keeps this rank's chunk. So a layer built af
 ``torch.manual_seed(s)`` holds, at any TP size, the chunk of the ``nn.Linear`` built after the same
 seed on the CPU (and both consume the generator alike, so the layers after it match too).
 
-Zero-bubble pipeline schedules: the (non-overlapped) matmuls go through
-:func:`~triton_parallel_layers.parallel_layers.weight_grad.deferrable_linear`, which is ``F.linear`` except under
-``split_weight_grad()``, where the weight gradient can be deferred to a later ``W`` pass.
+**Backward, as Megatron-LM.** The sequence-parallel column layer saves its input *shard*
+``(*, S/p, E)``, not the gathered input, and gathers it again in the backward: asynchronously,
+while ``grad_out @ W`` runs, then the input gradient is reduce-scattered while the weight-gradient
+GEMM runs (with ``overlap_comm``, both inside one ring pass). Without sequence parallelism the
+column layer's input-gradient all-reduce likewise runs while its weight-gradient GEMM does.
+These are the :class:`~triton_parallel_layers.kernels.collective_matmul.LinearComm` ops of
+:mod:`triton_parallel_layers.kernels.collective_matmul`.
+
+**Sequence-parallel bias.** The row layer's bias under sequence parallelism is added by each rank
+to its own tokens, so its gradient is a partial sum; it is summed over the TP group once per step,
+together with the sequence-parallel norms', by
+:func:`~triton_parallel_layers.parallel_layers.sequence_parallel.allreduce_sequence_parallel_grads`
+(Megatron-LM's coalesced all-reduce): call it after the backward, before clipping. The trainer
+and the pipeline schedules do.
+
+Zero-bubble pipeline schedules: every matmul but the row layer's overlapped one goes through
+:func:`~triton_parallel_layers.parallel_layers.weight_grad.deferrable_linear`, whose weight gradient can be deferred to a
+later ``W`` pass under ``split_weight_grad()``.
 """
 
 from __future__ import annotations
@@ -31,11 +46,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from triton_parallel_layers.kernels import all_gather_matmul, matmul_reduce_scatter
+from triton_parallel_layers.kernels import matmul_reduce_scatter
+from triton_parallel_layers.kernels.collective_matmul import (
+    ALL_GATHER,
+    ALL_GATHER_RING,
+    ALLREDUCE_DGRAD,
+)
 from triton_parallel_layers.kernels.collectives import group_rank, group_size
 from triton_parallel_layers.parallel_layers.comm import (
-    copy_to_tp,
-    gather_from_sequence_parallel,
     gather_from_tp,
     reduce_from_tp,
     reduce_scatter_to_sequence_parallel,
@@ -205,17 +223,19 @@ class ColumnParallelLinear(_ParallelLinear):
         check_width(x, self.in_features, type(self).__name__)
         if self.sequence_parallel:
             check_sequence_divisible(x, 1, type(self).__name__)  # (*, S/p, E): any S/p
-            if self.overlap_comm:
-                # (*, S/p, E) gathered over the sequence while it is multiplied: (*, S, F/p)
-                out = all_gather_matmul(
-                    x, self.weight, self.tp_group, gather_dim=x.dim() - 2, bias=self.bias
-                )
-            else:
-                x = gather_from_sequence_parallel(x, self.tp_group, dim=-2)  # (*, S, E)
-                out = deferrable_linear(x, self.weight, self.bias)  # (*, S, F/p)
+            # (*, S/p, E) gathered over the sequence: (*, S, F/p). Saves the shard; its backward
+            # gathers it again (overlapped with grad_out @ W, or inside the ring).
+            comm = ALL_GATHER_RING if self.overlap_comm else ALL_GATHER
+            args = (self.tp_group.group_name, x.dim() - 2)
+            out = deferrable_linear(x, self.weight, self.bias, comm, *args)
+        elif self.tp_size > 1:
+            # (*, S, E) replicated -> (*, S, F/p); backward: the input gradient all-reduced
+            # over the TP group while the weight-gradient GEMM runs
+            out = deferrable_linear(
+                x, self.weight, self.bias, ALLREDUCE_DGRAD, self.tp_group.group_name
+            )
         else:
-            x = copy_to_tp(x, self.tp_group)  # gradient all-reduced over the TP group
-            out = deferrable_linear(x, self.weight, self.bias)  # (*, S, F/p)
+            out = deferrable_linear(x, self.weight, self.bias)  # exactly nn.Linear
         if self.gather_output:
             out = gather_from_tp(out, self.tp_group, dim=-1)  # (*, S, F)
         return out
@@ -275,6 +295,13 @@ class RowParallelLinear(_ParallelLinear):
     def in_features_per_partition(self) -> int:
         return self.weight.shape[1]
 
+    @property
+    def sequence_parallel_params(self) -> tuple[str, ...]:
+        """The bias under sequence parallelism: whole on every rank, but each rank adds it to its
+        own tokens only, so its gradient here is a partial sum; see
+        :func:`~triton_parallel_layers.parallel_layers.sequence_parallel.allreduce_sequence_parallel_grads`."""
+        return ("bias",) if self.sequence_parallel and self.bias is not None else ()
+
     @classmethod
     def from_linear(
         cls,
@@ -306,11 +333,9 @@ class RowParallelLinear(_ParallelLinear):
             else:
                 out = deferrable_linear(x, self.weight)  # (*, S, E) partial sums
                 out = reduce_scatter_to_sequence_parallel(out, self.tp_group, dim=-2)  # (*, S/p, E)
-            if self.bias is not None:
-                # Each rank adds the bias to its own tokens only, so its gradient is a partial
-                # sum: copy_to_tp all-reduces it in backward, keeping the replicas equal.
-                out = out + copy_to_tp(self.bias, self.tp_group)
-            return out
+            # Each rank adds the bias to its own tokens only, so its gradient is a partial sum:
+            # allreduce_sequence_parallel_grads sums it over the group once per step.
+            return out if self.bias is None else out + self.bias
         if self.tp_size == 1:
             return deferrable_linear(x, self.weight, self.bias)  # exactly nn.Linear
         out = reduce_from_tp(deferrable_linear(x, self.weight), self.tp_group)  # (*, S, E)

@@ -15,6 +15,14 @@ backward), hands ``dW``/``db`` to the store instead of computing them. ``store.f
 capturing, the Function computes everything at once, so a model run under ``split_weight_grad``
 outside a pipeline still trains correctly.
 
+The layers that communicate (the column-parallel linear's gathers and input-gradient all-reduce)
+go through the same Function with their :class:`~triton_parallel_layers.kernels.collective_matmul.
+LinearComm` ops: ``B`` computes (and communicates) the input gradient; the deferred ``W`` work
+computes the weight gradient, and for a sequence-parallel gather it all-gathers the saved input
+shard again there. Holding the shard rather than gathering at ``B`` time keeps the store's
+memory at ``1/tp`` of the input between ``B`` and ``W``; the gather costs the same bytes either
+way, and every rank of the TP group runs its ``W`` passes at the same point of the same schedule.
+
 Other parameters (norms, embeddings, convolutions) keep their gradients in the ``B`` pass: correct,
 just not deferred. :func:`defer_weight_grad` lets any custom Function join in the same way.
 
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_parallel_layers.kernels._dispatch import autocast_inputs, autocast_off
+from triton_parallel_layers.kernels.collective_matmul import LinearComm
 
 __all__ = [
     "WeightGradStore",
@@ -125,57 +134,80 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
-class _DeferrableLinear(torch.autograd.Function):
-    """``Y = X W^T + b`` whose backward can leave ``dW``, ``db`` to a :class:`WeightGradStore`.
+def _local_linear_bwd(grad_out, x, weight, needs):
+    """The backward of ``F.linear`` by pieces (the :class:`LinearComm` signature, no group)."""
+    need_x, need_w, need_b = needs
+    dx = grad_out.matmul(weight) if need_x else None  # (*, out) @ (out, in) -> (*, in)
+    g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+    dw = g.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None  # (out, in)
+    db = g.sum(0) if need_b else None  # (out,); fp32 accumulation as autograd's
+    return dx, dw, db
 
-    Shapes: x ``(*, in)``, weight ``(out, in)``, bias ``(out,)``, y ``(*, out)``.
+
+LOCAL = LinearComm(F.linear, _local_linear_bwd)
+"""A linear layer without communication, as a :class:`LinearComm`."""
+
+
+class _DeferrableLinear(torch.autograd.Function):
+    """``Y = X W^T + b`` (with ``comm``'s communication) whose backward can leave ``dW``, ``db``
+    to a :class:`WeightGradStore`.
+
+    Shapes: x ``(*, in)`` (a sequence shard for the gathers), weight ``(out, in)``, bias
+    ``(out,)``, y ``(*, out)`` (the gathered sequence for the gathers).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        ctx.params = (weight, bias)  # the leaves whose .grad the deferred pass adds to
+    def forward(ctx, x, weight, bias, comm: LinearComm, args: tuple):
+        ctx.params, ctx.comm, ctx.args = (weight, bias), comm, args  # .grad goes to the leaves
         # Cast as F.linear does under autocast and save the cast tensors, so the backward
         # computes in those dtypes whether or not it runs under autocast.
         x, weight, bias = autocast_inputs(x, weight, bias)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight)  # x: the input shard for the gathers
         with autocast_off(x):
-            return F.linear(x, weight, bias)
+            return comm.forward(x, weight, bias, *args)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         weight_param, bias_param = ctx.params
-        need_x, need_w, need_b = ctx.needs_input_grad
-        dx = dy.matmul(weight) if need_x else None  # (*, out) @ (out, in) -> (*, in)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
 
-        def weight_grads() -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-            dw = dy2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None  # (out, in)
-            db = dy2.sum(0) if need_b else None  # (out,); fp32 accumulation as autograd's
-            return dw, db
+        def grads(*needs: bool) -> tuple:
+            out = ctx.comm.backward(dy, x, weight, *ctx.args, list(needs))
+            return tuple(g if need else None for g, need in zip(out, needs))
 
         def deferred() -> None:
-            dw, db = weight_grads()
+            # a gather's weight gradient gathers the saved shard again here, at W time: the
+            # store holds the shard (1/p of the input) between B and W, not the whole input
+            _, dw, db = grads(False, need_w, need_b)
             if dw is not None:
                 _accumulate(weight_param, dw)
             if db is not None:
                 _accumulate(bias_param, db)
 
         if (need_w or need_b) and defer_weight_grad(deferred, x, dy):
-            return dx, None, None
-        dw, db = weight_grads()
-        return dx, dw, db
+            return grads(need_x, False, False)[0], None, None, None, None
+        return *grads(need_x, need_w, need_b), None, None
 
 
 def deferrable_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    comm: LinearComm | None = None,
+    *args,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; under :func:`split_weight_grad` its weight gradient can be
-    deferred to a :class:`WeightGradStore` (see the module docstring).
+    """``F.linear(x, weight, bias)``, or ``comm.forward(x, weight, bias, *args)`` (a linear with
+    communication, see :class:`~triton_parallel_layers.kernels.collective_matmul.LinearComm`);
+    under :func:`split_weight_grad` its weight gradient can be deferred to a
+    :class:`WeightGradStore` (see the module docstring).
 
-    Shapes: x ``(*, in)``, weight ``(out, in)``, bias ``(out,)`` -> ``(*, out)``.
+    Shapes: x ``(*, in)``, weight ``(out, in)``, bias ``(out,)`` -> ``(*, out)`` (the gathers:
+    x a sequence shard, the output the whole sequence).
     """
     needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     if _split_depth and needs_grad and torch.is_grad_enabled():
-        return _DeferrableLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return _DeferrableLinear.apply(x, weight, bias, comm or LOCAL, args)
+    if comm is None:
+        return F.linear(x, weight, bias)
+    return comm.forward(*autocast_inputs(x, weight, bias), *args)

@@ -25,9 +25,11 @@ from triton_parallel_layers.parallel_layers import (
     ParallelDims,
     RowParallelLinear,
     VocabParallelEmbedding,
+    allreduce_sequence_parallel_grads,
     vocab_parallel_cross_entropy,
 )
 from triton_parallel_layers.parallel_layers.comm import gather_from_sequence_parallel
+from triton_parallel_layers.parallel_layers.sequence_parallel import SequenceParallelLayerNorm
 
 
 class TinyLM(nn.Module):
@@ -62,7 +64,8 @@ class TensorParallelTinyLM(nn.Module):
         )
         self.fc1 = ColumnParallelLinear.from_linear(model.fc1, tp_group, sequence_parallel=True)
         self.fc2 = RowParallelLinear.from_linear(model.fc2, tp_group, sequence_parallel=True)
-        self.norm = copy.deepcopy(model.norm)  # replicated; sees only this rank's tokens
+        # replicated, sees only this rank's tokens: its gradients are partial sums, as fc2's bias
+        self.norm = SequenceParallelLayerNorm.from_norm(copy.deepcopy(model.norm), tp_group)
         self.head = ColumnParallelLinear.from_linear(model.head, tp_group)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -71,13 +74,6 @@ class TensorParallelTinyLM(nn.Module):
         h = self.norm(h)
         h = gather_from_sequence_parallel(h, self.tp_group, dim=1)  # (B, S, E)
         return self.head(h)  # (B, S, V/tp)
-
-
-def sync_replicated_grads(module: nn.Module, group: dist.ProcessGroup) -> None:
-    """Sum the gradients of a replicated module that saw only this rank's sequence chunk."""
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
 
 
 def main() -> None:
@@ -112,7 +108,7 @@ def main() -> None:
         loss = vocab_parallel_cross_entropy(tp_model(ids), target, group)
         opt.zero_grad()
         loss.backward()
-        sync_replicated_grads(tp_model.norm, group)
+        allreduce_sequence_parallel_grads(tp_model)  # norm and fc2.bias: one all-reduce
         opt.step()
 
         if ref_opt is not None:

@@ -19,4 +19,8 @@ def test_smoke(tmp_path):
     for row in saved["rows"]:
         assert row["ours_ms"] > 0 and row["dtensor_ms"] > 0
         assert abs(row["ratio"] - row["ours_ms"] / row["dtensor_ms"]) < 1e-9
+        # the floor: the step's GEMMs alone plus its collectives alone, timed in the same run
+        assert row["gemms_ms"] > 0 and row["comms_ms"] > 0
+        assert abs(row["floor_ms"] - row["gemms_ms"] - row["comms_ms"]) < 1e-9
+        assert abs(row["overhead"] - row["ours_ms"] / row["floor_ms"]) < 1e-9
     assert (tmp_path / "tp_layers_cpu.png").stat().st_size > 0

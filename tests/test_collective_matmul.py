@@ -21,8 +21,13 @@ from torch import nn
 
 from helpers import needs_interpreter
 from triton_parallel_layers.kernels import all_gather_matmul, force_backend, matmul_reduce_scatter
+from triton_parallel_layers.kernels.collective_matmul import ALL_GATHER
 from triton_parallel_layers.kernels.collectives import record_comm
-from triton_parallel_layers.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from triton_parallel_layers.parallel_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    allreduce_sequence_parallel_grads,
+)
 from triton_parallel_layers.parallel_layers.comm import (
     gather_from_sequence_parallel,
     reduce_scatter_to_sequence_parallel,
@@ -93,6 +98,23 @@ def _ops_match_unfused(backend: str, tp: int, cases=CASES) -> dict:
             torch.testing.assert_close(y_ref, F.linear(x_full, w, b), **TOL)
             for got, want in zip(_grads(xa, wa, ba), _grads(xb, wb, bb)):
                 torch.testing.assert_close(got, want, **TOL)
+            if p > 1:
+                # the layers' plain op saves the shard too: the same results and bytes as the
+                # ring; both gather the input once more in backward, which the unfused
+                # definition (it saves the gathered input) does not
+                xc, wc, bc = _leaves(x_shard, w, b)
+                with record_comm() as led_plain:
+                    y_plain = ALL_GATHER.forward(
+                        xc, wc, bc, group.group_name, dim % len(full_shape)
+                    )
+                    y_plain.backward(g)
+                torch.testing.assert_close(y_plain, y_ref, **TOL)
+                for got, want in zip(_grads(xc, wc, bc), _grads(xb, wb, bb)):
+                    torch.testing.assert_close(got, want, **TOL)
+                assert led_a.bytes_sent == led_plain.bytes_sent, (str(led_a), str(led_plain))
+                regather = led_b.bytes_sent["all_gather"]
+                assert led_a.bytes_sent == {**led_b.bytes_sent, "all_gather": 2 * regather}
+                led_b = led_plain
             assert led_a.bytes_sent == led_b.bytes_sent, (str(led_a), str(led_b))
 
             # matmul_reduce_scatter vs F.linear then reduce-scatter
@@ -147,6 +169,7 @@ def _mlp_matches_single_device(batch: int, rows_per_rank: int, hidden: int, ffn:
         with record_comm() as ledger:
             y = row(F.gelu(col(x)))  # (B, S/p, E)
             y.backward(shard(g_full, 1))
+        allreduce_sequence_parallel_grads(row)  # the bias's per-rank partial sums
         torch.testing.assert_close(y, shard(y_full, 1), **TOL)
         torch.testing.assert_close(x.grad, shard(x_ref.grad, 1), **TOL)
         torch.testing.assert_close(col.weight.grad, shard(fc1.weight.grad, 0), **TOL)
@@ -242,10 +265,11 @@ def test_sequence_parallel_mlp_with_overlap_equals_single_device(dist_run, tp):
     if tp > 1:
         itemsize = 4
         shard = 2 * 3 * 8 * itemsize  # (B, S/p, E) fp32
-        # forward: gather x, reduce-scatter y; backward: the duals, same sizes
-        expected_ag = 2 * (tp - 1) * shard
-        assert all(led["overlap"]["all_gather"] == expected_ag for led in ledgers)
-        assert all(led["overlap"]["reduce_scatter"] == expected_ag for led in ledgers)
+        # forward: gather x, reduce-scatter y; backward: the duals, same sizes, and x gathered
+        # once more (the column layer saved only its shard)
+        expected_rs = 2 * (tp - 1) * shard
+        assert all(led["overlap"]["all_gather"] == 3 * (tp - 1) * shard for led in ledgers)
+        assert all(led["overlap"]["reduce_scatter"] == expected_rs for led in ledgers)
 
 
 def test_overlap_follows_autocast_like_f_linear(dist_run):

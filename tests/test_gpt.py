@@ -18,7 +18,10 @@ from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig
 from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
 from triton_parallel_layers.parallel_layers.checks import debug_checks
-from triton_parallel_layers.parallel_layers.sequence_parallel import SequenceParallelDropout
+from triton_parallel_layers.parallel_layers.sequence_parallel import (
+    SequenceParallelDropout,
+    allreduce_sequence_parallel_grads,
+)
 from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
 RTOL = 1e-5
@@ -81,8 +84,25 @@ def _parity_case(cfg_kwargs: dict, sequence_parallel: bool, overlap_comm: bool) 
     with record_comm() as ledger:
         logits = par(ids)
         loss = par.loss(logits, target)
-    loss.backward()
+    with record_comm() as backward_ledger:
+        loss.backward()
+    with record_comm() as sp_ledger:
+        allreduce_sequence_parallel_grads(par)
     tp = dims.tp
+    if sequence_parallel and tp > 1:
+        # The replicated parameters of the sequence-parallel regions (the norms, the row-parallel
+        # biases) are not all-reduced in the backward, one by one, but once, all together.
+        assert backward_ledger.calls["all_reduce"] == 0, str(backward_ledger)
+        replicated = [n for n, _ in ref.named_parameters() if "norm" in n]
+        replicated += [
+            n for n, _ in ref.named_parameters() if n.endswith(("proj.bias", "fc2.bias"))
+        ]
+        params = dict(ref.named_parameters())
+        numel = sum(params[n].numel() for n in replicated)
+        assert sp_ledger.calls == {"all_reduce": 1}, str(sp_ledger)
+        assert sp_ledger.bytes_sent["all_reduce"] == round(2 * (tp - 1) / tp * 4 * numel)
+    else:
+        assert sp_ledger.calls == {}, str(sp_ledger)
     assert logits.shape == (B, S, cfg.padded_vocab_size // tp)
     if not sequence_parallel:  # vocab-parallel loss: nothing is gathered, logits included
         assert ledger.calls["all_gather"] == 0, str(ledger)
@@ -118,6 +138,7 @@ def _parity_case(cfg_kwargs: dict, sequence_parallel: bool, overlap_comm: bool) 
             opt.zero_grad(set_to_none=True)
             losses.append(model.loss(model(ids), target))
             losses[-1].backward()
+            allreduce_sequence_parallel_grads(model)  # nothing to do on the reference
             opt.step()
         err = rel_err(losses[1].detach(), losses[0].detach())
         assert err <= RTOL, f"step {step}: loss {losses[1].item()} vs {losses[0].item()}"
@@ -170,6 +191,7 @@ def _dropout_case() -> None:
         loss = par.loss(par(ids), target)
         ref_loss.backward()
         loss.backward()
+        allreduce_sequence_parallel_grads(par)
         assert rel_err(loss.detach(), ref_loss.detach()) <= RTOL, (sp, loss, ref_loss)
         for name, p, full, spec in _shard_pairs(par, ref):
             err = rel_err(p.grad, _local(full.grad, spec))

@@ -16,11 +16,14 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import assert_close, assert_close_lowp, chunk, expect_error
+from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.parallel_layers import (
     ColumnParallelLinear,
     ParallelDims,
     RowParallelLinear,
+    allreduce_sequence_parallel_grads,
 )
+from triton_parallel_layers.parallel_layers.weight_grad import WeightGradStore, split_weight_grad
 
 WORLD_SIZES = [1, 2, 4]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -88,8 +91,12 @@ def _column_case(in_f, out_f, bias, sequence_parallel, gather_output, dtype):
     }
     # Each rank computes its output columns and weight rows alone: bit-exact. The input gradient
     # sums the ranks' partial products (a cross-rank reduction), and the bias gradient is a
-    # column sum whose vectorization depends on the width: those agree to rounding.
+    # column sum whose vectorization depends on the width: those agree to rounding. Under
+    # sequence parallelism the weight gradient sums the tokens in the gathered, sequence-major
+    # order (S, B), not nn.Linear's (B, S): another summation order, also to rounding.
     exact = {"y", "dw"} if _exact_widths(out_f // tp) else set()
+    if sequence_parallel and B > 1:
+        exact.discard("dw")
     _compare(
         ours, _reference(ref, x, dy, dtype), _reference(ref, x, dy, torch.float32), shard, exact
     )
@@ -113,6 +120,9 @@ def _row_case(in_f, out_f, bias, sequence_parallel, input_is_parallel, dtype):
     x_local = (chunk(x, -1) if input_is_parallel else x.clone()).requires_grad_()
     y = layer(x_local)
     y.backward(chunk(dy, 1) if sequence_parallel else dy)
+    # the sequence-parallel bias gradient is a per-rank partial sum until this all-reduce
+    reduced = allreduce_sequence_parallel_grads(layer)
+    assert reduced == (1 if sequence_parallel and bias and tp > 1 else 0)
     ours = {"y": y.detach(), "dx": x_local.grad, "dw": layer.weight.grad}
     if bias:
         ours["db"] = layer.bias.grad
@@ -186,6 +196,7 @@ def _mlp_case(hidden, sequence_parallel):
     y_full = y if not sequence_parallel else torch.cat([t for t in _all_gather_list(y.detach())], 1)
     assert_close(y_full, ref(x.clone()).detach(), what="output")
     y.square().sum().backward()
+    allreduce_sequence_parallel_grads(par)
     assert_close(par[0].weight.grad, chunk(fc1.weight.grad, 0), what="fc1 weight grad")
     assert_close(par[0].bias.grad, chunk(fc1.bias.grad, 0), what="fc1 bias grad")
     assert_close(par[2].weight.grad, chunk(fc2.weight.grad, 1), what="fc2 weight grad")
@@ -300,3 +311,49 @@ def test_linear_without_group_is_nn_linear():
         layer = cls(7, 5)
         assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)
         assert torch.equal(layer(x), ref(x)), cls.__name__
+
+
+def _deferred_weight_grad_case() -> dict:
+    """Zero-bubble deferral of the column layer's weight gradient, in its three communicating
+    forms: the input gradient (and its collective) at B time, the weight gradient at W time
+    (under sequence parallelism after gathering the saved shard again), both equal to the
+    backward that computes everything at once."""
+    dims = ParallelDims(tp=dist.get_world_size())
+    torch.manual_seed(0)
+    ref = nn.Linear(16, 8)
+    counts = {}
+    for sp, overlap in ((False, False), (True, False), (True, True)):
+        layer = ColumnParallelLinear.from_linear(
+            ref, dims.tp_group, sequence_parallel=sp, overlap_comm=overlap
+        )
+        x = torch.randn(2, 3 if sp else 3 * dims.tp, 16, generator=torch.Generator().manual_seed(1))
+        dy = torch.randn(2, 3 * dims.tp, 8 // dims.tp, generator=torch.Generator().manual_seed(2))
+        x_now = x.clone().requires_grad_()
+        layer(x_now).backward(dy)
+        now = (x_now.grad, layer.weight.grad, layer.bias.grad)
+        layer.zero_grad(set_to_none=True)
+
+        store = WeightGradStore()
+        x_later = x.clone().requires_grad_()
+        with split_weight_grad():
+            y = layer(x_later)
+        with store.capture(), record_comm() as b_pass:
+            y.backward(dy)
+        assert layer.weight.grad is None and layer.bias.grad is None and len(store) == 1
+        torch.testing.assert_close(x_later.grad, now[0], rtol=0, atol=0)
+        with record_comm() as w_pass:
+            store.flush()
+        torch.testing.assert_close(layer.weight.grad, now[1], rtol=0, atol=0)
+        torch.testing.assert_close(layer.bias.grad, now[2], rtol=0, atol=0)
+        counts[(sp, overlap)] = (dict(b_pass.calls), dict(w_pass.calls))
+    return counts
+
+
+def test_deferred_weight_grad_of_the_communicating_column_layer(dist_run):
+    for counts in dist_run(2, _deferred_weight_grad_case):
+        b_pass, w_pass = counts[(False, False)]
+        assert b_pass == {"all_reduce": 1} and w_pass == {}  # nothing to gather at W time
+        b_pass, w_pass = counts[(True, False)]
+        assert b_pass == {"reduce_scatter": 1} and w_pass == {"all_gather": 1}
+        b_pass, w_pass = counts[(True, True)]  # the rings: one exchange per step but the last
+        assert b_pass == {"reduce_scatter": 1} and w_pass == {"all_gather": 1}

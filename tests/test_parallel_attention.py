@@ -11,7 +11,11 @@ from torch import nn
 
 from helpers import assert_close, chunk, expect_error, needs_interpreter
 from triton_parallel_layers.kernels import force_backend, use_triton
-from triton_parallel_layers.parallel_layers import ParallelDims, ParallelSelfAttention
+from triton_parallel_layers.parallel_layers import (
+    ParallelDims,
+    ParallelSelfAttention,
+    allreduce_sequence_parallel_grads,
+)
 
 B, S = 2, 12  # S divisible by 4 for sequence parallelism
 
@@ -47,6 +51,7 @@ def _attention_case(embed, heads, kv_heads, causal, bias, rope, sequence_paralle
         x_par = (chunk(x, 1) if sequence_parallel else x.clone()).requires_grad_()
         y = par(x_par)
         y.backward(chunk(dy, 1) if sequence_parallel else dy)
+    allreduce_sequence_parallel_grads(par)  # the proj bias's per-rank partial sums under SP
 
     seq = (lambda t: chunk(t, 1)) if sequence_parallel else (lambda t: t)
     assert_close(y.detach(), seq(y_ref.detach()), what="output")

@@ -19,7 +19,10 @@ from triton_parallel_layers.parallel_layers import (
 )
 from triton_parallel_layers.parallel_layers.init import init_by_name_
 from triton_parallel_layers.parallel_layers.parallelize import match_plan
-from triton_parallel_layers.parallel_layers.sequence_parallel import SequenceParallelLayerNorm
+from triton_parallel_layers.parallel_layers.sequence_parallel import (
+    SequenceParallelLayerNorm,
+    allreduce_sequence_parallel_grads,
+)
 from triton_parallel_layers.parallel_layers.sharding import param_sharding
 
 
@@ -59,8 +62,9 @@ def _user_mlp_case(sequence_parallel: bool) -> None:
     x_local = chunk(x, 1) if sequence_parallel else x  # (B, S/tp, E) under SP
     y = par(x_local)
     y.backward(chunk(dy, 1) if sequence_parallel else dy)
+    allreduce_sequence_parallel_grads(par)  # under SP, the LayerNorm's: summed over the TP group
     _close(y.detach(), chunk(y_ref.detach(), 1) if sequence_parallel else y_ref.detach(), "output")
-    _check_grads(par, ref)  # the LayerNorm's gradients are summed over the TP group under SP
+    _check_grads(par, ref)
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])

@@ -50,11 +50,12 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+ZB_SP = ["--microbatches", "4", "--sequence-parallel"]  # deferred weight grads + SP re-gathers
 LAYOUTS = [
     (1, ["--dp", "1"]),
     (4, ["--dp", "2", "--tp", "2", "--sequence-parallel", "--microbatches", "2"]),
     (4, ["--pp", "2", "--tp", "2", "--schedule", "interleaved", "--microbatches", "2"]),
-    (4, ["--pp", "2", "--tp", "2", "--schedule", "zb-h1", "--microbatches", "4"]),
+    (4, ["--pp", "2", "--tp", "2", "--schedule", "zb-h1", *ZB_SP]),
 ]
 
 

@@ -42,7 +42,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from triton_parallel_layers.kernels.collectives import all_gather, all_reduce_, broadcast_
-from triton_parallel_layers.parallel_layers import ParallelDims, parallelize
+from triton_parallel_layers.parallel_layers import (
+    ParallelDims,
+    allreduce_sequence_parallel_grads,
+    parallelize,
+)
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
 from triton_parallel_layers.parallel_layers.grad_reduce import register_grad_reduce_hook
 from triton_parallel_layers.parallel_layers.pipeline import (
@@ -182,7 +186,9 @@ class Engine:
                 self.schedule.set_track_memory(False)
             if track_memory:
                 self.peak_saved_bytes = self.schedule.peak_activation_bytes
-            return loss  # the schedule summed shared parameters' gradients over pp, then DDP
+            # the schedule summed shared parameters' gradients over pp, the sequence-parallel
+            # ones over tp, then DDP over dp
+            return loss
         module = self.ddp if self.ddp is not None else self.model
         memory = ActivationMemoryTracker(self.model.parameters()) if track_memory else None
         losses = []
@@ -198,6 +204,7 @@ class Engine:
             losses.append(loss.detach().float())
         if memory is not None:
             self.peak_saved_bytes = memory.peak
+        allreduce_sequence_parallel_grads(self.model)  # once per step, not per microbatch
         return torch.stack(losses).mean()
 
     @torch.no_grad()

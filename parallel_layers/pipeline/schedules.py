@@ -70,6 +70,9 @@ from triton_parallel_layers.parallel_layers.pipeline.timeline import (
     Timeline,
     render_ascii,
 )
+from triton_parallel_layers.parallel_layers.sequence_parallel import (
+    allreduce_sequence_parallel_grads,
+)
 from triton_parallel_layers.parallel_layers.utils import check_positive_int
 from triton_parallel_layers.parallel_layers.weight_grad import WeightGradStore, split_weight_grad
 
@@ -282,6 +285,8 @@ class PipelineSchedule:
         if self.memory is not None:
             self.peak_activation_bytes = self.memory.peak
         self.stages[0].shared.sync_grads()  # tied parameters held on several ranks
+        # the sequence-parallel norms' and biases' partial gradients: one all-reduce over tp
+        allreduce_sequence_parallel_grads([stage.layers for stage in self.stages])
         for stage in self.stages:
             stage.sync_gradients()
         return self._reduce_loss(run.losses)
