@@ -369,7 +369,7 @@ def _all_gather_linear_bwd_op(
             wait_all([gather] if gather else None)  # one collective in flight at a time
             gather = None
             grad_x = grad_full.new_empty((rows, k))
-            record("reduce_scatter", (p - 1) / p * grad_full.numel() * grad_full.element_size())
+            record("reduce_scatter", grad_full, p)
             scatter = _reduce_scatter_base(grad_x, grad_full, group=group, async_op=True)
         wait_all([gather] if gather else None)
         if need_w:
@@ -388,7 +388,7 @@ def _all_gather_rows(x_shard: torch.Tensor, gather_dim: int, group: Group):
     shard = x_shard.movedim(gather_dim, 0).reshape(-1, x_shard.shape[-1])  # (rows, K): view or copy
     p = group_size(group)
     gathered = shard.new_empty((p * shard.shape[0], shard.shape[1]))
-    record("all_gather", (p - 1) * shard.numel() * shard.element_size())
+    record("all_gather", shard, p)
     return gathered, _all_gather_base(gathered, shard, group=group, async_op=True)
 
 
@@ -434,7 +434,7 @@ def _linear_allreduce_dgrad_bwd_op(
         g = grad_out.reshape(-1, n_out)  # (M, N)
         if need_x:
             grad_x = g.mm(weight)  # (M, N) @ (N, K) -> (M, K), summed over ranks in place:
-            record("all_reduce", 2 * (p - 1) / p * grad_x.numel() * grad_x.element_size())
+            record("all_reduce", grad_x, p)
             work = dist.all_reduce(grad_x, group=group, async_op=True)
         if need_w:
             grad_w = g.t().mm(x.reshape(-1, k))  # (N, M) @ (M, K), while grad_x travels

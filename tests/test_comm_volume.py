@@ -49,10 +49,6 @@ BF16, FP32 = 2, 4  # bytes per element
 # normwise bf16 tolerance (max|ours - ref| <= RTOL * max|ref|); measured at most 1.3e-2
 RTOL = 3e-2
 
-# Terms other engineers' changes move; kept as named switches so the count says what it assumes.
-SP_BACKWARD_REGATHER = False
-"""Sequence parallelism re-gathers the column-parallel input in backward (saving the shard)."""
-
 LAYOUTS = {
     "tp2-sp": dict(tp=2, sequence_parallel=True),
     "pp2": dict(pp=2, microbatches=2),
@@ -142,8 +138,10 @@ def _expected(
         act = b * s * h * BF16  # one whole (b, s, h) activation in bf16
         # Megatron-LM with sequence parallelism, per layer: the attention's and the MLP's input
         # all-gathered (b, s/p, h) and their outputs reduce-scattered (b, s, h) in forward, the
-        # duals in backward; plus the embedding's reduce-scatter and the head's all-gather.
-        gathers = 2 * (2 * L + 1) + (2 * L if SP_BACKWARD_REGATHER else 0)
+        # duals in backward; plus the embedding's reduce-scatter and the head's all-gather. The
+        # column layers (two per layer, and the head) save only their input shard, so backward
+        # gathers each input again, as Megatron-LM does: 2 L + 1 more.
+        gathers = 3 * (2 * L + 1)
         scatters = 2 * (2 * L + 1)
         # ring all-gather: each rank passes on p - 1 shards of act / p; ring reduce-scatter: each
         # rank sends p - 1 partial chunks of act / p
