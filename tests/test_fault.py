@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_training import GPT_TINY, ROOT, _main, _metrics
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from helpers import checkpoint_tensors
 from triton_parallel_layers.training.fault import INJECT_ENV, FaultPlan
 
 TP_OFF = [*GPT_TINY, "--optimizer", "adamw"]  # the layout flags follow
@@ -38,12 +38,6 @@ def _main_with_faults(spec: str, kind: str, argv: list[str]) -> dict:
         return _main(kind, argv)
     finally:
         del os.environ[INJECT_ENV]
-
-
-def _model_tensors(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    dcp_to_torch_save(ckpt, tmp / f"{ckpt.name}.pt")
-    state = torch.load(tmp / f"{ckpt.name}.pt", weights_only=False)
-    return {k: v for k, v in state.items() if k.startswith(("model/", "optim/"))}
 
 
 def test_fault_plan_parses_the_hook():
@@ -75,7 +69,7 @@ def test_nan_loss_on_one_rank_skips_the_step_everywhere(dist_run, tmp_path):
     # optimizer state saved after it are bitwise those saved after step 2; step 4 moved on
     ckpts = out / "checkpoints"
     after2, after3, after4 = (
-        _model_tensors(ckpts / f"step_0000000{s}", tmp_path) for s in (2, 3, 4)
+        checkpoint_tensors(ckpts / f"step_0000000{s}", tmp_path) for s in (2, 3, 4)
     )
     assert after2.keys() == after3.keys() and any(k.startswith("optim/") for k in after2)
     for key, value in after2.items():
@@ -181,8 +175,8 @@ def test_torchrun_restarts_killed_ranks_bit_exactly(dist_run, tmp_path, layout):
     known = [s for s in resumed_at if s is not None]
     assert resumes[len(resumes) - len(known) :] == known, text
     final = f"step_{KILL_STEPS:08d}"
-    want = _model_tensors(whole / "checkpoints" / final, tmp_path)
-    got = _model_tensors(out / "checkpoints" / final, tmp_path)
+    want = checkpoint_tensors(whole / "checkpoints" / final, tmp_path)
+    got = checkpoint_tensors(out / "checkpoints" / final, tmp_path)
     assert want.keys() == got.keys() and any(k.startswith("optim/") for k in got)
     for key, value in want.items():
         assert torch.equal(value, got[key]), key
