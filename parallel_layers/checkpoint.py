@@ -32,6 +32,13 @@ written every rank's data and its ``.metadata`` does rank 0 add ``meta.json``, r
 previous, complete checkpoint, or the new one complete: never a pointer to a half-written one.
 Leftover ``.tmp-*`` folders are removed by the next save.
 
+**Asynchronous.** :func:`save_checkpoint_async` returns once ``dcp.async_save`` has copied the
+state to host memory; a background thread writes it, and when that thread's save has finished
+(every rank's data and ``.metadata`` written) rank 0 runs the same last steps in it: ``meta.json``,
+the rename, the pointer. So an asynchronous checkpoint too is complete or invisible: a process
+killed while one is in flight leaves ``latest`` at the previous one. The caller waits for it
+(:meth:`AsyncCheckpoint.wait`) before its next save.
+
 **What a folder holds.** ``step_<n>/`` = DCP's ``.metadata`` and ``__<rank>_0.distcp`` files, plus
 ``meta.json`` (written by the caller's ``meta`` dict: step, model description, layout, ...), which
 can be read without any process group (:func:`read_meta`), so a run can check a checkpoint before it
