@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,6 +49,10 @@ def test_fault_plan_parses_the_hook():
     assert FaultPlan(1, spec, attempt=0).faults == {("kill-forward", 2), ("nan", 4)}
     assert FaultPlan(1, spec, attempt=1).faults == {("nan", 4)}
     assert FaultPlan(0, spec, attempt=1).faults == {("kill-tp", 3)}
+    # a kill point the layout lacks is an error on every rank, the killed one's peers too
+    one_rank = SimpleNamespace(dims=SimpleNamespace(dp=1, pp=1, tp=1))
+    with pytest.raises(ValueError, match="kill-send needs a layout with pp > 1"):
+        FaultPlan(0, "kill-send@1:2").install(one_rank, None)
     with pytest.raises(ValueError, match="expected kind@rank:step"):
         FaultPlan(0, "nan@1")
     with pytest.raises(ValueError, match="fault 'boom'"):

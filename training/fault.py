@@ -314,11 +314,10 @@ class FaultPlan:
         for kind, step in sorted(self.faults):
             kill = self._killer(kind, step)
             if kind in ("kill-forward", "kill-backward"):
-                held = [
+                held = [  # the layers this rank holds (with parameters, none on meta)
                     m
                     for m in engine.model.pipeline_layers()
-                    if any(True for _ in m.parameters())
-                    and not any(p.is_meta for p in m.parameters())
+                    if (ps := list(m.parameters())) and not any(p.is_meta for p in ps)
                 ]
                 layer = held[len(held) // 2]
                 if kind == "kill-forward":

@@ -21,6 +21,8 @@ single-device names (DTensors over the TP mesh, so any layout loads them), each 
 data position: batches are addressed by step), the LR schedule's state, the optimizer's
 hyperparameters, the model's description and the layout. ``--resume`` at the same layout continues
 bit for bit; at another layout it continues from the same weights and optimizer moments.
+``--async-checkpoint`` writes them in a background thread (training waits only for the copy to host
+memory), as atomically; the next save and the end of the run wait for the one in flight.
 
 """
 
@@ -154,8 +156,9 @@ class Trainer:
         self.rank = dims.rank
         self.out = Path(self.run.out or f"runs/{self.task.name}")
         self.ckpt_root = self.out / "checkpoints"
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if self.rank == 0 and self.resume is None and attempt == 0:  # (a restart: the same run)
+        # restarts of a `torchrun --max-restarts` job so far (each one is the same run)
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if self.rank == 0 and self.resume is None and self.attempt == 0:
             _move_aside_previous_run(self.out)
         # dropout and any other randomness: one stream per (dp, pp) position, shared by TP ranks
         torch.manual_seed(name_seed(self.run.seed, f"rng/dp{dims.dp_rank}/pp{dims.pp_rank}"))
@@ -339,11 +342,10 @@ class Trainer:
         )
         rep.print(f"data: {task.describe_data()} | run folder {self.out}")
         if getattr(self, "loaded_from", None) is not None:
-            attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-            restarted = f" (torchrun restart {attempt})" if attempt else ""
+            restarted = f" (torchrun restart {self.attempt})" if self.attempt else ""
             rep.print(f"resumed from {self.loaded_from} at step {self.step}{restarted}")
             rep.log({"step": self.step, "resumed_from": str(self.loaded_from),
-                     "attempt": attempt, "time": time.time()})  # fmt: skip
+                     "attempt": self.attempt, "time": time.time()})  # fmt: skip
         for note in self.notes:
             rep.print(f"note: {note}")
         if self.run.eval_only:
