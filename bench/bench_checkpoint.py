@@ -13,9 +13,11 @@ side by side in one run:
 A step's time is the wall time between the ends of two consecutive steps (the ``time`` of
 ``metrics.jsonl``), so it includes the save made after the earlier one; the first step (warm-up)
 is left out, and the run's final checkpoint (after the last step) too. Reported: the mean step
-time of each mode over every round, its overhead against ``none``, and the mean time of the steps
-right after a save (where a blocking save stalls training). The modes alternate within each
-round, so machine load hits all three alike; the load average before and after is recorded.
+time of each mode over every round and its overhead against ``none``, the median step time, and
+the stall: how long each save during the run kept the training loop waiting (the time inside
+``Trainer.save``; with ``--async-checkpoint`` the copy to host memory, plus any wait for the
+previous save). The modes alternate within each round (in turned order every other round), so a
+change of machine load hits all three alike; the load average before and after is recorded.
 
     python bench/bench_checkpoint.py            # writes bench/results/checkpoint_overhead_cpu.{md,json}
 """
@@ -25,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +46,8 @@ MODES = ("none", "sync", "async")
 
 def train(out: Path, mode: str, model: dict, layout: tuple[int, int, int], steps: int,
           interval: int) -> dict:  # fmt: skip
-    """One run on this rank; on rank 0 the step end times, the saves' steps and the size of a
-    checkpoint."""
+    """One run on this rank: the step end times, the stall of each save during the run, the
+    parameter count and the size of a checkpoint."""
     from triton_parallel_layers.training.config import OptimConfig, ParallelConfig, RunConfig
     from triton_parallel_layers.training.tasks import GPTTask, GPTTaskConfig
     from triton_parallel_layers.training.trainer import Trainer
@@ -59,30 +63,38 @@ def train(out: Path, mode: str, model: dict, layout: tuple[int, int, int], steps
     dp, pp, tp = layout
     trainer = Trainer(task, ParallelConfig(dp=dp, pp=pp, tp=tp), OptimConfig(), run)
     trainer.setup()
+    stalls, save = [], trainer.save
+
+    def timed_save(**kwargs):
+        t0 = time.perf_counter()
+        path = save(**kwargs)
+        if not kwargs.get("wait"):  # not the final save, after the last step
+            stalls.append(time.perf_counter() - t0)
+        return path
+
+    trainer.save = timed_save
     trainer.fit()
     final = out / "checkpoints" / f"step_{steps:08d}"
     return {
         "times": [r["time"] for r in trainer.history if "time" in r],
+        "stalls": stalls,
         "params": trainer.num_params,
         "checkpoint_bytes": sum(f.stat().st_size for f in final.iterdir()),
     }
 
 
-def summarize(runs: dict[str, list[dict]], interval: int) -> dict[str, dict]:
-    """Per mode: the mean step time (steps 2..N of every round), the mean of the steps right
-    after a save, the overhead against ``none``."""
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per mode: the mean and median step time (steps 2..N of every round), the overhead of the
+    mean against ``none``, the mean stall per save."""
     rows = {}
     for mode, results in runs.items():
-        every, after_save = [], []
-        for r in results:
-            t = r["times"]
-            for step in range(2, len(t) + 1):  # steps count from 1; t[step - 1] ends `step`
-                dt = t[step - 1] - t[step - 2]
-                every.append(dt)
-                if (step - 1) % interval == 0:  # the step after the save of step - 1
-                    after_save.append(dt)
-        rows[mode] = {"mean_step_s": statistics.fmean(every), "steps": len(every),
-                      "mean_after_save_s": statistics.fmean(after_save)}  # fmt: skip
+        steps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+        stalls = [s for r in results for s in r["stalls"]]
+        rows[mode] = {
+            "mean_step_s": statistics.fmean(steps), "median_step_s": statistics.median(steps),
+            "steps": len(steps), "saves": len(stalls),
+            "mean_stall_s": statistics.fmean(stalls) if stalls else 0.0,
+        }  # fmt: skip
     base = rows["none"]["mean_step_s"]
     for row in rows.values():
         row["overhead"] = row["mean_step_s"] / base - 1
@@ -91,14 +103,15 @@ def summarize(runs: dict[str, list[dict]], interval: int) -> dict[str, dict]:
 
 def table(rows: dict[str, dict]) -> str:
     lines = [
-        "| checkpointing | mean step time (s) | overhead vs none | mean time of the step after a "
-        "save (s) | steps timed |",
-        "| --- | --- | --- | --- | --- |",
+        "| checkpointing | mean step time (s) | overhead vs none | median step time (s) | "
+        "training stalled per save (s) | steps, saves timed |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for mode, r in rows.items():
+        stall = f"{r['mean_stall_s']:.3f}" if r["saves"] else "-"
         lines.append(
-            f"| {mode} | {r['mean_step_s']:.4f} | {r['overhead']:+.1%} | "
-            f"{r['mean_after_save_s']:.4f} | {r['steps']} |"
+            f"| {mode} | {r['mean_step_s']:.3f} | {r['overhead']:+.1%} | "
+            f"{r['median_step_s']:.3f} | {stall} | {r['steps']}, {r['saves']} |"
         )
     return "\n".join(lines)
 
@@ -114,8 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_checkpoint"),
-                        help="where the runs write their folders")  # fmt: skip
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the runs write their folders (default: a temporary folder, "
+                        "removed at the end)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from triton_parallel_layers.parallel_layers.testing import WorkerPools
@@ -123,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = dict(n_layers=args.n_layers, embed_dim=args.embed_dim, n_heads=4,
                  seq_len=args.seq_len, batch_size=args.batch_size)  # fmt: skip
     layout = (2 // args.tp, 1, args.tp)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_checkpoint-"))
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     load_before = os.getloadavg()
     started = time.time()
@@ -131,14 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(args.rounds):
             order = MODES if i % 2 == 0 else MODES[::-1]  # neither mode always runs first
             for mode in order:
-                out = args.work / f"{mode}{i}"
+                out = work / f"{mode}{i}"
                 result = pools.run(2, train, out, mode, model, layout, args.steps, args.interval,
                                    timeout=1800)[0]  # fmt: skip
                 runs[mode].append(result)
                 print(f"round {i + 1}: {mode} done", flush=True)
     finally:
         pools.close()
-    rows = summarize(runs, args.interval)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = summarize(runs)
     load_after = os.getloadavg()
     record = {
         "machine": cpu_name(),
@@ -153,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         "interval": args.interval,
         "rounds": args.rounds,
         "results": rows,
-        "raw_step_end_times": runs,
+        "raw": runs,
     }
     text = table(rows)
     print(text)
