@@ -94,12 +94,13 @@ def test_nan_losses_in_a_row_stop_the_run(dist_run, tmp_path):
     assert results[1]["err"] == ""
 
 
-def _torchrun(spec: str, args: list[str], cwd: Path, *launcher: str, base: list[str] = TP2):
+def _torchrun(spec: str, args: list[str], cwd: Path, *launcher: str, base: list[str] = TP2,
+              timeout: float = 400):  # fmt: skip
     """A 2-rank ``torchrun`` of the GPT (``base``: tensor-parallel) with ``spec`` injected."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", INJECT_ENV: spec}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            *launcher, str(ROOT / "scripts" / "train_gpt.py"), *base, *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _torchrun_with_fault(spec: str, args: list[str], cwd: Path) -> str:
@@ -171,7 +172,8 @@ def test_torchrun_restarts_killed_ranks_bit_exactly(dist_run, tmp_path, layout):
     assert [r["code"] for r in results] == [0, 0], results[0]["err"]
     out = tmp_path / "run"
     args = [*flags, *steps, "--ckpt-interval", "1", "--out", str(out)]
-    done = _torchrun(spec, args, tmp_path, f"--max-restarts={len(resumed_at)}", base=TP_OFF)
+    launcher = f"--max-restarts={len(resumed_at)}"  # each restart costs a process start-up
+    done = _torchrun(spec, args, tmp_path, launcher, base=TP_OFF, timeout=300 * len(resumed_at))
     text = done.stdout + done.stderr
     assert done.returncode == 0, text
     kills = len(resumed_at)
