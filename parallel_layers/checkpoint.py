@@ -56,6 +56,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -417,14 +418,14 @@ class AsyncCheckpoint:
     :class:`CheckpointError` if writing it failed on any rank.
     """
 
-    def __init__(self, future, path: Path, finish: Callable[[], None] | None) -> None:
+    def __init__(self, future: Future, path: Path, finish: Callable[[], None] | None) -> None:
         self.path = path
         self._finish = finish
         self._error: BaseException | None = None
         self._done = threading.Event()
         future.add_done_callback(self._complete)  # runs in the writing thread
 
-    def _complete(self, future) -> None:
+    def _complete(self, future: Future) -> None:
         try:
             future.result()
             if self._finish is not None:
