@@ -32,6 +32,13 @@ written every rank's data and its ``.metadata`` does rank 0 add ``meta.json``, r
 previous, complete checkpoint, or the new one complete: never a pointer to a half-written one.
 Leftover ``.tmp-*`` folders are removed by the next save.
 
+**Asynchronous.** :func:`save_checkpoint_async` returns once ``dcp.async_save`` has copied the
+state to host memory; a background thread writes it, and when that thread's save has finished
+(every rank's data and ``.metadata`` written) rank 0 runs the same last steps in it: ``meta.json``,
+the rename, the pointer. So an asynchronous checkpoint too is complete or invisible: a process
+killed while one is in flight leaves ``latest`` at the previous one. The caller waits for it
+(:meth:`AsyncCheckpoint.wait`) before its next save.
+
 **What a folder holds.** ``step_<n>/`` = DCP's ``.metadata`` and ``__<rank>_0.distcp`` files, plus
 ``meta.json`` (written by the caller's ``meta`` dict: step, model description, layout, ...), which
 can be read without any process group (:func:`read_meta`), so a run can check a checkpoint before it
@@ -46,8 +53,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +73,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from triton_parallel_layers.parallel_layers.sharding import param_blocks, param_sharding
 
 __all__ = [
+    "AsyncCheckpoint",
     "CheckpointError",
     "ShardedParam",
     "check_keys",
@@ -75,6 +85,7 @@ __all__ = [
     "optimizer_state",
     "read_meta",
     "save_checkpoint",
+    "save_checkpoint_async",
     "sharded_params",
     "to_dtensor",
 ]
@@ -359,7 +370,93 @@ def save_checkpoint(
     Returns:
         The final checkpoint folder.
     """
-    root = Path(root)
+    final, tmp, rank = _begin_save(Path(root), step, process_group)
+    try:
+        dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group)
+    except CheckpointException as e:  # every rank gets it: the previous checkpoint stays latest
+        raise CheckpointError(f"saving checkpoint {final} failed ({failure_summary(e)})") from None
+    if rank == 0:
+        _finish_save(final, tmp, step, meta, keep)
+    _barrier(process_group)
+    return final
+
+
+def save_checkpoint_async(
+    root: str | os.PathLike,
+    step: int,
+    state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    *,
+    keep: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> AsyncCheckpoint:
+    """:func:`save_checkpoint` in the background (``dcp.async_save``): returns once ``state`` is
+    copied to host memory (the caller may change its tensors from then on); a thread writes it,
+    and rank 0 then adds ``meta.json``, renames the folder into place and points ``latest`` at
+    it, exactly as :func:`save_checkpoint` does, so the checkpoint is complete or invisible.
+    Every rank calls it, and calls :meth:`AsyncCheckpoint.wait` before the next save (and
+    before the process group goes away).
+
+    ``process_group``: the save's collectives run in the background thread, concurrently with
+    whatever the caller does next, so they need a group nobody else uses meanwhile: a gloo group
+    of its own (``dist.new_group(backend="gloo")``, on CUDA too: the staged copy is on the host).
+    Its members wait for each other at the start (a barrier) as :func:`save_checkpoint` does.
+    """
+    final, tmp, rank = _begin_save(Path(root), step, process_group)
+    future = dcp.async_save(
+        dict(state), storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group
+    )
+    finish = (lambda: _finish_save(final, tmp, step, meta, keep)) if rank == 0 else None
+    return AsyncCheckpoint(future, final, finish)
+
+
+class AsyncCheckpoint:
+    """A checkpoint being written in the background (:func:`save_checkpoint_async`).
+
+    ``path`` is the folder it will have; :meth:`wait` blocks until it is complete on this rank
+    (on rank 0: also renamed into place and pointed at by ``latest``) and raises
+    :class:`CheckpointError` if writing it failed on any rank.
+    """
+
+    def __init__(self, future: Future, path: Path, finish: Callable[[], None] | None) -> None:
+        self.path = path
+        self._finish = finish
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        future.add_done_callback(self._complete)  # runs in the writing thread
+
+    def _complete(self, future: Future) -> None:
+        try:
+            future.result()
+            if self._finish is not None:
+                self._finish()
+        except BaseException as e:  # noqa: BLE001 - raised again by wait(), in the caller
+            self._error = e
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        """Whether the save has ended (written, or failed) on this rank."""
+        return self._done.is_set()
+
+    def wait(self) -> Path:
+        """Block until the save has ended; return the checkpoint folder. A failed save raises
+        :class:`CheckpointError`, or the process group's own error when a peer went away."""
+        self._done.wait()
+        e = self._error
+        if isinstance(e, CheckpointException):
+            why = failure_summary(e)
+            raise CheckpointError(f"saving checkpoint {self.path} failed ({why})") from None
+        if e is not None:
+            raise e
+        return self.path
+
+
+def _begin_save(
+    root: Path, step: int, process_group: dist.ProcessGroup | None
+) -> tuple[Path, Path, int]:
+    """Rank 0 makes the save's temporary folder (removing those of killed saves); every rank
+    waits for it. Returns ``(final folder, temporary folder, rank)``."""
     name = f"{_STEP_PREFIX}{step:08d}"
     final, tmp = root / name, root / f"{_TMP_PREFIX}{name}"
     rank = dist.get_rank(process_group) if dist.is_initialized() else 0
@@ -371,28 +468,30 @@ def save_checkpoint(
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier(process_group)
-    try:
-        dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group)
-    except CheckpointException as e:  # every rank gets it: the previous checkpoint stays latest
-        raise CheckpointError(f"saving checkpoint {final} failed ({failure_summary(e)})") from None
-    if rank == 0:
-        body = {**meta, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _fsync_write(tmp / META_FILE, json.dumps(body, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
-        if final.exists():
-            # The same step saved again (a run resumed from an older checkpoint). `latest` points
-            # at the complete new folder while the old one is replaced; if the rename below is
-            # cut short, find_checkpoint reads the pointer to `.tmp-step_N` as `step_N`.
-            _point_latest(root, tmp.name)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _point_latest(root, name)
-        if keep is not None and keep > 0:
-            for old in _step_dirs(root)[:-keep]:
-                if old.name != name:
-                    shutil.rmtree(old, ignore_errors=True)
-    _barrier(process_group)
-    return final
+    return final, tmp, rank
+
+
+def _finish_save(
+    final: Path, tmp: Path, step: int, meta: Mapping[str, Any], keep: int | None
+) -> None:
+    """Rank 0, once every rank's data and DCP's ``.metadata`` are written: ``meta.json``, the
+    rename into place, the ``latest`` pointer, old checkpoints pruned to ``keep``."""
+    root = final.parent
+    body = {**meta, "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _fsync_write(tmp / META_FILE, json.dumps(body, indent=1, sort_keys=True))
+    _fsync_dir(tmp)
+    if final.exists():
+        # The same step saved again (a run resumed from an older checkpoint). `latest` points
+        # at the complete new folder while the old one is replaced; if the rename below is
+        # cut short, find_checkpoint reads the pointer to `.tmp-step_N` as `step_N`.
+        _point_latest(root, tmp.name)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _point_latest(root, final.name)
+    if keep is not None and keep > 0:
+        for old in _step_dirs(root)[:-keep]:
+            if old.name != final.name:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _pointer_name(root: Path) -> str | None:

@@ -18,7 +18,8 @@ Megatron-Core's ``DistributedDataParallelConfig.grad_reduce_in_fp32`` and torcht
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,21 +27,28 @@ from torch.nn.parallel import DistributedDataParallel
 
 from triton_parallel_layers.kernels.collectives import group_size, record
 
-__all__ = ["GRAD_REDUCE_DTYPES", "register_grad_reduce_hook"]
+__all__ = ["GRAD_REDUCE_DTYPES", "GradReduceState", "register_grad_reduce_hook"]
 
 GRAD_REDUCE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """The gradient reduction dtypes by name (the trainer's ``--grad-reduce-dtype``)."""
 
 
-@dataclass(frozen=True)
-class _HookState:
+@dataclass
+class GradReduceState:
+    """The state of the hook :func:`register_grad_reduce_hook` installs (``ddp.grad_reduce``):
+    the group, the wire dtype, and callables run before each bucket's all-reduce (fault
+    injection kills a rank there: DDP takes one comm hook only)."""
+
     group: dist.ProcessGroup
     dtype: torch.dtype
+    before_bucket: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _reduce_bucket(state, bucket):  # no annotations: DDP checks them against the real types
     """Average the ``dist.GradBucket`` ``bucket`` over ``state.group`` in ``state.dtype`` (module
     docstring); returns the future of the averaged fp32 bucket."""
+    for fn in state.before_bucket:
+        fn()
     buf = bucket.buffer()  # the flat fp32 gradients of the bucket's parameters
     p = group_size(state.group)
     wire = buf if buf.dtype == state.dtype else buf.to(state.dtype)
@@ -56,11 +64,15 @@ def _reduce_bucket(state, bucket):  # no annotations: DDP checks them against th
     return fut.then(copy_back)
 
 
-def register_grad_reduce_hook(ddp: DistributedDataParallel, dtype: str = "fp32") -> None:
+def register_grad_reduce_hook(ddp: DistributedDataParallel, dtype: str = "fp32") -> GradReduceState:
     """Make ``ddp`` reduce its gradients in ``dtype`` (``"fp32"`` or ``"bf16"``) through the
-    ledger (module docstring). Call it once, before the first backward."""
+    ledger (module docstring). Call it once, before the first backward; the hook's state is
+    returned and kept as ``ddp.grad_reduce``."""
     if dtype not in GRAD_REDUCE_DTYPES:
         raise ValueError(
             f"gradient reduction dtype {dtype!r}: expected one of {list(GRAD_REDUCE_DTYPES)}"
         )
-    ddp.register_comm_hook(_HookState(ddp.process_group, GRAD_REDUCE_DTYPES[dtype]), _reduce_bucket)
+    state = GradReduceState(ddp.process_group, GRAD_REDUCE_DTYPES[dtype])
+    ddp.register_comm_hook(state, _reduce_bucket)
+    ddp.grad_reduce = state
+    return state

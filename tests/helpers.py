@@ -96,3 +96,16 @@ def expect_error(exc_type: type[BaseException], match: str, fn, *args, **kwargs)
             ) from e
         return str(e)
     raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise {exc_type.__name__}")
+
+
+def checkpoint_tensors(ckpt, tmp) -> dict[str, torch.Tensor]:
+    """The model and optimizer tensors of the DCP checkpoint folder ``ckpt`` (converted to one
+    ``torch.save`` file in the folder ``tmp``), by their layout-free names."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt, tmp = Path(ckpt), Path(tmp)
+    dcp_to_torch_save(ckpt, tmp / f"{ckpt.name}.pt")
+    state = torch.load(tmp / f"{ckpt.name}.pt", weights_only=False)
+    return {k: v for k, v in state.items() if k.startswith(("model/", "optim/"))}

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import checkpoint_tensors
 from triton_parallel_layers.parallel_layers.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -39,9 +40,11 @@ class _Killed(Exception):
     """Raised from the step hook: the run stops as if its processes were killed."""
 
 
-def _trainer(out, layout, max_steps, *, resume=None, ckpt_interval=3, kill_after=None, seed=0):
+def _trainer(out, layout, max_steps, *, resume=None, ckpt_interval=3, kill_after=None, seed=0,
+             async_checkpoint=False):  # fmt: skip
     run = RunConfig(max_steps=max_steps, batch_size=8, eval_interval=0, ckpt_interval=ckpt_interval,
-                    out=str(out), progress=False, plot=False, log_interval=0, seed=seed)  # fmt: skip
+                    out=str(out), progress=False, plot=False, log_interval=0, seed=seed,
+                    async_checkpoint=async_checkpoint)  # fmt: skip
     task = GPTTask(GPTTaskConfig(**TINY), run)
     dp, pp, tp = layout
 
@@ -61,6 +64,32 @@ def _train(out, layout, max_steps, **kwargs) -> dict:
     with contextlib.suppress(_Killed):
         trainer.fit()
     return {"start": start, "losses": {h["step"]: h["loss"] for h in trainer.history}}
+
+
+def _saved(out, layout, max_steps, **kwargs) -> list[str]:
+    """Train with checkpoints after every step; the checkpoint folders left (2 kept)."""
+    _train(out, layout, max_steps, ckpt_interval=1, **kwargs)
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_async_checkpoints_equal_sync_ones(dist_run, tmp_path):
+    """``--async-checkpoint`` at tp=2 writes, for every step, bitwise the checkpoint a blocking
+    save writes (the state is copied before the next step changes it); ``latest`` and the
+    pruning to the newest two work alike; nothing half-written is left."""
+    folders = {}
+    for mode in ("sync", "async"):
+        kwargs = {"async_checkpoint": mode == "async"}
+        folders[mode] = dist_run(2, _saved, tmp_path / mode, (1, 1, 2), 3, **kwargs)[0]
+    assert folders["async"] == folders["sync"] == ["latest", "step_00000002", "step_00000003"]
+    for step in (2, 3):
+        name = f"step_{step:08d}"
+        want = checkpoint_tensors(tmp_path / "sync" / "checkpoints" / name, tmp_path / "sync")
+        got = checkpoint_tensors(tmp_path / "async" / "checkpoints" / name, tmp_path / "async")
+        assert want.keys() == got.keys() and any(k.startswith("optim/") for k in got)
+        for key, value in want.items():
+            assert torch.equal(value, got[key]), (step, key)
+        assert read_meta(tmp_path / "async" / "checkpoints" / name)["step"] == step
+    assert find_checkpoint(tmp_path / "async" / "checkpoints").name == "step_00000003"
 
 
 def _continue_one_step(ckpt, out, layout) -> dict:

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_training import GPT_TINY, ROOT, _main, _metrics
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from helpers import checkpoint_tensors
 from triton_parallel_layers.training.fault import INJECT_ENV, FaultPlan
 
-TP2 = [*GPT_TINY, "--tp", "2", "--optimizer", "adamw"]
+TP_OFF = [*GPT_TINY, "--optimizer", "adamw"]  # the layout flags follow
+TP2 = [*TP_OFF, "--tp", "2"]
 
 
 def _main_with_faults(spec: str, kind: str, argv: list[str]) -> dict:
@@ -38,15 +41,18 @@ def _main_with_faults(spec: str, kind: str, argv: list[str]) -> dict:
         del os.environ[INJECT_ENV]
 
 
-def _model_tensors(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
-    dcp_to_torch_save(ckpt, tmp / f"{ckpt.name}.pt")
-    state = torch.load(tmp / f"{ckpt.name}.pt", weights_only=False)
-    return {k: v for k, v in state.items() if k.startswith(("model/", "optim/"))}
-
-
 def test_fault_plan_parses_the_hook():
     assert FaultPlan(1, "nan@1:3, nan@0:4,nan@1:5").faults == {("nan", 3), ("nan", 5)}
     assert FaultPlan(0, "").faults == set()
+    # the n-th kill (every rank's, in the order written) is for attempt n; other faults always
+    spec = "kill-forward@1:2,kill-tp@0:3,nan@1:4"
+    assert FaultPlan(1, spec, attempt=0).faults == {("kill-forward", 2), ("nan", 4)}
+    assert FaultPlan(1, spec, attempt=1).faults == {("nan", 4)}
+    assert FaultPlan(0, spec, attempt=1).faults == {("kill-tp", 3)}
+    # a kill point the layout lacks is an error on every rank, the killed one's peers too
+    one_rank = SimpleNamespace(dims=SimpleNamespace(dp=1, pp=1, tp=1))
+    with pytest.raises(ValueError, match="kill-send needs a layout with pp > 1"):
+        FaultPlan(0, "kill-send@1:2").install(one_rank, None)
     with pytest.raises(ValueError, match="expected kind@rank:step"):
         FaultPlan(0, "nan@1")
     with pytest.raises(ValueError, match="fault 'boom'"):
@@ -68,7 +74,7 @@ def test_nan_loss_on_one_rank_skips_the_step_everywhere(dist_run, tmp_path):
     # optimizer state saved after it are bitwise those saved after step 2; step 4 moved on
     ckpts = out / "checkpoints"
     after2, after3, after4 = (
-        _model_tensors(ckpts / f"step_0000000{s}", tmp_path) for s in (2, 3, 4)
+        checkpoint_tensors(ckpts / f"step_0000000{s}", tmp_path) for s in (2, 3, 4)
     )
     assert after2.keys() == after3.keys() and any(k.startswith("optim/") for k in after2)
     for key, value in after2.items():
@@ -88,12 +94,13 @@ def test_nan_losses_in_a_row_stop_the_run(dist_run, tmp_path):
     assert results[1]["err"] == ""
 
 
-def _torchrun(spec: str, args: list[str], cwd: Path, *launcher: str):
-    """A 2-rank tensor-parallel ``torchrun`` of the GPT with ``spec`` injected."""
+def _torchrun(spec: str, args: list[str], cwd: Path, *launcher: str, base: list[str] = TP2,
+              timeout: float = 400):  # fmt: skip
+    """A 2-rank ``torchrun`` of the GPT (``base``: tensor-parallel) with ``spec`` injected."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", INJECT_ENV: spec}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           *launcher, str(ROOT / "scripts" / "train_gpt.py"), *TP2, *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+           *launcher, str(ROOT / "scripts" / "train_gpt.py"), *base, *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _torchrun_with_fault(spec: str, args: list[str], cwd: Path) -> str:
@@ -126,34 +133,59 @@ def test_torchrun_a_hung_rank_times_out_every_rank(tmp_path):
     assert "; not there: rank 1 in 'step 2: data' for " in line, line
 
 
-RESTART_ARGS = ["--max-steps", "6", "--ckpt-interval", "2"]
+# One torchrun job per layout, each killed at several points in turn (the n-th kill in attempt n,
+# checkpoints after every step): every restart resumes by itself from the latest complete
+# checkpoint, and the final state is bitwise that of an uninterrupted run at the same layout.
+KILL_RUNS = {  # layout flags, kills, the steps the restarts resume at (None: not known)
+    "tp2": (["--tp", "2"], "kill-forward@1:2,kill-tp@0:3,kill-save@1:4", [1, 2, 3]),
+    "pp2": (["--pp", "2"], "kill-send@0:2,kill-backward@1:3", [1, 2]),
+    # checkpoints written in the background: a kill may strike while one is in flight (then
+    # the restart resumes from the one before, or starts afresh); the last kill strikes inside
+    # the save after step 4, which is in flight on every rank, so the restart resumes at step 3
+    "dp2": (["--dp", "2", "--async-checkpoint"], "kill-dp@1:2,kill-optim@0:3,kill-save@0:4",
+            [None, None, 3]),
+}  # fmt: skip
+KILL_STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The final state of the 6-step run the restarted ones must match."""
-    tmp = tmp_path_factory.mktemp("whole")
-    whole = _torchrun("", [*RESTART_ARGS, "--out", str(tmp / "run")], tmp)
-    assert whole.returncode == 0, whole.stdout + whole.stderr
-    return _model_tensors(tmp / "run" / "checkpoints" / "step_00000006", tmp)
+def _restart_times(text: str, out: Path) -> dict[int, float]:
+    """``{attempt: seconds}`` from each injected SIGKILL to the restarted job's resume (its
+    checkpoint loaded), for the restarts whose resume the final metrics log still holds."""
+    killed = [float(t) for t in re.findall(r"^fault injection: .*, time ([\d.]+)$", text, re.M)]
+    resumed = {r["attempt"]: r["time"] for r in _metrics(out) if "resumed_from" in r}
+    return {a: t - killed[a - 1] for a, t in sorted(resumed.items())}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "spec, resumed_at",
-    [("kill@1:5", 4), ("kill-save@1:4", 2)],
-    ids=["before-step", "checkpoint-save"],
-)
-def test_torchrun_restarts_a_killed_rank_bit_exactly(uninterrupted, tmp_path, spec, resumed_at):
-    """A rank SIGKILLed before step 5, or inside the save of step 4's checkpoint (its peer is in
-    the save's collectives): ``torchrun --max-restarts=1`` restarts the job, which resumes from
-    the latest complete checkpoint by itself; the final state is bitwise the uninterrupted run's."""
+@pytest.mark.parametrize("layout", KILL_RUNS)
+def test_torchrun_restarts_killed_ranks_bit_exactly(dist_run, tmp_path, layout):
+    """Ranks SIGKILLed in the forward, the backward, a tensor-parallel collective, a pipeline
+    send, the data-parallel all-reduce, the optimizer step and inside a checkpoint save (sync,
+    and async while in flight): ``torchrun --max-restarts`` restarts the
+    job after each, it resumes from the latest complete checkpoint by itself, and the final
+    model and optimizer state are bitwise those of the uninterrupted run."""
+    flags, spec, resumed_at = KILL_RUNS[layout]
+    steps = ["--max-steps", str(KILL_STEPS)]
+    whole = tmp_path / "whole"
+    results = dist_run(2, _main, "gpt", [*TP_OFF, *flags, *steps, "--out", str(whole)],
+                       timeout=180)  # fmt: skip
+    assert [r["code"] for r in results] == [0, 0], results[0]["err"]
     out = tmp_path / "run"
-    killed = _torchrun(spec, [*RESTART_ARGS, "--out", str(out)], tmp_path, "--max-restarts=1")
-    text = killed.stdout + killed.stderr
-    assert killed.returncode == 0, text
-    assert "exitcode: -9" in text and f"at step {resumed_at}\n" in text, text
-    got = _model_tensors(out / "checkpoints" / "step_00000006", tmp_path)
-    assert uninterrupted.keys() == got.keys() and any(k.startswith("optim/") for k in got)
-    for key, value in uninterrupted.items():
+    args = [*flags, *steps, "--ckpt-interval", "1", "--out", str(out)]
+    launcher = f"--max-restarts={len(resumed_at)}"  # each restart costs a process start-up
+    done = _torchrun(spec, args, tmp_path, launcher, base=TP_OFF, timeout=300 * len(resumed_at))
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
+    kills = len(resumed_at)
+    assert text.count("fault injection: ") == kills and text.count("exitcode: -9") == kills, text
+    resumes = [int(s) for s in re.findall(r"^resumed from .* at step (\d+) ", text, re.M)]
+    known = [s for s in resumed_at if s is not None]
+    assert resumes[len(resumes) - len(known) :] == known, text
+    final = f"step_{KILL_STEPS:08d}"
+    want = checkpoint_tensors(whole / "checkpoints" / final, tmp_path)
+    got = checkpoint_tensors(out / "checkpoints" / final, tmp_path)
+    assert want.keys() == got.keys() and any(k.startswith("optim/") for k in got)
+    for key, value in want.items():
         assert torch.equal(value, got[key]), key
+    times = ", ".join(f"attempt {a}: {t:.1f}" for a, t in _restart_times(text, out).items())
+    print(f"\n{layout} ({spec}): seconds from the kill to the resume: {times}")

@@ -165,6 +165,8 @@ class RunConfig:
     """Evaluate every this many steps (and at the end); 0: only at the end."""
     ckpt_interval: int = 100
     """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    async_checkpoint: bool = False
+    """Write checkpoints in the background (torch.distributed.checkpoint.async_save): a save stalls training only while the state is copied to host memory; each checkpoint still appears complete or not at all, and the next save and the end of the run wait for it."""
     keep_checkpoints: int = 2
     """How many checkpoints to keep (the newest); 0 keeps all."""
     out: str | None = None

@@ -37,11 +37,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["INJECT_ENV", "FaultMonitor", "FaultPlan", "exit_on_sigterm"]
+from triton_parallel_layers.kernels.collectives import record_comm
+
+__all__ = ["INJECT_ENV", "KILL_POINTS", "FaultMonitor", "FaultPlan", "exit_on_sigterm"]
 
 
 def _flush() -> None:
@@ -230,21 +234,53 @@ INJECT_ENV = "TPL_INJECT_FAULT"
 """Test hook: faults to inject, ``kind@rank:step`` separated by commas (``nan@1:3,nan@1:4``).
 Kinds: ``nan`` (this rank's loss of that step becomes NaN, as a diverging forward would make it),
 ``raise`` (this rank raises an ``OSError`` before the step, alone), ``hang`` (this rank sleeps
-before the step, its peers wait in the step's first collective), ``kill`` (this rank SIGKILLs
-itself before the step), ``kill-save`` (it SIGKILLs itself as the checkpoint after the step is
-being saved: its peers are inside the save). Kills happen in the first attempt of a ``torchrun``
-job only, so a restart runs on. Steps count from 1 (the step being computed). For
-fault-tolerance tests, never for training."""
+before the step, its peers wait in the step's first collective), and the kill points of
+:data:`KILL_POINTS` (this rank SIGKILLs itself there). Steps count from 1 (the step being
+computed). The n-th kill of the list (counting every rank's, in the order written) happens in
+attempt n of a ``torchrun --max-restarts`` job only (``TORCHELASTIC_RESTART_COUNT``), so one job
+can be killed at several points in turn and each restart runs on. For fault-tolerance tests,
+never for training; unset, it costs nothing (no hook is installed)."""
 
-FAULT_KINDS = ("nan", "raise", "hang", "kill", "kill-save")
+KILL_POINTS = {
+    "kill": "before the step",
+    "kill-forward": "in the forward (a pre-hook on the middle layer this rank holds)",
+    "kill-backward": "in the backward (a gradient hook on that layer's first parameter)",
+    "kill-tp": "entering the step's first tensor-parallel collective",
+    "kill-send": "at the step's first pipeline send",
+    "kill-dp": "in the data-parallel gradient all-reduce (before a bucket, in the engine's DDP hook)",
+    "kill-optim": "in the optimizer step (a step pre-hook)",
+    "kill-save": "inside the checkpoint save after the step",
+}
+"""Where each kill fault strikes. ``kill-save``: the peers are inside the save's collectives
+(``--async-checkpoint``: the save is in flight on every rank)."""
+
+FAULT_KINDS = ("nan", "raise", "hang", *KILL_POINTS)
+
+# the layout axis a kill point needs (its size must be > 1)
+_NEEDS_AXIS = {"kill-tp": "tp", "kill-send": "pp", "kill-dp": "dp"}
+# what the comm ledger (kernels.collectives) calls the operations of each kill point
+_LEDGER_KINDS = {"kill-tp": ("all_reduce", "all_gather", "reduce_scatter"), "kill-send": ("send",)}
 
 
 class FaultPlan:
-    """The faults :data:`INJECT_ENV` asks of ``rank``: ``plan.has("nan", step)``."""
+    """The faults :data:`INJECT_ENV` asks of ``rank`` in this attempt: ``plan.has("nan", step)``.
 
-    def __init__(self, rank: int, spec: str | None = None) -> None:
+    The trainer calls :meth:`install` once (hooks for the kill points planned here; none when
+    nothing is planned), :meth:`before_step` before each step (which also tells the hooks the
+    step), :meth:`in_save` inside each checkpoint save, and :meth:`close` at the end.
+    """
+
+    def __init__(self, rank: int, spec: str | None = None, attempt: int | None = None) -> None:
         spec = os.environ.get(INJECT_ENV, "") if spec is None else spec
+        if attempt is None:
+            attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        self.rank = rank
         self.faults: set[tuple[str, int]] = set()
+        self.kinds: set[str] = set()  # every rank's, so every rank checks the layout alike
+        self.step = 0
+        """The step being computed (set by :meth:`before_step`; the hooks compare with it)."""
+        self._hooks = contextlib.ExitStack()
+        kills = 0
         for item in filter(None, (s.strip() for s in spec.split(","))):
             try:
                 kind, where = item.split("@")
@@ -255,28 +291,91 @@ class FaultPlan:
                 ) from None
             if kind not in FAULT_KINDS:
                 raise ValueError(f"{INJECT_ENV}: fault {kind!r}, expected one of {FAULT_KINDS}")
+            self.kinds.add(kind)
+            if kind in KILL_POINTS:
+                kills += 1
+                if kills - 1 != attempt:
+                    continue
             if at_rank == rank:
                 self.faults.add((kind, step))
 
     def has(self, kind: str, step: int) -> bool:
         return (kind, step) in self.faults
 
-    def before_step(self, rank: int, step: int) -> None:
-        """The ``raise`` and ``hang`` faults planned for ``step``."""
+    def install(self, engine, optimizer: torch.optim.Optimizer) -> None:
+        """Check the kill points fit the layout (on every rank alike) and hook those planned for
+        this rank into ``engine`` (a :class:`~triton_parallel_layers.training.engine.Engine`) and
+        ``optimizer``."""
+        for kind in sorted(self.kinds & set(_NEEDS_AXIS)):
+            axis = _NEEDS_AXIS[kind]
+            if getattr(engine.dims, axis) == 1:
+                raise ValueError(f"{INJECT_ENV}: {kind} needs a layout with {axis} > 1")
+        for kind, step in sorted(self.faults):
+            kill = self._killer(kind, step)
+            if kind in ("kill-forward", "kill-backward"):
+                held = [  # the layers this rank holds (with parameters, none on meta)
+                    m
+                    for m in engine.model.pipeline_layers()
+                    if (ps := list(m.parameters())) and not any(p.is_meta for p in ps)
+                ]
+                layer = held[len(held) // 2]
+                if kind == "kill-forward":
+                    handle = layer.register_forward_pre_hook(lambda *_, kill=kill: kill())
+                else:
+                    param = next(p for p in layer.parameters() if p.requires_grad)
+                    handle = param.register_hook(lambda _grad, kill=kill: kill())
+                self._hooks.callback(handle.remove)
+            elif kind in _LEDGER_KINDS:  # the ledger sees every collective and send as it starts
+                ledger = self._hooks.enter_context(record_comm())
+                kinds = _LEDGER_KINDS[kind]
+                ledger.record = lambda op, *_, kill=kill, kinds=kinds: (
+                    kill() if op in kinds else None
+                )
+            elif kind == "kill-dp":
+                ddps = [engine.ddp] if engine.ddp is not None else []
+                ddps += [s.ddp for s in engine.stages or [] if s.ddp is not None]
+                for ddp in ddps:  # the engine's gradient-reduction hook (grad_reduce.py)
+                    ddp.grad_reduce.before_bucket.append(kill)
+            elif kind == "kill-optim":
+                handle = optimizer.register_step_pre_hook(lambda *_, kill=kill: kill())
+                self._hooks.callback(handle.remove)
+
+    def _killer(self, kind: str, step: int) -> Callable[[], None]:
+        def kill() -> None:
+            if self.step == step:
+                _kill(self.rank, kind, step)
+
+        return kill
+
+    def before_step(self, step: int) -> None:
+        """The ``raise``, ``hang`` and ``kill`` faults planned for ``step``, which the hooks are
+        told is now computed."""
+        self.step = step
         if self.has("raise", step):
-            raise OSError(f"injected fault ({INJECT_ENV}) on rank {rank} before step {step}")
+            raise OSError(f"injected fault ({INJECT_ENV}) on rank {self.rank} before step {step}")
         if self.has("hang", step):
             time.sleep(3600)
         if self.has("kill", step):
-            _kill_first_attempt()
+            _kill(self.rank, "kill", step)
 
     def in_save(self, step: int) -> None:
         """The ``kill-save`` fault planned for the checkpoint after ``step``."""
         if self.has("kill-save", step):
-            _kill_first_attempt()
+            _kill(self.rank, "kill-save", step)
+
+    def close(self) -> None:
+        """Remove the hooks (a process that trains again must not inherit them)."""
+        self._hooks.close()
 
 
-def _kill_first_attempt() -> None:
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        _flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+def _kill(rank: int, kind: str, step: int) -> NoReturn:
+    """SIGKILL this process, saying first where and when (tests measure the restart time from
+    the ``time`` stamp)."""
+    print(
+        f"fault injection: rank {rank} SIGKILLs itself in step {step}, {KILL_POINTS[kind]} "
+        f"({kind}), time {time.time():.3f}",
+        file=sys.stderr,
+    )
+    _flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+    threading.Event().wait()  # pragma: no cover - the signal ends the process

@@ -21,6 +21,8 @@ single-device names (DTensors over the TP mesh, so any layout loads them), each 
 data position: batches are addressed by step), the LR schedule's state, the optimizer's
 hyperparameters, the model's description and the layout. ``--resume`` at the same layout continues
 bit for bit; at another layout it continues from the same weights and optimizer moments.
+``--async-checkpoint`` writes them in a background thread (training waits only for the copy to host
+memory), as atomically; the next save and the end of the run wait for the one in flight.
 
 """
 
@@ -31,13 +33,16 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from triton_parallel_layers.kernels.collectives import all_reduce_, record_comm
 from triton_parallel_layers.parallel_layers.checkpoint import (
+    AsyncCheckpoint,
     find_checkpoint,
     init_optimizer_state_,
     load_checkpoint,
@@ -45,6 +50,7 @@ from triton_parallel_layers.parallel_layers.checkpoint import (
     optimizer_state,
     read_meta,
     save_checkpoint,
+    save_checkpoint_async,
 )
 from triton_parallel_layers.parallel_layers.dims import ParallelDims
 from triton_parallel_layers.parallel_layers.init import name_seed
@@ -153,7 +159,9 @@ class Trainer:
         self.rank = dims.rank
         self.out = Path(self.run.out or f"runs/{self.task.name}")
         self.ckpt_root = self.out / "checkpoints"
-        if self.rank == 0 and self.resume is None:
+        # restarts of a `torchrun --max-restarts` job so far (each one is the same run)
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if self.rank == 0 and self.resume is None and self.attempt == 0:
             _move_aside_previous_run(self.out)
         # dropout and any other randomness: one stream per (dp, pp) position, shared by TP ranks
         torch.manual_seed(name_seed(self.run.seed, f"rng/dp{dims.dp_rank}/pp{dims.pp_rank}"))
@@ -185,12 +193,20 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0  # steps whose optimizer step was skipped (non-finite), this session
         self.skipped_in_a_row = 0
-        self.faults = FaultPlan(self.rank)
         self.step_report: dict | None = None  # this session's first step (fit)
         self.notes: list[str] = []
+        self._pending: AsyncCheckpoint | None = None  # the async save in flight
+        self._ckpt_group = None
+        if self.run.async_checkpoint and dims.world_size > 1:
+            # the background saves' collectives need a group no other thread uses meanwhile
+            self._ckpt_group = dist.new_group(
+                backend="gloo", timeout=timedelta(seconds=self.run.timeout)
+            )
         if self.resume is not None:
             path = find_checkpoint(self.resume)
             self._load(path, self.resume_meta or read_meta(path))
+        self.faults = FaultPlan(self.rank)  # test hook (fault.INJECT_ENV): nothing when unset
+        self.faults.install(self.engine, self.optimizer)
 
     def _layout(self) -> dict:
         p = self.parallel
@@ -221,8 +237,11 @@ class Trainer:
         if self.monitor is not None:
             self.monitor.phase = text
 
-    def save(self) -> Path:
-        """Checkpoint the state after ``self.step`` steps (every rank calls it)."""
+    def save(self, *, wait: bool = False) -> Path:
+        """Checkpoint the state after ``self.step`` steps (every rank calls it). With
+        ``--async-checkpoint`` the checkpoint is written in the background (``wait``: wait for
+        it); the previous one is waited for first."""
+        self.wait_for_checkpoint()
         self._phase(f"step {self.step}: checkpoint save")
         meta = {
             "format": FORMAT,
@@ -245,12 +264,28 @@ class Trainer:
         self.schedule.last_step = self.step
         meta["scheduler"] = self.schedule.state_dict()
         state = self.state_dict()
-        self.faults.in_save(self.step)  # test hook (fault.INJECT_ENV)
-        path = save_checkpoint(
-            self.ckpt_root, self.step, state, meta, keep=self.run.keep_checkpoints
-        )
+        keep = self.run.keep_checkpoints
+        if self.run.async_checkpoint:
+            self._pending = save_checkpoint_async(
+                self.ckpt_root, self.step, state, meta, keep=keep, process_group=self._ckpt_group
+            )
+            self.faults.in_save(self.step)  # test hook: killed while the save is in flight
+            path = self._pending.path
+            if wait:
+                self.wait_for_checkpoint()
+        else:
+            self.faults.in_save(self.step)  # test hook: killed as the others enter the save
+            path = save_checkpoint(self.ckpt_root, self.step, state, meta, keep=keep)
         self._saved_step = self.step
         return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (raises
+        :class:`CheckpointError` if writing it failed)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._phase(f"step {self.step}: waiting for the checkpoint {pending.path.name}")
+            pending.wait()
 
     def _load(self, path: Path, meta: dict) -> None:
         """Load model, optimizer, schedule, data position and (same layout) RNG state."""
@@ -311,7 +346,10 @@ class Trainer:
         )
         rep.print(f"data: {task.describe_data()} | run folder {self.out}")
         if getattr(self, "loaded_from", None) is not None:
-            rep.print(f"resumed from {self.loaded_from} at step {self.step}")
+            restarted = f" (torchrun restart {self.attempt})" if self.attempt else ""
+            rep.print(f"resumed from {self.loaded_from} at step {self.step}{restarted}")
+            rep.log({"step": self.step, "resumed_from": str(self.loaded_from),
+                     "attempt": self.attempt, "time": time.time()})  # fmt: skip
         for note in self.notes:
             rep.print(f"note: {note}")
         if self.run.eval_only:
@@ -329,7 +367,7 @@ class Trainer:
                 self._phase(f"step {self.step + 1}: data")
                 x, y = task.train_batch(self.step, dims.dp_rank, dims.dp)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                self.faults.before_step(self.rank, self.step + 1)
+                self.faults.before_step(self.step + 1)
                 self._phase(f"step {self.step + 1}: forward and backward")
                 measure = self.step == start_step  # the step report (report.py): memory too
                 t0 = time.perf_counter()
@@ -376,6 +414,7 @@ class Trainer:
                         "step_seconds": dt,
                         f"{task.unit}_per_s": task.items_per_step / dt,
                         f"{task.unit}_seen": self.step * task.items_per_step,
+                        "time": time.time(),
                     }
                 else:
                     record = self._skip(self.step, lr, dt, rep)
@@ -404,6 +443,7 @@ class Trainer:
                     self.save()
         finally:
             rep.close()
+            self.faults.close()
 
         self._phase(f"step {self.step}: final evaluation")
         final_eval = self._evaluate()
@@ -412,9 +452,10 @@ class Trainer:
             rep.log({"step": self.step, **final_eval})
         checkpoint = None
         if self.step > start_step and getattr(self, "_saved_step", None) != self.step:
-            checkpoint = str(self.save())
+            checkpoint = str(self.save(wait=True))
         elif self.step > start_step:
             checkpoint = str(self.ckpt_root / f"step_{self.step:08d}")
+        self.wait_for_checkpoint()
         extra = task.final_report(engine)
         last_loss = sum(recent) / len(recent) if recent else None
         summary = self._summary(step_times, first_loss, last_loss, final_eval, checkpoint)
@@ -443,7 +484,7 @@ class Trainer:
             )
         return {
             "step": step, "skipped": True, "skipped_in_a_row": self.skipped_in_a_row,
-            "skipped_steps": self.skipped_steps, "lr": lr, "step_seconds": dt,
+            "skipped_steps": self.skipped_steps, "lr": lr, "step_seconds": dt, "time": time.time(),
         }  # fmt: skip
 
     def _summary(self, times, first_loss, last_loss, final_eval, checkpoint) -> dict:
