@@ -22,6 +22,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from triton_parallel_layers.parallel_layers.data_parallel import local_tensor
+
 __all__ = ["LiveBytes", "local_bytes", "state_bytes"]
 
 
@@ -67,7 +69,7 @@ class LiveBytes(TorchDispatchMode):
 
 def local_bytes(t: torch.Tensor) -> int:
     """Bytes of ``t`` held on this rank: a ``DTensor``'s local shard, else the tensor itself."""
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = local_tensor(t)
     return local.numel() * local.element_size()
 
 
