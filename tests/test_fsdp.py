@@ -180,3 +180,35 @@ def _zb_h1_case() -> None:
 
 def test_zb_h1_refuses_fsdp_on_every_rank(dist_run):
     dist_run(4, _zb_h1_case)
+
+
+def _bytes_case() -> list[dict]:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import fsdp_memory
+
+    rows = []
+    for dp, tp in [(4, 1), (2, 2)]:
+        for mode in ("ddp", "fsdp"):
+            rows.append(fsdp_memory.measure(mode, dp, tp, _build_gpt, _GPT["max_seq_len"]))
+    return rows
+
+
+def test_per_rank_bytes_are_the_analytic_share(dist_run):
+    """FSDP's parameters, gradients and AdamW state per rank are exactly each TP shard's dim-0
+    chunk on this dp rank (1/dp of DDP's up to uneven chunks), and add up to DDP's over dp."""
+    rows = [r for ranks in zip(*dist_run(4, _bytes_case, timeout=300)) for r in ranks]
+    for r in rows:
+        assert r["param_bytes"] == r["analytic_param_bytes"], r
+        assert r["grad_bytes"] == r["param_bytes"], r
+        assert r["optimizer_bytes"] == r["analytic_optimizer_bytes"], r
+    for dp, tp in [(4, 1), (2, 2)]:
+        for tp_rank in range(tp):
+            fsdp = [r for r in rows if (r["dp"], r["tp"], r["dp_shard"]) == (dp, tp, "fsdp")]
+            fsdp = [r for r in fsdp if r["rank"] % tp == tp_rank]
+            ddp = [r for r in rows if (r["dp"], r["tp"], r["dp_shard"]) == (dp, tp, "ddp")]
+            ddp = [r for r in ddp if r["rank"] % tp == tp_rank]
+            assert sum(r["param_bytes"] for r in fsdp) == ddp[0]["param_bytes"]
+            assert max(r["param_bytes"] for r in fsdp) <= 1.05 * ddp[0]["param_bytes"] / dp
