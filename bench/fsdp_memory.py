@@ -30,6 +30,7 @@ from _machine import cpu_name  # noqa: E402
 
 from triton_parallel_layers.models.gpt import GPT_TP_PLAN  # noqa: E402
 from triton_parallel_layers.parallel_layers import ParallelDims  # noqa: E402
+from triton_parallel_layers.parallel_layers.data_parallel import dp_shard_shape  # noqa: E402
 from triton_parallel_layers.parallel_layers.memory import state_bytes  # noqa: E402
 from triton_parallel_layers.training.config import (  # noqa: E402
     OptimConfig,
@@ -42,12 +43,6 @@ from triton_parallel_layers.training.trainer import _make_optimizer  # noqa: E40
 
 PRESET = "tiny"
 LAYOUTS = [(1, 1), (2, 1), (4, 1), (2, 2)]  # (dp, tp)
-
-
-def _piece_rows(rows: int, dp: int, dp_rank: int) -> int:
-    """Rows of ``torch.chunk(range(rows), dp)[dp_rank]`` (FSDP2's dim-0 shard)."""
-    pieces = torch.empty(rows, device="meta").chunk(dp)
-    return pieces[dp_rank].shape[0] if dp_rank < len(pieces) else 0
 
 
 def measure(dp_shard: str, dp: int, tp: int, model_fn=None, seq_len: int | None = None) -> dict:
@@ -72,7 +67,7 @@ def measure(dp_shard: str, dp: int, tp: int, model_fn=None, seq_len: int | None 
     for p in engine.model.parameters():  # every parameter here has dim >= 1
         row_bytes = math.prod(p.shape[1:]) * p.element_size()
         whole += p.shape[0] * row_bytes
-        piece += _piece_rows(p.shape[0], dp, dims.dp_rank) * row_bytes
+        piece += dp_shard_shape(p.shape, dp, dims.dp_rank)[0] * row_bytes
     n_tensors = sum(1 for _ in engine.model.parameters())
     analytic = piece if dp_shard == "fsdp" else whole
     return {

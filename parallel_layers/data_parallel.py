@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-__all__ = ["gradient_sync", "is_fsdp", "local_tensor", "shard_data_parallel"]
+__all__ = ["dp_shard_shape", "gradient_sync", "is_fsdp", "local_tensor", "shard_data_parallel"]
 
 
 def _private_units(units: Sequence[nn.Module]) -> list[nn.Module]:
@@ -72,6 +72,14 @@ def shard_data_parallel(
 
 def is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
+
+
+def dp_shard_shape(shape: Sequence[int], dp: int, dp_rank: int) -> torch.Size:
+    """The shape of FSDP2's shard on ``dp_rank``: ``torch.chunk(t, dp, 0)[dp_rank]`` of a tensor of
+    ``shape`` (empty along dim 0 where the chunks run out)."""
+    pieces = torch.empty(shape, device="meta").chunk(dp, 0)
+    rows = pieces[dp_rank].shape[0] if dp_rank < len(pieces) else 0
+    return torch.Size([rows, *shape[1:]])
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

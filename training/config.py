@@ -121,6 +121,8 @@ class ParallelConfig:
             extra.append(f"{self.microbatches} microbatches")
         if self.sequence_parallel:
             extra.append("sequence parallel" + (" + overlap" if self.overlap else ""))
+        if self.dp_shard == "fsdp":
+            extra.append("FSDP2")
         return parts[0] + (f" ({', '.join(extra)})" if extra else "")
 
 

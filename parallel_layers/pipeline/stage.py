@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
 from triton_parallel_layers.parallel_layers.data_parallel import (
+    dp_shard_shape,
     gradient_sync,
     local_tensor,
     shard_data_parallel,
@@ -124,9 +125,7 @@ class SharedParameters:
             return param.to_local().shape
         if self.dp_shards is None:
             return param.shape
-        dp, dp_rank = self.dp_shards
-        pieces = torch.empty(param.shape, device="meta").chunk(dp, 0)
-        return pieces[dp_rank].shape if dp_rank < len(pieces) else torch.Size([0, *param.shape[1:]])
+        return dp_shard_shape(param.shape, *self.dp_shards)
 
     def __len__(self) -> int:
         return len(self.entries)
