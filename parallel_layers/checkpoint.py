@@ -156,14 +156,51 @@ def to_dtensor(
     local: torch.Tensor, mesh: DeviceMesh, dim: int | None, full_shape: torch.Size
 ) -> DTensor:
     """``local`` (this rank's chunk along ``dim`` of a ``full_shape`` tensor, or all of it) as a
-    DTensor over the 1-D ``mesh``, sharing ``local``'s storage (DCP loads into it in place)."""
-    placement = Replicate() if dim is None else Shard(dim)
+    DTensor over the 1-D ``mesh``, sharing ``local``'s storage (DCP loads into it in place).
+
+    ``local`` may itself be a ``DTensor``: FSDP2's shard, ``torch.chunk(tp_shard, dp, 0)[dp_rank]``
+    over a 1-D ``dp`` mesh. It is then saved over the ``(tp, dp)`` mesh with placements
+    ``[tp placement, Shard(0)]`` (the TP split first, then FSDP's split of the TP shard), so every
+    rank writes only its own piece, at its global offset, and any layout reads it back."""
+    placements = [Replicate() if dim is None else Shard(dim)]
+    if isinstance(local, DTensor):
+        if local.dim() < len(full_shape):
+            raise CheckpointError(
+                f"a gate-blocked parameter of shape {tuple(local.shape)} (saved as "
+                f"{tuple(full_shape)}) cannot be checkpointed FSDP-sharded: use DDP for LSTMs"
+            )
+        mesh = _tp_dp_mesh(mesh, local.device_mesh)
+        placements.append(Shard(0))
+        local = local.to_local()
     if local.dim() < len(full_shape):  # a gate-blocked parameter, (4H/p, *) as (4, H/p, *)
         local = local.unflatten(0, (full_shape[0], -1))
     stride = torch.empty(full_shape, device="meta").stride()
     return DTensor.from_local(
-        local.detach(), mesh, [placement], run_check=False, shape=full_shape, stride=stride
+        local.detach(), mesh, placements, run_check=False, shape=full_shape, stride=stride
     )
+
+
+_MESHES: dict[tuple, DeviceMesh] = {}
+
+
+def _tp_dp_mesh(tp_mesh: DeviceMesh, dp_mesh: DeviceMesh) -> DeviceMesh:
+    """The ``(tp, dp)`` grid of this rank's pipeline stage as a mesh in that order (the
+    ``ParallelDims`` mesh is ``(pp, dp, tp)``, row-major: rank ``(d, t)`` is
+    ``tp_ranks[t] + dp_ranks[d] - this rank``). Built without process groups: a DTensor in a
+    checkpoint needs only its coordinates on the mesh."""
+    key = (
+        tp_mesh.device_type,
+        *tp_mesh.mesh.flatten().tolist(),
+        -1,
+        *dp_mesh.mesh.flatten().tolist(),
+    )
+    if key not in _MESHES:
+        me = dist.get_rank()
+        grid = tp_mesh.mesh.flatten()[:, None] + dp_mesh.mesh.flatten()[None, :] - me  # (tp, dp)
+        _MESHES[key] = DeviceMesh(
+            tp_mesh.device_type, grid, mesh_dim_names=("tp", "dp"), _init_backend=False
+        )
+    return _MESHES[key]
 
 
 def model_state(params: Iterable[ShardedParam], tp_mesh: DeviceMesh) -> dict[str, DTensor]:

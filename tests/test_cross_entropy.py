@@ -136,3 +136,81 @@ def _bad_input_case():
 
 def test_bad_input_raises_on_every_rank(dist_run):
     dist_run(4, _bad_input_case)
+
+
+def _chunks_grad_mode_and_memory_case():
+    """Chunking the fp32 scratch changes nothing; without grad no gradient buffer is made; the
+    in-place backward refuses a second pass; the peak is the one buffer the design allows."""
+    from triton_parallel_layers.parallel_layers.cross_entropy import _default_chunk_size
+    from triton_parallel_layers.parallel_layers.memory import LiveBytes
+
+    dims = ParallelDims(tp=dist.get_world_size())
+    torch.manual_seed(1)
+    n, vocab = 23, 4 * 24
+    logits = 3 * torch.randn(n, vocab)
+    target = torch.randint(0, vocab, (n,))
+    target[::5] = -100
+    for dtype, smoothing in [(torch.bfloat16, 0.0), (torch.float16, 0.2), (torch.float32, 0.1)]:
+        shard = chunk(logits.to(dtype), -1)
+        runs = []
+        for size in (1, 5, n, None):
+            x = shard.clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(
+                x, target, dims.tp_group, label_smoothing=smoothing, chunk_size=size
+            )
+            loss.backward()
+            runs.append((loss.detach(), x.grad))
+        for loss, grad in runs[1:]:  # row-wise arithmetic: bit-equal whatever the chunking
+            assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1]), dtype
+
+        v_local, item = shard.shape[-1], shard.element_size()
+        with torch.no_grad(), LiveBytes() as mem:
+            loss = vocab_parallel_cross_entropy(shard, target, dims.tp_group, chunk_size=4)
+        scratch = 4 * v_local * 4  # the fp32 scratch of 4 tokens, no gradient buffer
+        assert mem.peak <= scratch + 64 * n, (mem.peak, scratch)
+
+        x = shard.clone().requires_grad_()
+        with LiveBytes() as mem:
+            loss = vocab_parallel_cross_entropy(x, target, dims.tp_group)
+            loss.backward(retain_graph=True)
+        # one logits-sized buffer (the gradient, in the logits' dtype) + the fp32 chunk scratch
+        # (none for fp32 logits) + per-token vectors
+        buffer = n * v_local * item
+        if dtype != torch.float32:
+            buffer += _default_chunk_size(n, v_local) * v_local * 4
+        assert buffer <= mem.peak <= buffer + 64 * n, (dtype, mem.peak, buffer)
+        expect_error(RuntimeError, "modified by an inplace operation", loss.backward)
+    expect_error(
+        ValueError,
+        r"chunk_size=0: expected a positive int",
+        vocab_parallel_cross_entropy,
+        shard,
+        target,
+        dims.tp_group,
+        chunk_size=0,
+    )
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_chunks_grad_mode_and_memory(dist_run, world_size):
+    dist_run(world_size, _chunks_grad_mode_and_memory_case)
+
+
+def _peak_against_torch_case(n, vocab, dtype, label_smoothing):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import ce_memory
+
+    return ce_memory.measure(n, vocab, dtype, label_smoothing)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_peak_memory_against_torch_cross_entropy(dist_run, world_size):
+    """Item 6's claim, in exact bytes: the loss forward + backward peaks at most at
+    F.cross_entropy's on the gathered logits (tp = 1), and at most its 1/tp shard fraction."""
+    for case in [(64, 1024, "float32", 0.0), (64, 1024, "bfloat16", 0.1)]:
+        for row in dist_run(world_size, _peak_against_torch_case, *case):
+            assert row["ratio"] <= 1.0 / world_size, row
+            assert row["analytic"] <= row["ours_peak"] <= row["analytic"] + 64 * 64, row

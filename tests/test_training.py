@@ -56,6 +56,7 @@ LAYOUTS = [
     (4, ["--dp", "2", "--tp", "2", "--sequence-parallel", "--microbatches", "2"]),
     (4, ["--pp", "2", "--tp", "2", "--schedule", "interleaved", "--microbatches", "2"]),
     (4, ["--pp", "2", "--tp", "2", "--schedule", "zb-h1", *ZB_SP]),
+    (4, ["--dp", "2", "--pp", "2", "--microbatches", "2", "--dp-shard", "fsdp"]),
 ]
 
 

@@ -37,6 +37,13 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "fp32", "bf16")
 GRAD_REDUCE_DTYPES = ("fp32", "bf16")
+DP_SHARD_MODES = ("ddp", "fsdp")
+FSDP_ZB_H1 = (
+    "--dp-shard=fsdp does not run the zb-h1 schedule: its deferred weight-gradient passes (W) "
+    "compute a layer's weight gradient after the layer's backward has returned, when FSDP2 has "
+    "already freed the gathered parameters and reduce-scattered the gradients; use "
+    "--dp-shard=ddp with zb-h1, or --schedule gpipe, 1f1b or interleaved with fsdp"
+)
 
 
 def _positive(name: str, value: Any, *, allow_none: bool = False, zero: bool = False) -> None:
@@ -77,6 +84,8 @@ class ParallelConfig:
     """Overlap the sequence-parallel all-gather/reduce-scatter with the matmuls (needs --sequence-parallel)."""
     grad_reduce_dtype: str = "fp32"
     """Dtype of the data-parallel gradient all-reduce: fp32 (exact) or bf16 (half the bytes; the sum is rounded to bf16)."""
+    dp_shard: str = "ddp"
+    """Data parallelism over dp: ddp (DistributedDataParallel: whole parameters, gradients and optimizer state on every rank) or fsdp (FSDP2 fully_shard: each rank holds 1/dp of them; not with the zb-h1 schedule)."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp"):
@@ -86,6 +95,7 @@ class ParallelConfig:
         _choice("schedule", self.schedule, SCHEDULE_NAMES)
         _choice("layout", self.layout, ("manual", "auto"))
         _choice("grad_reduce_dtype", self.grad_reduce_dtype, GRAD_REDUCE_DTYPES)
+        _choice("dp_shard", self.dp_shard, DP_SHARD_MODES)
         if self.microbatches is None:
             self.microbatches = 2 * self.pp if self.pp > 1 else 1
         if self.chunks is None:
@@ -94,6 +104,14 @@ class ParallelConfig:
             raise ValueError("--overlap needs --sequence-parallel (it overlaps the SP collectives)")
         if self.pp == 1 and self.chunks != 1:
             raise ValueError(f"--chunks={self.chunks} needs pp > 1 (chunks are pipeline stages)")
+        if self.dp_shard == "fsdp" and self.pp > 1 and self.schedule == "zb-h1":
+            raise ValueError(FSDP_ZB_H1)
+        if self.dp_shard == "fsdp" and self.grad_reduce_dtype != "fp32":
+            raise ValueError(
+                f"--grad-reduce-dtype={self.grad_reduce_dtype} is a DDP option (a comm hook); "
+                "FSDP2's reduce-scatter runs in the gradients' dtype: use --dp-shard=ddp, or "
+                "--grad-reduce-dtype=fp32 with fsdp"
+            )
         if self.pp > 1:
             from triton_parallel_layers.parallel_layers.pipeline import get_schedule
 
@@ -113,6 +131,8 @@ class ParallelConfig:
             extra.append(f"{self.microbatches} microbatches")
         if self.sequence_parallel:
             extra.append("sequence parallel" + (" + overlap" if self.overlap else ""))
+        if self.dp_shard == "fsdp":
+            extra.append("FSDP2")
         return parts[0] + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -13,7 +13,11 @@
 4. the step: **pp = 1** a plain step (DDP over ``dp`` when ``dp > 1``; ``microbatches`` is gradient
    accumulation under ``no_sync``); **pp > 1** the pipeline schedule
    (:mod:`triton_parallel_layers.parallel_layers.pipeline`) over :func:`~triton_parallel_layers.parallel_layers.pipeline.build_stages`' stages,
-   which wrap each stage in DDP over ``dp``.
+   which wrap each stage in DDP over ``dp``. With ``parallel.dp_shard == "fsdp"`` FSDP2 shards
+   over ``dp`` instead (:mod:`triton_parallel_layers.parallel_layers.data_parallel`): at pp = 1 each
+   pipeline layer is a unit and the model the root; at pp > 1 each stage is one unit. The
+   parameters in :attr:`Engine.params` are then ``DTensor`` shards (1/dp of each TP shard), and
+   so are their gradients and optimizer state.
 
 Both steps are behind one seam, :meth:`Engine.train_step` (forward + backward of the global
 batch's share of this dp replica; the optimizer is the trainer's), and :meth:`Engine.forward`
@@ -49,6 +53,11 @@ from triton_parallel_layers.parallel_layers import (
 )
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
 from triton_parallel_layers.parallel_layers.grad_reduce import register_grad_reduce_hook
+from triton_parallel_layers.parallel_layers.data_parallel import (
+    gradient_sync,
+    local_tensor,
+    shard_data_parallel,
+)
 from triton_parallel_layers.parallel_layers.pipeline import (
     ActivationMemoryTracker,
     ScheduleForwardOnly,
@@ -106,6 +115,8 @@ class Engine:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     autocast_dtype: torch.dtype | None = None
     ddp: DistributedDataParallel | None = None
+    fsdp: bool = False
+    """Data parallelism by FSDP2: parameters, gradients and optimizer state are dp shards."""
     stages: list | None = None
     schedule: object | None = None
     tied_copies: frozenset[str] = frozenset()
@@ -194,8 +205,12 @@ class Engine:
         losses = []
         pairs = list(zip(inputs.tensor_split(m), targets.tensor_split(m)))
         for i, (x, y) in enumerate(pairs):
-            sync = self.ddp is None or i == m - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            sync = i == m - 1
+            if self.ddp is not None and not sync:
+                no_sync = self.ddp.no_sync()
+            else:
+                no_sync = gradient_sync(self.model, sync)  # FSDP; nothing otherwise
+            with no_sync:
                 with self.autocast(), memory.hooks() if memory else contextlib.nullcontext():
                     loss = self.loss_fn(module(x), y)
                 if memory is not None:
@@ -225,16 +240,16 @@ class Engine:
                 p.dim is not None or self.dims.tp_rank == 0
             ) and p.name not in self.tied_copies
             if g is not None and counted:
-                sq += g.float().pow(2).sum()
+                sq += local_tensor(g).float().pow(2).sum()  # FSDP: this rank's dp shard
         if loss is not None:
             sq += 0.0 * loss.detach().float()  # 0 * (inf or nan) = nan
         if self.dims.world_size > 1:
-            # dp replicas hold the same gradients: divided out below
             all_reduce_(sq, dist.group.WORLD)
-        norm = (sq / self.dims.dp).sqrt()
+        # DDP replicas hold the same gradients: divide them out; FSDP's shards add up
+        norm = (sq / (1 if self.fsdp else self.dims.dp)).sqrt()
         if max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            grads = [p.param.grad for p in self.params if p.param.grad is not None]
+            grads = [local_tensor(p.param.grad) for p in self.params if p.param.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, coef)
         return norm
@@ -308,6 +323,7 @@ def build_engine(
         parallel: schedule, microbatches, chunks, sequence parallel, overlap.
         autocast_dtype: ``torch.bfloat16`` to run forwards under autocast, or ``None``.
     """
+    fsdp = parallel.dp_shard == "fsdp"
     with torch.device("meta"):
         model = model_fn()
     kwargs = dict(sequence_parallel=parallel.sequence_parallel, overlap_comm=parallel.overlap)
@@ -318,9 +334,11 @@ def build_engine(
     if dims.pp == 1:
         model.to_empty(device=dims.device)
         model.init_weights()  # re-ties tied parameters, then fills every shard from (seed, name)
+        if fsdp:  # before listing the parameters: FSDP2 replaces them with DTensor shards
+            shard_data_parallel(model, dims.dp_mesh, units=model.pipeline_layers())
         params = sharded_params(model.named_modules(), canonical)
-        engine = Engine(model, dims, parallel, params, model.loss, autocast_dtype)
-        if dims.dp > 1:
+        engine = Engine(model, dims, parallel, params, model.loss, autocast_dtype, fsdp=fsdp)
+        if dims.dp > 1 and not fsdp:
             kw = {"device_ids": [dims.device.index]} if dims.device.type == "cuda" else {}
             engine.ddp = DistributedDataParallel(model, process_group=dims.dp_group, **kw)
             register_grad_reduce_hook(engine.ddp, parallel.grad_reduce_dtype)
@@ -347,23 +365,25 @@ def build_engine(
         for q in layer.parameters():
             used_on.setdefault(id(q), set()).add(partition.stage_of(j) % dims.pp)
 
-    stages = build_stages(
-        layers, partition, dims.pp_group, dp_group=dims.dp_group, device=dims.device
-    )
-    for stage in stages:
-        if stage.ddp is not None:
-            register_grad_reduce_hook(stage.ddp, parallel.grad_reduce_dtype)
     modules = [
         (f"{names_of[id(layers[j])]}.{n}" if n else names_of[id(layers[j])], m)
         for j in sorted(local)
         for n, m in layers[j].named_modules()
     ]
-    params = sharded_params(modules, canonical)
-    # a shared parameter counts (in the gradient norm, the parameter count) on its first rank
+    # a shared parameter counts (in the gradient norm, the parameter count) on its first rank;
+    # found by identity before FSDP2 replaces the parameters
     first_rank = {pid: min(ranks) for pid, ranks in used_on.items()}
     copies = frozenset(
-        p.name for p in params if first_rank.get(id(p.param), dims.pp_rank) != dims.pp_rank
+        p.name
+        for p in sharded_params(modules, canonical)
+        if first_rank.get(id(p.param), dims.pp_rank) != dims.pp_rank
     )
+    dp = {"dp_mesh": dims.dp_mesh} if fsdp else {"dp_group": dims.dp_group}
+    stages = build_stages(layers, partition, dims.pp_group, device=dims.device, **dp)
+    for stage in stages:
+        if stage.ddp is not None:
+            register_grad_reduce_hook(stage.ddp, parallel.grad_reduce_dtype)
+    params = sharded_params(modules, canonical)  # after build_stages: FSDP2's shards
     schedule = get_schedule(parallel.schedule)(stages, parallel.microbatches, model.loss)
     return Engine(
         model,
@@ -375,4 +395,5 @@ def build_engine(
         stages=stages,
         schedule=schedule,
         tied_copies=copies,
+        fsdp=fsdp,
     )

@@ -154,6 +154,14 @@ class PipelineSchedule:
                 f"pp={self.pp} x {self.num_chunks} stages over one pp group"
             )
         self.check(self.pp, n_microbatches, self.num_chunks)
+        if self.split_backward and any(s.fsdp for s in stages):
+            raise ValueError(
+                f"the {self.name} schedule cannot run FSDP-sharded stages: its deferred "
+                "weight-gradient passes (W) compute a layer's weight gradient after the layer's "
+                "backward has returned, when FSDP2 has already freed the gathered parameters and "
+                "reduce-scattered the gradients; shard the stages with DDP (build_stages' "
+                "dp_group) or use gpipe, 1f1b or interleaved"
+            )
         self.stages = stages
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
@@ -284,11 +292,13 @@ class PipelineSchedule:
         self.transport.finish()
         if self.memory is not None:
             self.peak_activation_bytes = self.memory.peak
-        self.stages[0].shared.sync_grads()  # tied parameters held on several ranks
-        # the sequence-parallel norms' and biases' partial gradients: one all-reduce over tp
-        allreduce_sequence_parallel_grads([stage.layers for stage in self.stages])
         for stage in self.stages:
             stage.sync_gradients()
+        # tied parameters held on several ranks: after the dp sync, when FSDP's gradients are
+        # in their shards (a sum over pp commutes with the mean over dp)
+        self.stages[0].shared.sync_grads()
+        # the sequence-parallel norms' and biases' partial gradients: one all-reduce over tp
+        allreduce_sequence_parallel_grads([stage.layers for stage in self.stages])
         return self._reduce_loss(run.losses)
 
     def _release(self, msg: Message, run: _StepState) -> None:

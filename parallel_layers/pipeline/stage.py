@@ -43,9 +43,17 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from triton_parallel_layers.kernels.collectives import all_reduce_, group_rank, group_size
+from triton_parallel_layers.parallel_layers.data_parallel import (
+    dp_shard_shape,
+    gradient_sync,
+    local_tensor,
+    shard_data_parallel,
+)
 from triton_parallel_layers.parallel_layers.pipeline.partition import Partition
 
 __all__ = [
@@ -102,10 +110,22 @@ class SharedParameters:
         entries: Sequence[tuple[str, nn.Parameter, bool]],
         pp_group: dist.ProcessGroup | None,
         device: torch.device | str | None = None,
+        *,
+        dp_shards: tuple[int, int] | None = None,
     ) -> None:
         self.entries = list(entries)
         self.pp_group = pp_group
         self.device = stage_device(device, pp_group)
+        self.dp_shards = dp_shards
+        """``(dp, dp_rank)`` when the stages are FSDP-sharded: each rank holds (and sums) its
+        ``torch.chunk(grad, dp, 0)[dp_rank]``."""
+
+    def _local_shape(self, param: nn.Parameter) -> torch.Size:
+        if isinstance(param, DTensor):
+            return param.to_local().shape
+        if self.dp_shards is None:
+            return param.shape
+        return dp_shard_shape(param.shape, *self.dp_shards)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -116,13 +136,17 @@ class SharedParameters:
             return
         for _, param, held in self.entries:
             grad = param.grad if held else None
-            if grad is None:
-                grad = torch.zeros(param.shape, dtype=param.dtype, device=self.device)
+            local = local_tensor(grad) if grad is not None else None  # FSDP: this dp shard
+            if local is None:
+                local = torch.zeros(self._local_shape(param), dtype=param.dtype, device=self.device)
                 if held:
-                    param.grad = grad
-            # (shape of param), summed over pp in place: a gradient that is a view into DDP's
-            # buckets (gradient_as_bucket_view=True) stays one
-            all_reduce_(grad, self.pp_group)
+                    param.grad = local if not isinstance(param, DTensor) else DTensor.from_local(
+                        local, param.device_mesh, param.placements, shape=param.shape,
+                        stride=param.stride(),
+                    )  # fmt: skip
+            # (shape of local), summed over pp in place: a gradient that is a view into DDP's
+            # buckets (gradient_as_bucket_view=True) or a DTensor's shard stays one
+            all_reduce_(local, self.pp_group)
 
     def __repr__(self) -> str:
         names = [f"{n}{'' if held else ' (not here)'}" for n, _, held in self.entries]
@@ -166,6 +190,7 @@ class PipelineStage:
         dp_group: dist.ProcessGroup | None = None,
         layer_range: tuple[int, int] | None = None,
         ddp_kwargs: dict | None = None,
+        dp_mesh: DeviceMesh | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         pp = group_size(pp_group)
@@ -190,7 +215,15 @@ class PipelineStage:
         self.inner = StageModule(layers)
         self.module: nn.Module = self.inner
         self.ddp: DistributedDataParallel | None = None
-        if group_size(dp_group) > 1 and any(p.requires_grad for p in self.inner.parameters()):
+        self.fsdp = dp_mesh is not None
+        if dp_mesh is not None and dp_group is not None and dp_group != dp_mesh.get_group():
+            raise ValueError("dp_group and dp_mesh name different groups: pass one of them")
+        if self.fsdp:
+            # one FSDP unit per stage, its parameters kept gathered from forward to backward
+            # (torchtitan's choice for pipeline stages: no all-gather per microbatch)
+            self.dp_group = dp_mesh.get_group()
+            shard_data_parallel(self.inner, dp_mesh, reshard_after_forward=False)
+        elif group_size(dp_group) > 1 and any(p.requires_grad for p in self.inner.parameters()):
             kwargs = dict(ddp_kwargs or {})
             if self.device.type == "cuda":
                 kwargs.setdefault("device_ids", [self.device.index])
@@ -227,19 +260,23 @@ class PipelineStage:
         return self.inner.layers.named_parameters()
 
     def no_sync(self) -> contextlib.AbstractContextManager:
-        """DDP's ``no_sync()`` (gradients accumulate locally), or nothing without DDP."""
-        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+        """DDP's ``no_sync()`` or FSDP2's ``set_requires_gradient_sync(False)`` (gradients
+        accumulate locally), or nothing without data parallelism."""
+        if self.ddp is not None:
+            return self.ddp.no_sync()
+        return gradient_sync(self.inner, False)
 
     def sync_gradients(self) -> None:
-        """Average the gradients accumulated this step over the ``dp`` group, by DDP (see the
-        module docstring). A no-op without DDP."""
-        if self.ddp is None:
-            return
-        self.ddp(grad_sync_probe=True).backward()
+        """Average the gradients accumulated this step over the ``dp`` group, by DDP (an
+        all-reduce) or FSDP2 (a reduce-scatter into the shards); see the module docstring. A
+        no-op without data parallelism."""
+        if self.ddp is not None or self.fsdp:
+            self.module(grad_sync_probe=True).backward()
 
     def __repr__(self) -> str:
         where = f", layers {self.layer_range}" if self.layer_range else ""
-        dp = f", DDP over {group_size(self.dp_group)}" if self.ddp is not None else ""
+        kind = "DDP" if self.ddp is not None else "FSDP" if self.fsdp else None
+        dp = f", {kind} over {group_size(self.dp_group)}" if kind else ""
         return f"PipelineStage({self.stage_index}/{self.num_stages}{where}{dp})"
 
 
@@ -250,6 +287,7 @@ def build_stages(
     *,
     dp_group: dist.ProcessGroup | None = None,
     ddp_kwargs: dict | None = None,
+    dp_mesh: DeviceMesh | None = None,
     device: torch.device | str | None = None,
 ) -> list[PipelineStage]:
     """This rank's stages of ``layers`` cut by ``partition``: chunk ``c`` is virtual stage
@@ -259,6 +297,7 @@ def build_stages(
                               dp_group=dims.dp_group, device=dims.device)
 
     ``device``: the stages' device (default :func:`stage_device`: from the pipeline group).
+    ``dp_mesh`` instead of ``dp_group``: shard each stage with FSDP2 over it (not with ZB-H1).
 
     Raises:
         ValueError: the partition does not fit the layers or the pipeline size (every rank alike).
@@ -275,7 +314,14 @@ def build_stages(
             "(pp * chunks per rank)"
         )
     device = stage_device(device, pp_group)
-    shared = SharedParameters(_shared_entries(layers, partition, pp, pp_rank), pp_group, device)
+    entries = _shared_entries(layers, partition, pp, pp_rank)
+    # where this rank uses each parameter, to find it again once FSDP2 has replaced it
+    mine = {
+        id(q): (j, name)
+        for s in range(pp_rank, partition.num_stages, pp)
+        for j in range(*partition.bounds[s])
+        for name, q in layers[j].named_parameters()
+    }
     stages = []
     for s in range(pp_rank, partition.num_stages, pp):
         a, b = partition.bounds[s]
@@ -288,10 +334,19 @@ def build_stages(
                 dp_group=dp_group,
                 layer_range=(a, b),
                 ddp_kwargs=ddp_kwargs,
+                dp_mesh=dp_mesh,
                 device=device,
             )
         )
-        stages[-1].shared = shared
+    if dp_mesh is not None:  # FSDP2 has replaced this rank's parameters with sharded ones
+        entries = [
+            (name, layers[mine[id(q)][0]].get_parameter(mine[id(q)][1]) if held else q, held)
+            for name, q, held in entries
+        ]
+    dp_shards = (dp_mesh.size(), dp_mesh.get_local_rank()) if dp_mesh is not None else None
+    shared = SharedParameters(entries, pp_group, device, dp_shards=dp_shards)
+    for stage in stages:
+        stage.shared = shared
     return stages
 
 
