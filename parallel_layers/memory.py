@@ -17,6 +17,7 @@ instead, so they are exact, the same on every machine, and comparable with analy
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,15 +75,23 @@ def local_bytes(t: torch.Tensor) -> int:
 
 
 def state_bytes(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    params: torch.nn.Module | Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, int]:
-    """Parameter, gradient and optimizer-state bytes this rank holds (``meta`` tensors, i.e.
-    pipeline stages another rank owns, hold none)."""
-    params = [p for p in model.parameters() if not p.is_meta]
+    """Parameter, gradient and optimizer-state bytes this rank holds: ``param_bytes``,
+    ``grad_bytes`` (the ``.grad`` s now: measure after a backward) and ``optimizer_bytes`` (every
+    tensor of the optimizer's state: measure after its first step, which allocates it).
+
+    ``params`` is a module or its parameters; each tensor counts once (tied parameters),
+    ``meta`` ones (pipeline stages another rank owns) not at all, a ``DTensor`` by its local
+    shard (FSDP2)."""
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    held = list({id(p): p for p in params if not p.is_meta}.values())
     state = optimizer.state.values() if optimizer is not None else ()
     return {
-        "param_bytes": sum(local_bytes(p) for p in params),
-        "grad_bytes": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+        "param_bytes": sum(local_bytes(p) for p in held),
+        "grad_bytes": sum(local_bytes(p.grad) for p in held if p.grad is not None),
         "optimizer_bytes": sum(
             local_bytes(v) for s in state for v in s.values() if isinstance(v, torch.Tensor)
         ),

@@ -52,12 +52,12 @@ from triton_parallel_layers.parallel_layers import (
     parallelize,
 )
 from triton_parallel_layers.parallel_layers.checkpoint import ShardedParam, sharded_params
-from triton_parallel_layers.parallel_layers.grad_reduce import register_grad_reduce_hook
 from triton_parallel_layers.parallel_layers.data_parallel import (
     gradient_sync,
     local_tensor,
     shard_data_parallel,
 )
+from triton_parallel_layers.parallel_layers.grad_reduce import register_grad_reduce_hook
 from triton_parallel_layers.parallel_layers.pipeline import (
     ActivationMemoryTracker,
     ScheduleForwardOnly,

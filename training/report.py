@@ -4,11 +4,12 @@ and communication report of a step).
 
 Only rank 0 writes; every other rank's :class:`Reporter` is silent.
 
-**The step report** (:func:`memory_bytes`, :func:`format_step_report`): every step's messages are
-counted by the communication ledger (:func:`~triton_parallel_layers.kernels.collectives.
+**The step report** (:func:`format_step_report`): every step's messages are counted by the
+communication ledger (:func:`~triton_parallel_layers.kernels.collectives.
 record_comm`: Python bookkeeping per message, no device work), and the session's first step is
 also measured for memory: the peak bytes held for backward (saved-tensor hooks) and the bytes of
-parameters, gradients and optimizer state each rank holds. The README's "Memory and communication
+parameters, gradients and optimizer state each rank holds
+(:func:`~triton_parallel_layers.parallel_layers.memory.state_bytes`: FSDP2's by their shards). The README's "Memory and communication
 report" section lists the fields.
 """
 
@@ -30,7 +31,6 @@ __all__ = [
     "format_step_report",
     "gather_from_ranks",
     "gpu_peak_tflops",
-    "memory_bytes",
     "peak_memory_bytes",
     "plot_metrics",
 ]
@@ -211,24 +211,6 @@ def gather_from_ranks(mine: object) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     return out
-
-
-def _tensor_bytes(tensors) -> int:
-    """Bytes of ``tensors``, each tensor once (tied parameters), ``meta`` ones not at all."""
-    unique = {id(t): t for t in tensors if t is not None and not t.is_meta}
-    return sum(t.numel() * t.element_size() for t in unique.values())
-
-
-def memory_bytes(params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """This rank's ``param_bytes``, ``grad_bytes`` (the ``.grad`` s now: measure after the
-    backward) and ``optimizer_bytes`` (every tensor of the optimizer's state: measure after its
-    first step, which allocates it)."""
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    return {
-        "param_bytes": _tensor_bytes(params),
-        "grad_bytes": _tensor_bytes(p.grad for p in params),
-        "optimizer_bytes": _tensor_bytes(state),
-    }
 
 
 def format_step_report(report: dict) -> list[str]:

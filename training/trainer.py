@@ -54,6 +54,7 @@ from triton_parallel_layers.parallel_layers.checkpoint import (
 )
 from triton_parallel_layers.parallel_layers.dims import ParallelDims
 from triton_parallel_layers.parallel_layers.init import name_seed
+from triton_parallel_layers.parallel_layers.memory import state_bytes
 from triton_parallel_layers.training.config import (
     OptimConfig,
     ParallelConfig,
@@ -66,7 +67,6 @@ from triton_parallel_layers.training.report import (
     format_summary,
     gather_from_ranks,
     gpu_peak_tflops,
-    memory_bytes,
     peak_memory_bytes,
     plot_metrics,
 )
@@ -390,7 +390,7 @@ class Trainer:
                 if measure:
                     memory = {
                         "saved_activation_peak_bytes": engine.peak_saved_bytes,
-                        **memory_bytes([p.param for p in engine.params], self.optimizer),
+                        **state_bytes([p.param for p in engine.params], self.optimizer),
                     }
                     self.step_report = {
                         "step": self.step + 1,
