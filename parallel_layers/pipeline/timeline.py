@@ -28,6 +28,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from triton_parallel_layers.parallel_layers.data_parallel import local_tensor
+
 __all__ = [
     "ActivationMemoryTracker",
     "Event",
@@ -224,11 +226,12 @@ class ActivationMemoryTracker:
     frees it. Parameters are excluded (pass the stages' parameters). ``extra`` bytes (tensors a
     deferred weight-gradient pass keeps) and tensors held outside autograd (the executor passes
     the stage outputs it keeps for their backward and the send buffers still in flight) are added
-    by the caller through :meth:`sample`.
+    by the caller through :meth:`sample`. Under FSDP2 a parameter is its local shard: the
+    gathered copy a forward saves for its backward counts as held.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] = ()) -> None:
-        self._param_storages = {p.untyped_storage().data_ptr() for p in params}
+        self._param_storages = {local_tensor(p).untyped_storage().data_ptr() for p in params}
         self._live: dict[tuple, list[int]] = {}  # (storage, offset, numel) -> [nbytes, refs]
         self.current = 0
         self.peak = 0
