@@ -19,7 +19,11 @@ from triton_parallel_layers.parallel_layers.planner import (
     plan_parallelism,
     profile_model,
 )
-from triton_parallel_layers.parallel_layers.planner.cost import _pipeline_time, in_flight
+from triton_parallel_layers.parallel_layers.planner.cost import (
+    _pipeline_time,
+    in_flight,
+    in_flight_by_rank,
+)
 from triton_parallel_layers.parallel_layers.planner.megatron import (
     NARAYANAN_2021,
     gpt_profile,
@@ -76,10 +80,13 @@ def test_profile_of_a_cnn_and_errors():
 def test_closed_forms_match_the_action_lists(schedule, pp, m, monkeypatch):
     v = 2 if schedule == "interleaved" else 1
     counted = in_flight(schedule, pp, m, v)
+    by_rank = in_flight_by_rank(schedule, pp, m, v)
     import triton_parallel_layers.parallel_layers.planner.cost as cost
 
     monkeypatch.setattr(cost, "SIMULATE_LIMIT", 0)  # force the closed forms
-    assert cost.in_flight(schedule, pp, m, v) == counted
+    assert cost.in_flight(schedule, pp, m, v) == counted == max(by_rank)
+    if schedule != "interleaved":  # (interleaved's closed form is rank 0's on every rank)
+        assert cost.in_flight_by_rank(schedule, pp, m, v) == by_rank
     f, b, w = 1.0, 1.5, 0.5
     analytic, _ = cost._pipeline_time(schedule, pp, m, v, f, b, w, comm=0.0)
     monkeypatch.setattr(cost, "SIMULATE_LIMIT", 10**9)
