@@ -3,7 +3,10 @@ the pipeline simulator, the plan's ranking and errors, and Narayanan et al. 2021
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +204,61 @@ def test_profile_hardware_gives_every_rank_the_same_spec(dist_run):
     fits = spec.measured["collectives"]
     assert set(fits) == {"all_reduce", "all_gather", "reduce_scatter", "p2p"}
     assert all(f["2"]["beta"] > 0 and f["2"]["alpha"] >= 0 for f in fits.values())
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import bench_planner_cpu
+
+    return bench_planner_cpu
+
+
+def _bench_measure(cases: list[tuple[str, dict]], sizes: dict) -> list[dict]:
+    """Every rank: the bench's measurement of ``cases`` (plain data, so any worker unpickles it)."""
+    bench = _bench()
+    layouts = [(w, Layout(**fields)) for w, fields in cases]
+    return bench._measure_world(layouts, bench.Sizes(**sizes), 1, 1, 0)
+
+
+def test_bench_planner_cpu_measures_what_it_predicts(dist_run, tmp_path):
+    """bench_planner_cpu's machinery on three tiny layouts of 2 ranks (TP with sequence
+    parallelism, a 1F1B pipeline, DP with gradient accumulation): well-formed rows, summary,
+    table and plot, and the peak memory the planner predicts equal to the exact measurement
+    (parameters, gradients, AdamW state, the peak of activations held for backward) within 10%.
+    Step times are reported, not asserted (the machine is shared)."""
+    bench = _bench()
+    sizes = bench.Sizes(gpt_layers=2, gpt_embed=64, gpt_seq=16, cnn_width=8, cnn_blocks=1,
+                        cnn_batch=8)  # fmt: skip
+    b = {w: bench.global_batch(w, sizes) for w in ("gpt", "cnn")}
+    cases = [
+        ("gpt", Layout(1, 1, 2, sequence_parallel=True, schedule="none", microbatches=1,
+                       micro_batch_size=b["gpt"])),
+        ("cnn", Layout(1, 2, 1, schedule="1f1b", microbatches=2, micro_batch_size=b["cnn"] // 2)),
+        ("gpt", Layout(2, 1, 1, schedule="none", microbatches=2, micro_batch_size=b["gpt"] // 4)),
+    ]  # fmt: skip
+    measured = dist_run(2, _bench_measure, [(w, dataclasses.asdict(lay)) for w, lay in cases],
+                        dataclasses.asdict(sizes), timeout=300)[0]  # fmt: skip
+    spec = HARDWARE["a100"]  # any spec: memory does not depend on it
+    rows = []
+    for (w, lay), meas in zip(cases, measured):
+        profile = bench.model_profile(w, sizes, lay.micro_batch_size)
+        rows.append(bench.compare(w, 2, lay, meas, profile, spec))
+    for row in rows:
+        assert row["measured_s"] > 0 and row["predicted_s"] > 0 and row["samples"] == 1
+        mem = row["measured_memory"]
+        assert mem["params"] > 0 and mem["grads"] == mem["params"]
+        assert mem["optimizer"] >= 2 * mem["params"] and mem["activations"] > 0
+        assert abs(row["memory_error"]) <= 0.10, row
+    summary = bench.summarize(rows)
+    assert summary["layouts"] == 3 and -1 <= summary["spearman"] <= 1
+    assert [c["layouts"] for c in summary["choices"]] == [2]  # the two GPT layouts
+    result = {"rows": rows, "summary": {"all": summary}, "meta": {
+        "machine": "test", "torch": torch.__version__, "date": "-", "load_before": 0.0,
+        "load_after": 0.0, "command": "-"}}  # fmt: skip
+    assert bench.markdown(result).count("\n| gpt | 2 |") == 2
+    bench.plot(rows, result["summary"], tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 0
