@@ -108,7 +108,7 @@ class Sizes:
     cnn_blocks: int = 2
     cnn_batch: int = 32
     timed_layers: int = 8
-    timed_width: int = 8
+    timed_width: int = 1024
     timed_batch: int = 8
     layer_ms: float = 10.0
 
@@ -341,6 +341,21 @@ def _hardware(kwargs: dict) -> str:
     return profile_hardware(**kwargs).to_json()
 
 
+def _profile(workload: str, sizes: dict, micro_batch: int) -> str | None:
+    """Rank 0 profiles (the others wait at the barrier, idle, as they would while it computes)."""
+    profile = model_profile(workload, Sizes(**sizes), micro_batch) if dist.get_rank() == 0 else None
+    dist.barrier()
+    return profile.to_json() if profile is not None else None
+
+
+def _pool_run(pool: WorkerPool, fn, *args) -> list:
+    """``pool.run`` with one retry: on a loaded machine 8 processes may not start in time."""
+    try:
+        return pool.run(fn, *args, timeout=3600)
+    except TimeoutError:
+        return pool.run(fn, *args, timeout=3600)
+
+
 # ---------------------------------------------------------------------------------------------
 # Profiles, predictions, statistics
 # ---------------------------------------------------------------------------------------------
@@ -458,20 +473,20 @@ def run(workloads: tuple[str, ...], worlds: tuple[int, ...], sizes: Sizes, repea
                  for lay in layouts(w, world, sizes)]  # fmt: skip
         if not cases:
             continue
-        # the planner's inputs: this world's machine (measured in the same processes that run
-        # the layouts; a 1-rank world is measured in a 2-rank one for its link), each model's
-        # profile at each microbatch size a layout uses
-        with WorkerPool(max(world, 2)) as pool:
-            spec = HardwareSpec.from_json(pool.run(_hardware, hw_kwargs, timeout=600)[0])
-        hardware[world] = json.loads(spec.to_json())
-        log(f"world {world}: {spec.source}; GEMM {spec.peak_flops['fp32'] / 1e9:.1f} GFLOP/s, "
-            f"copy {spec.memory_bandwidth / 1e9:.1f} GB/s")  # fmt: skip
-        for w, lay in cases:
-            if (w, lay.micro_batch_size) not in profiles:
-                profiles[(w, lay.micro_batch_size)] = model_profile(w, sizes, lay.micro_batch_size)
+        # the planner's inputs, measured in the processes that then run the layouts: this
+        # world's machine, and each model's profile at each microbatch size a layout uses
         with WorkerPool(world) as pool:
-            measured = pool.run(_measure_world, cases, sizes, repeats, steps, warmup,
-                                timeout=3600)[0]  # fmt: skip
+            spec = HardwareSpec.from_json(_pool_run(pool, _hardware, hw_kwargs)[0])
+            hardware[world] = json.loads(spec.to_json())
+            log(f"world {world}: {spec.source}; GEMM {spec.peak_flops['fp32'] / 1e9:.1f} "
+                f"GFLOP/s, copy {spec.memory_bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+            for w, lay in cases:
+                key = (w, lay.micro_batch_size)
+                if key not in profiles:
+                    profiles[key] = ModelProfile.from_json(
+                        _pool_run(pool, _profile, w, asdict(sizes), lay.micro_batch_size)[0]
+                    )
+            measured = _pool_run(pool, _measure_world, cases, sizes, repeats, steps, warmup)[0]
         for (w, lay), meas in zip(cases, measured):
             row = compare(w, world, lay, meas, profiles[(w, lay.micro_batch_size)], spec)
             rows.append(row)
@@ -587,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--workloads: {w!r} is not one of {WORKLOADS}")
     worlds = tuple(int(n) for n in args.worlds.split(","))
     sizes = Sizes(layer_ms=args.layer_ms)
-    hw_kwargs: dict = {}
+    hw_kwargs: dict = {"repeats": 9}
     if args.quick:
         sizes = Sizes(gpt_layers=2, gpt_embed=64, gpt_seq=16, cnn_width=8, cnn_blocks=1,
                       cnn_batch=8, layer_ms=1.0)  # fmt: skip

@@ -20,7 +20,9 @@ size)`` and a model profile (:mod:`.profile`) on a machine (:mod:`.hardware`):
 * **Data parallelism.** One ring all-reduce of the gradients per step (fp32 by default), not
   overlapped with the backward (conservative; DDP overlaps part of it); FSDP instead reduce-scatters
   gradients and all-gathers parameters twice.
-* **Optimizer.** Adam reads and writes about 28 bytes per parameter held.
+* **Optimizer.** Adam reads and writes about 28 bytes per parameter held, or, on a measured
+  spec, takes the measured time of an AdamW step per parameter (several passes over the state on
+  a CPU, about 4 times the 28 bytes' streaming time).
 * **Memory.** Parameters, gradients and Adam moments (``bytes_per_param``, 16 for fp32 weights
   under autocast; divided by dp under FSDP) plus the activations of the microbatches in flight on
   the busiest rank (counted from the action lists), sharded as above.
@@ -139,6 +141,7 @@ def _stage_bounds(params: tuple[int, ...], stages: int) -> list[tuple[int, int]]
     return balanced_bounds([float(p) for p in params], stages)
 
 
+@functools.lru_cache(maxsize=64)
 def _actions(schedule: str, pp: int, m: int, v: int):
     if schedule == "gpipe":
         return gpipe_actions(pp, m)
@@ -173,6 +176,27 @@ def in_flight_by_rank(schedule: str, pp: int, m: int, v: int = 1) -> list[int]:
     if schedule in ("1f1b", "zb-h1"):
         return [min(m, pp - r) for r in range(pp)]
     return [min(m * v, (v - 1) * pp + 2 * (pp - 1) + 1)] * pp
+
+
+def _held_peak(
+    schedule: str, pp: int, m: int, v: int, rank: int, act: list[float], wgt: list[float]
+) -> float:
+    """Most bytes ``rank`` holds at once: ``act[c]`` per microbatch in flight on its chunk ``c``
+    and, under ZB-H1, ``wgt[c]`` per weight-gradient pass deferred (its layers' inputs and output
+    gradients, kept from ``B`` to ``W``). From the action lists when short, else each count's
+    maximum times the largest chunk's bytes."""
+    if pp * m * v * 3 > SIMULATE_LIMIT:
+        pending = pp - rank if schedule == "zb-h1" else 0
+        return in_flight_by_rank(schedule, pp, m, v)[rank] * max(act) + pending * max(wgt)
+    now = most = 0.0
+    for a in _actions(schedule, pp, m, v)[rank]:
+        c = a.chunk
+        sign = {"F": 1, "B": -1}.get(a.kind, 0)
+        now += sign * act[c]
+        if schedule == "zb-h1":
+            now += {"B": wgt[c], "W": -wgt[c]}.get(a.kind, 0.0)
+        most = max(most, now)
+    return most
 
 
 def in_flight(schedule: str, pp: int, m: int, v: int = 1) -> int:
@@ -370,20 +394,35 @@ def estimate(
         )
     else:
         dp_comm = _collective(hardware, "all_reduce", params_held * grad_reduce_bytes, dp, dp * tp)
-    optimizer = params_held / shards * 28 / stream
+    per_param = hardware.measured.get("optimizer_s_per_param", 28 / stream)
+    optimizer = params_held / shards * per_param
 
     # Per rank: its state, plus its (microbatch, chunk) pairs in flight, each holding at most its
     # largest stage's activations (with recomputation: its stages' layer inputs, and one stage's
     # activations being recomputed).
-    live = in_flight_by_rank(layout.schedule, pp, m, v) if pp > 1 else [1]
+    # At pp > 1 also: the output being sent (kept until its send completes), and under ZB-H1
+    # the deferred weight-gradient passes.
     peak = 0.0
     for r in range(pp):
         stages = [c * pp + r for c in range(v)]
-        if layout.recompute:
-            inputs = max(sum(layers[i].out_bytes for i in range(*bounds[s])) for s in stages)
-            activations = live[r] * held(inputs) + max(per_stage[s][4] for s in stages)
-        else:
-            activations = live[r] * max(per_stage[s][4] for s in stages)
+        act = [per_stage[s][4] for s in stages]
+        if pp == 1:
+            peak = max(peak, params_by_rank[r] * bytes_per_param / shards + act[0])
+            continue
+        base = 0.0
+        if layout.recompute:  # each chunk keeps its layers' inputs; one recomputes at a time
+            base = max(act)
+            act = [held(sum(layers[i].out_bytes for i in range(*bounds[s]))) for s in stages]
+        wgt = [
+            sum(held(layers[i].in_bytes + layers[i].out_bytes) for i in range(*bounds[s])
+                if layers[i].params)
+            for s in stages
+        ]  # fmt: skip
+        sending = max(
+            (held(layers[bounds[s][1] - 1].out_bytes) for s in stages if s < pp * v - 1),
+            default=0.0,
+        )
+        activations = base + _held_peak(layout.schedule, pp, m, v, r, act, wgt) + sending
         peak = max(peak, params_by_rank[r] * bytes_per_param / shards + activations)
 
     step = span + dp_comm + optimizer
