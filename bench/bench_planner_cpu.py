@@ -56,7 +56,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -306,12 +306,17 @@ def _nbytes(t: torch.Tensor | None) -> int:
 _RUNNERS: dict[tuple, _Runner] = {}
 
 
-def _measure_world(workload_layouts: list[tuple[str, Layout]], sizes: Sizes, repeats: int,
-                   steps: int, warmup: int) -> list[dict]:  # fmt: skip
-    """Every rank: build each layout, measure its memory, then time them round by round."""
+def _measure_world(
+    cases: list[tuple[str, Layout]], sizes: Sizes, repeats: int, steps: int, warmup: int,
+    hw_kwargs: dict,
+) -> dict:  # fmt: skip
+    """Every rank: build each layout and measure its memory; then, round by round, measure the
+    machine (``profile_hardware``), profile each model (rank 0, at each microbatch size a layout
+    uses; the others wait) and time every layout. Measuring the planner's inputs in the same
+    rounds as the layouts makes a change of the machine's load hit both alike."""
     world = dist.get_world_size()
     runners = []
-    for workload, layout in workload_layouts:
+    for workload, layout in cases:
         key = (workload, layout, sizes)
         if key not in _RUNNERS:
             _RUNNERS[key] = _Runner(workload, layout, sizes)
@@ -327,25 +332,55 @@ def _measure_world(workload_layouts: list[tuple[str, Layout]], sizes: Sizes, rep
         dist.broadcast_object_list(box, src=busiest)
         r.time_steps(warmup, 0)
         rows.append({"memory": box[0], "samples": []})
+    keys = sorted({(w, lay.micro_batch_size) for w, lay in cases})
+    hardware: list[str] = []
+    profiles: dict[str, list[str]] = {f"{w}/{b}": [] for w, b in keys}
     for rep in range(repeats):
+        hardware.append(profile_hardware(**hw_kwargs).to_json())
+        if dist.get_rank() == 0:
+            for w, b in keys:
+                profiles[f"{w}/{b}"].append(model_profile(w, sizes, b).to_json())
+        dist.barrier()
         order = range(len(runners)) if rep % 2 == 0 else reversed(range(len(runners)))
         for i in order:
             local = torch.tensor(runners[i].time_steps(steps, 1000 * rep), dtype=torch.float64)
             slowest = local.clone()
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             rows[i]["samples"] += slowest.tolist()
-    return rows
+    return {"rows": rows, "hardware": hardware, "profiles": profiles}
 
 
-def _hardware(kwargs: dict) -> str:
-    return profile_hardware(**kwargs).to_json()
+def median_spec(specs: list[HardwareSpec]) -> HardwareSpec:
+    """One spec from several rounds' measurements: the median of each measured figure."""
+    med = statistics.median
+    measured = json.loads(json.dumps(specs[0].measured))
+    measured["gemm_flops"] = {
+        k: med([s.measured["gemm_flops"][k] for s in specs]) for k in measured["gemm_flops"]
+    }
+    for key in ("copy_bandwidth", "optimizer_s_per_param", "memory_bytes"):
+        measured[key] = med([s.measured[key] for s in specs])
+    for kind, fits in measured["collectives"].items():
+        for n, fit in fits.items():
+            for k in fit:
+                fit[k] = med([s.measured["collectives"][kind][n][k] for s in specs])
+    return replace(
+        specs[0],
+        peak_flops=dict(measured["gemm_flops"]),
+        memory_bandwidth=measured["copy_bandwidth"],
+        measured=measured,
+        source=f"{specs[0].source}; medians of {len(specs)} rounds",
+    )
 
 
-def _profile(workload: str, sizes: dict, micro_batch: int) -> str | None:
-    """Rank 0 profiles (the others wait at the barrier, idle, as they would while it computes)."""
-    profile = model_profile(workload, Sizes(**sizes), micro_batch) if dist.get_rank() == 0 else None
-    dist.barrier()
-    return profile.to_json() if profile is not None else None
+def median_profile(profiles: list[ModelProfile]) -> ModelProfile:
+    """One profile from several rounds': the median of each layer's measured times."""
+    out = profiles[0]
+    for i, layer in enumerate(out.layers):
+        for key in ("seconds", "forward_seconds", "weight_grad_seconds"):
+            values = [getattr(p.layers[i], key) for p in profiles]
+            if values[0] is not None:
+                setattr(layer, key, statistics.median(values))
+    return out
 
 
 def _pool_run(pool: WorkerPool, fn, *args) -> list:
@@ -467,28 +502,24 @@ def run(workloads: tuple[str, ...], worlds: tuple[int, ...], sizes: Sizes, repea
     plan_worlds = {"gpt": (1, 2), "cnn": (1, 2), "timed": (4, 8)}
     rows: list[dict] = []
     hardware: dict[int, dict] = {}
-    profiles: dict[tuple[str, int], ModelProfile] = {}
     for world in worlds:
         cases = [(w, lay) for w in workloads if world in plan_worlds[w]
                  for lay in layouts(w, world, sizes)]  # fmt: skip
         if not cases:
             continue
-        # the planner's inputs, measured in the processes that then run the layouts: this
-        # world's machine, and each model's profile at each microbatch size a layout uses
         with WorkerPool(world) as pool:
-            spec = HardwareSpec.from_json(_pool_run(pool, _hardware, hw_kwargs)[0])
-            hardware[world] = json.loads(spec.to_json())
-            log(f"world {world}: {spec.source}; GEMM {spec.peak_flops['fp32'] / 1e9:.1f} "
-                f"GFLOP/s, copy {spec.memory_bandwidth / 1e9:.1f} GB/s")  # fmt: skip
-            for w, lay in cases:
-                key = (w, lay.micro_batch_size)
-                if key not in profiles:
-                    profiles[key] = ModelProfile.from_json(
-                        _pool_run(pool, _profile, w, asdict(sizes), lay.micro_batch_size)[0]
-                    )
-            measured = _pool_run(pool, _measure_world, cases, sizes, repeats, steps, warmup)[0]
+            out = _pool_run(pool, _measure_world, cases, sizes, repeats, steps, warmup, hw_kwargs)
+        spec = median_spec([HardwareSpec.from_json(h) for h in out[0]["hardware"]])
+        hardware[world] = json.loads(spec.to_json())
+        profiles = {
+            key: median_profile([ModelProfile.from_json(p) for p in texts])
+            for key, texts in out[0]["profiles"].items()
+        }
+        measured = out[0]["rows"]
+        log(f"world {world}: {spec.source}; GEMM {spec.peak_flops['fp32'] / 1e9:.1f} GFLOP/s, "
+            f"copy {spec.memory_bandwidth / 1e9:.1f} GB/s")  # fmt: skip
         for (w, lay), meas in zip(cases, measured):
-            row = compare(w, world, lay, meas, profiles[(w, lay.micro_batch_size)], spec)
+            row = compare(w, world, lay, meas, profiles[f"{w}/{lay.micro_batch_size}"], spec)
             rows.append(row)
             log(f"{w:5s} world {world} {row['layout']:<36} predicted {row['predicted_s'] * 1e3:8.1f}"
                 f" ms  measured {row['measured_s'] * 1e3:8.1f} ms ({row['time_error']:+6.1%})  "
@@ -602,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--workloads: {w!r} is not one of {WORKLOADS}")
     worlds = tuple(int(n) for n in args.worlds.split(","))
     sizes = Sizes(layer_ms=args.layer_ms)
-    hw_kwargs: dict = {"repeats": 9}
+    hw_kwargs: dict = {}
     if args.quick:
         sizes = Sizes(gpt_layers=2, gpt_embed=64, gpt_seq=16, cnn_width=8, cnn_blocks=1,
                       cnn_batch=8, layer_ms=1.0)  # fmt: skip

@@ -18,6 +18,7 @@ from triton_parallel_layers.parallel_layers.planner import (
     HARDWARE,
     HardwareSpec,
     Layout,
+    ModelProfile,
     estimate,
     plan_parallelism,
     profile_model,
@@ -217,11 +218,12 @@ def _bench():
     return bench_planner_cpu
 
 
-def _bench_measure(cases: list[tuple[str, dict]], sizes: dict) -> list[dict]:
+def _bench_measure(cases: list[tuple[str, dict]], sizes: dict) -> dict:
     """Every rank: the bench's measurement of ``cases`` (plain data, so any worker unpickles it)."""
     bench = _bench()
     layouts = [(w, Layout(**fields)) for w, fields in cases]
-    return bench._measure_world(layouts, bench.Sizes(**sizes), 1, 1, 0)
+    hw = dict(gemm_size=64, message_bytes=(1 << 10, 1 << 14), repeats=1)
+    return bench._measure_world(layouts, bench.Sizes(**sizes), 1, 1, 0, hw)
 
 
 def test_bench_planner_cpu_measures_what_it_predicts(dist_run, tmp_path):
@@ -242,10 +244,13 @@ def test_bench_planner_cpu_measures_what_it_predicts(dist_run, tmp_path):
     ]  # fmt: skip
     measured = dist_run(2, _bench_measure, [(w, dataclasses.asdict(lay)) for w, lay in cases],
                         dataclasses.asdict(sizes), timeout=300)[0]  # fmt: skip
-    spec = HARDWARE["a100"]  # any spec: memory does not depend on it
+    spec = bench.median_spec([HardwareSpec.from_json(h) for h in measured["hardware"]])
+    assert "all_reduce" in spec.measured["collectives"] and spec.measured["optimizer_s_per_param"]
     rows = []
-    for (w, lay), meas in zip(cases, measured):
-        profile = bench.model_profile(w, sizes, lay.micro_batch_size)
+    for (w, lay), meas in zip(cases, measured["rows"]):
+        texts = measured["profiles"][f"{w}/{lay.micro_batch_size}"]
+        profile = bench.median_profile([ModelProfile.from_json(t) for t in texts])
+        assert all(layer.seconds > 0 for layer in profile.layers)
         rows.append(bench.compare(w, 2, lay, meas, profile, spec))
     for row in rows:
         assert row["measured_s"] > 0 and row["predicted_s"] > 0 and row["samples"] == 1

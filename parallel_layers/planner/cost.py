@@ -9,7 +9,12 @@ size)`` and a model profile (:mod:`.profile`) on a machine (:mod:`.hardware`):
   bytes the memory-bound ops move at the memory rate (their sharded share / tp; the rest / tp only
   under sequence parallelism). Backward: twice both; for zero-bubble schedules split into ``B``
   (input gradient, one matmul share plus the memory-bound work) and ``W`` (weight gradient, one
-  matmul share). With activation recomputation the backward also redoes the forward.
+  matmul share). With activation recomputation the backward also redoes the forward. A profile
+  with measured layer times (``profile_model(..., time_layers=True)``) replaces the counted times:
+  each measured pass (forward; backward, split into ``B`` and ``W`` by the counted shares unless
+  the profile gives ``W``) scaled by the microbatch size and by the ratio of the pass's counted
+  time in the layout to its counted time unsharded (so tp divides what it shards), which is how
+  the CPU's per-op overheads and small-GEMM rates enter without a fitted constant.
 * **Tensor-parallel communication** (on the critical path, as the layers run it): each recorded
   collective moves ``(tp-1)/tp`` of its activation per step of the ring, twice for an all-reduce;
   all-gather + reduce-scatter under sequence parallelism move the same bytes.
@@ -23,9 +28,14 @@ size)`` and a model profile (:mod:`.profile`) on a machine (:mod:`.hardware`):
 * **Optimizer.** Adam reads and writes about 28 bytes per parameter held, or, on a measured
   spec, takes the measured time of an AdamW step per parameter (several passes over the state on
   a CPU, about 4 times the 28 bytes' streaming time).
-* **Memory.** Parameters, gradients and Adam moments (``bytes_per_param``, 16 for fp32 weights
-  under autocast; divided by dp under FSDP) plus the activations of the microbatches in flight on
-  the busiest rank (counted from the action lists), sharded as above.
+* **Memory** of the busiest rank: its parameters (a parameter two of its layers share, once),
+  gradients and Adam moments (``bytes_per_param``, 16 for fp32 weights under autocast; divided by
+  dp under FSDP), plus the activations it holds for backward: per (microbatch, chunk) in flight
+  (counted from its action list) its stage's saved tensors (each set of elements once; at pp > 1
+  with the stage input the schedule keeps), under ZB-H1 the inputs and output gradients each
+  deferred weight-gradient pass keeps, and the output being sent; sharded as above. This is what
+  :class:`~triton_parallel_layers.parallel_layers.pipeline.ActivationMemoryTracker` measures
+  (``bench/bench_planner_cpu.py`` compares the two).
 
 Links: a tensor-parallel group of ``tp`` neighbouring ranks uses the intra-node link when it fits
 in a node, else the network; the same for the data-parallel group (``dp x tp`` ranks apart at

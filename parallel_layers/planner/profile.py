@@ -9,16 +9,20 @@ GPT profiles in seconds) or on real tensors otherwise, under three observers:
   tensor cores);
 * a dispatch mode that adds up the bytes read and written by every other op (norms, activations,
   softmax, residual adds: the memory-bound work between the GEMMs), as eager execution moves them;
-* saved-tensor hooks: the activation bytes autograd keeps for backward (parameters excluded), split
-  into those saved inside modules the tensor-parallel plan shards (divided by ``tp``) and the rest
-  (divided by ``tp`` only under sequence parallelism).
+* saved-tensor hooks: the activation bytes autograd keeps for backward (parameters excluded; each
+  set of elements once; the layer's input apart, since the layer before may hold it already; with
+  ``loss=`` what the loss saves, as the last layer's), split into those saved inside modules the
+  tensor-parallel plan shards (divided by ``tp``) and the rest (divided by ``tp`` only under
+  sequence parallelism).
 
 Forward hooks on the modules the plan names record the activations that cross tensor-parallel
 collectives: the inputs of column-parallel modules and the outputs of row-parallel ones. Byte
 counts are at the compute dtype (``dtype``), whatever dtype the profile ran in.
 
 Backward is modeled as twice the forward's matmul FLOPs and bytes moved (the input- and
-weight-gradient products), its weight-gradient half separable for zero-bubble schedules.
+weight-gradient products), its weight-gradient half separable for zero-bubble schedules. With
+``time_layers=True`` each layer's forward and forward+backward are also timed on this machine
+(at the sample's microbatch size), and the cost model uses those times.
 """
 
 from __future__ import annotations
