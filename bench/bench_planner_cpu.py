@@ -16,11 +16,13 @@ Workloads:
 
 The planner's inputs are measured here, never fitted to the step times: the machine by
 :func:`~triton_parallel_layers.parallel_layers.planner.measure.profile_hardware` (GEMM rate, copy
-bandwidth, gloo collectives and point-to-point fitted to ``alpha + bytes / beta``), in the same
-worker processes that run the layouts; the models by
+bandwidth, AdamW's time per parameter, gloo collectives and point-to-point fitted to
+``alpha + bytes / beta``) on the ranks that run the layouts; the models by
 :func:`~triton_parallel_layers.parallel_layers.planner.profile_model` with ``time_layers=True``
-(each layer's forward and forward+backward time at the profiled microbatch, one process). The
-timed layers' profile is given their declared split of the backward (``dX`` vs ``dW``).
+(each layer's forward and forward+backward time, rank 0, at each microbatch size a layout uses).
+Both are measured again in every round, beside the layouts' steps, and their medians taken, so a
+change of the machine's load hits the planner's inputs and the measurements alike. The timed
+layers' profile is given their declared split of the backward (``dX`` vs ``dW``).
 
 Measured, per layout:
 
@@ -35,12 +37,12 @@ Measured, per layout:
   Not the process RSS (allocator caches, the Python heap, DDP's bucket copies are no part of it).
 
 Reported: per layout the predicted and measured figures and errors; per workload and overall the
-median absolute step-time error, the Spearman rank correlation, where the planner's choice (its
-fastest predicted layout of a world size) ranks among the measured ones and how far it is from
+median absolute step-time error, the Spearman rank correlation, where the planner's choice (the
+fastest predicted of the layouts measured for a workload and world size) ranks among them and how far it is from
 the best measured, and the largest memory error. The load average is recorded before and after:
 real-layer timings on a loaded 2-core machine are noisy (re-run on a quiet one)::
 
-    python bench/bench_planner_cpu.py                # everything (about 10 minutes on 2 cores)
+    python bench/bench_planner_cpu.py                # everything (12 minutes on 2 loaded cores)
     python bench/bench_planner_cpu.py --workloads gpt,cnn --repeats 9
     python bench/bench_planner_cpu.py --quick --out-dir /tmp/plan   # a smoke run
 
@@ -134,7 +136,7 @@ class TimedStack(nn.Module):
         return F.mse_loss(y, target)
 
 
-def _model(workload: str, sizes: Sizes, *, meta: bool = False) -> nn.Module:
+def _model(workload: str, sizes: Sizes) -> nn.Module:
     from triton_parallel_layers.models.cnn import CNNConfig, ResNetCNN
     from triton_parallel_layers.models.gpt import GPT, GPTConfig
 
@@ -238,8 +240,7 @@ class _Runner:
                 schedule=layout.schedule if layout.pp > 1 else "1f1b", chunks=layout.chunks,
                 sequence_parallel=layout.sequence_parallel,
             )  # fmt: skip
-            sizes_ = sizes
-            self.engine = build_engine(lambda: _model(workload, sizes_), _plan(workload), dims,
+            self.engine = build_engine(lambda: _model(workload, sizes), _plan(workload), dims,
                                        parallel)  # fmt: skip
             self.schedule = self.engine.schedule
             self.params = [p.param for p in self.engine.params]
@@ -651,8 +652,9 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "steps": args.steps,
         "warmup": args.warmup,
-        "command": "python bench/bench_planner_cpu.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(
+            ["python bench/bench_planner_cpu.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
