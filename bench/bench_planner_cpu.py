@@ -19,7 +19,8 @@ The planner's inputs are measured here, never fitted to the step times: the mach
 bandwidth, AdamW's time per parameter, gloo collectives and point-to-point fitted to
 ``alpha + bytes / beta``) on the ranks that run the layouts; the models by
 :func:`~triton_parallel_layers.parallel_layers.planner.profile_model` with ``time_layers=True``
-(each layer's forward and forward+backward time, rank 0, at each microbatch size a layout uses).
+(each layer's forward and forward+backward time at each microbatch size a layout uses, timed on
+every rank at once as the ranks then share the machine; rank 0's kept).
 Both are measured again in every round, beside the layouts' steps, and their medians taken, so a
 change of the machine's load hits the planner's inputs and the measurements alike. The timed
 layers' profile is given their declared split of the backward (``dX`` vs ``dW``).
@@ -312,8 +313,8 @@ def _measure_world(
     hw_kwargs: dict,
 ) -> dict:  # fmt: skip
     """Every rank: build each layout and measure its memory; then, round by round, measure the
-    machine (``profile_hardware``), profile each model (rank 0, at each microbatch size a layout
-    uses; the others wait) and time every layout. Measuring the planner's inputs in the same
+    machine (``profile_hardware``), profile each model (at each microbatch size a layout uses;
+    every rank at once, rank 0's kept) and time every layout. Measuring the planner's inputs in the same
     rounds as the layouts makes a change of the machine's load hit both alike."""
     world = dist.get_world_size()
     runners = []
@@ -338,10 +339,11 @@ def _measure_world(
     profiles: dict[str, list[str]] = {f"{w}/{b}": [] for w, b in keys}
     for rep in range(repeats):
         hardware.append(profile_hardware(**hw_kwargs).to_json())
-        if dist.get_rank() == 0:
-            for w, b in keys:
-                profiles[f"{w}/{b}"].append(model_profile(w, sizes, b).to_json())
-        dist.barrier()
+        # every rank profiles at once, sharing the machine as the ranks of a layout do (as
+        # devices of a node would profile side by side); rank 0's profile is kept
+        for w, b in keys:
+            profiles[f"{w}/{b}"].append(model_profile(w, sizes, b).to_json())
+            dist.barrier()
         order = range(len(runners)) if rep % 2 == 0 else reversed(range(len(runners)))
         for i in order:
             local = torch.tensor(runners[i].time_steps(steps, 1000 * rep), dtype=torch.float64)
