@@ -3,7 +3,10 @@ the pipeline simulator, the plan's ranking and errors, and Narayanan et al. 2021
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +18,16 @@ from triton_parallel_layers.parallel_layers.planner import (
     HARDWARE,
     HardwareSpec,
     Layout,
+    ModelProfile,
     estimate,
     plan_parallelism,
     profile_model,
 )
-from triton_parallel_layers.parallel_layers.planner.cost import _pipeline_time, in_flight
+from triton_parallel_layers.parallel_layers.planner.cost import (
+    _pipeline_time,
+    in_flight,
+    in_flight_by_rank,
+)
 from triton_parallel_layers.parallel_layers.planner.megatron import (
     NARAYANAN_2021,
     gpt_profile,
@@ -76,10 +84,13 @@ def test_profile_of_a_cnn_and_errors():
 def test_closed_forms_match_the_action_lists(schedule, pp, m, monkeypatch):
     v = 2 if schedule == "interleaved" else 1
     counted = in_flight(schedule, pp, m, v)
+    by_rank = in_flight_by_rank(schedule, pp, m, v)
     import triton_parallel_layers.parallel_layers.planner.cost as cost
 
     monkeypatch.setattr(cost, "SIMULATE_LIMIT", 0)  # force the closed forms
-    assert cost.in_flight(schedule, pp, m, v) == counted
+    assert cost.in_flight(schedule, pp, m, v) == counted == max(by_rank)
+    if schedule != "interleaved":  # (interleaved's closed form is rank 0's on every rank)
+        assert cost.in_flight_by_rank(schedule, pp, m, v) == by_rank
     f, b, w = 1.0, 1.5, 0.5
     analytic, _ = cost._pipeline_time(schedule, pp, m, v, f, b, w, comm=0.0)
     monkeypatch.setattr(cost, "SIMULATE_LIMIT", 10**9)
@@ -194,3 +205,65 @@ def test_profile_hardware_gives_every_rank_the_same_spec(dist_run):
     fits = spec.measured["collectives"]
     assert set(fits) == {"all_reduce", "all_gather", "reduce_scatter", "p2p"}
     assert all(f["2"]["beta"] > 0 and f["2"]["alpha"] >= 0 for f in fits.values())
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import bench_planner_cpu
+
+    return bench_planner_cpu
+
+
+def _bench_measure(cases: list[tuple[str, dict]], sizes: dict) -> dict:
+    """Every rank: the bench's measurement of ``cases`` (plain data, so any worker unpickles it)."""
+    bench = _bench()
+    layouts = [(w, Layout(**fields)) for w, fields in cases]
+    hw = dict(gemm_size=64, message_bytes=(1 << 10, 1 << 14), repeats=1)
+    return bench._measure_world(layouts, bench.Sizes(**sizes), 1, 1, 0, hw)
+
+
+def test_bench_planner_cpu_measures_what_it_predicts(dist_run, tmp_path):
+    """bench_planner_cpu's machinery on three tiny layouts of 2 ranks (TP with sequence
+    parallelism, a 1F1B pipeline, DP with gradient accumulation): well-formed rows, summary,
+    table and plot, and the peak memory the planner predicts equal to the exact measurement
+    (parameters, gradients, AdamW state, the peak of activations held for backward) within 10%.
+    Step times are reported, not asserted (the machine is shared)."""
+    bench = _bench()
+    sizes = bench.Sizes(gpt_layers=2, gpt_embed=64, gpt_seq=16, cnn_width=8, cnn_blocks=1,
+                        cnn_batch=8)  # fmt: skip
+    b = {w: bench.global_batch(w, sizes) for w in ("gpt", "cnn")}
+    cases = [
+        ("gpt", Layout(1, 1, 2, sequence_parallel=True, schedule="none", microbatches=1,
+                       micro_batch_size=b["gpt"])),
+        ("cnn", Layout(1, 2, 1, schedule="1f1b", microbatches=2, micro_batch_size=b["cnn"] // 2)),
+        ("gpt", Layout(2, 1, 1, schedule="none", microbatches=2, micro_batch_size=b["gpt"] // 4)),
+    ]  # fmt: skip
+    measured = dist_run(2, _bench_measure, [(w, dataclasses.asdict(lay)) for w, lay in cases],
+                        dataclasses.asdict(sizes), timeout=300)[0]  # fmt: skip
+    spec = bench.median_spec([HardwareSpec.from_json(h) for h in measured["hardware"]])
+    assert "all_reduce" in spec.measured["collectives"] and spec.measured["optimizer_s_per_param"]
+    rows = []
+    for (w, lay), meas in zip(cases, measured["rows"]):
+        texts = measured["profiles"][f"{w}/{lay.micro_batch_size}"]
+        profile = bench.median_profile([ModelProfile.from_json(t) for t in texts])
+        assert all(layer.seconds > 0 for layer in profile.layers)
+        rows.append(bench.compare(w, 2, lay, meas, profile, spec))
+    for row in rows:
+        assert row["measured_s"] > 0 and row["predicted_s"] > 0 and row["samples"] == 1
+        mem = row["measured_memory"]
+        assert mem["params"] > 0 and mem["grads"] == mem["params"]
+        assert mem["optimizer"] >= 2 * mem["params"] and mem["activations"] > 0
+        assert abs(row["memory_error"]) <= 0.10, row
+    summary = bench.summarize(rows)
+    assert summary["layouts"] == 3 and -1 <= summary["spearman"] <= 1
+    assert [c["layouts"] for c in summary["choices"]] == [2]  # the two GPT layouts
+    result = {"rows": rows, "summary": {"all": summary}, "meta": {
+        "machine": "test", "torch": torch.__version__, "date": "-", "load_before": 0.0,
+        "load_after": 0.0, "command": "-"}}  # fmt: skip
+    assert bench.markdown(result).count("\n| gpt | 2 |") == 2
+    bench.plot(rows, result["summary"], tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 0

@@ -9,7 +9,12 @@ size)`` and a model profile (:mod:`.profile`) on a machine (:mod:`.hardware`):
   bytes the memory-bound ops move at the memory rate (their sharded share / tp; the rest / tp only
   under sequence parallelism). Backward: twice both; for zero-bubble schedules split into ``B``
   (input gradient, one matmul share plus the memory-bound work) and ``W`` (weight gradient, one
-  matmul share). With activation recomputation the backward also redoes the forward.
+  matmul share). With activation recomputation the backward also redoes the forward. A profile
+  with measured layer times (``profile_model(..., time_layers=True)``) replaces the counted times:
+  each measured pass (forward; backward, split into ``B`` and ``W`` by the counted shares unless
+  the profile gives ``W``) scaled by the microbatch size and by the ratio of the pass's counted
+  time in the layout to its counted time unsharded (so tp divides what it shards), which is how
+  the CPU's per-op overheads and small-GEMM rates enter without a fitted constant.
 * **Tensor-parallel communication** (on the critical path, as the layers run it): each recorded
   collective moves ``(tp-1)/tp`` of its activation per step of the ring, twice for an all-reduce;
   all-gather + reduce-scatter under sequence parallelism move the same bytes.
@@ -20,10 +25,17 @@ size)`` and a model profile (:mod:`.profile`) on a machine (:mod:`.hardware`):
 * **Data parallelism.** One ring all-reduce of the gradients per step (fp32 by default), not
   overlapped with the backward (conservative; DDP overlaps part of it); FSDP instead reduce-scatters
   gradients and all-gathers parameters twice.
-* **Optimizer.** Adam reads and writes about 28 bytes per parameter held.
-* **Memory.** Parameters, gradients and Adam moments (``bytes_per_param``, 16 for fp32 weights
-  under autocast; divided by dp under FSDP) plus the activations of the microbatches in flight on
-  the busiest rank (counted from the action lists), sharded as above.
+* **Optimizer.** Adam reads and writes about 28 bytes per parameter held, or, on a measured
+  spec, takes the measured time of an AdamW step per parameter (several passes over the state on
+  a CPU, about 4 times the 28 bytes' streaming time).
+* **Memory** of the busiest rank: its parameters (a parameter two of its layers share, once),
+  gradients and Adam moments (``bytes_per_param``, 16 for fp32 weights under autocast; divided by
+  dp under FSDP), plus the activations it holds for backward: per (microbatch, chunk) in flight
+  (counted from its action list) its stage's saved tensors (each set of elements once; at pp > 1
+  with the stage input the schedule keeps), under ZB-H1 the inputs and output gradients each
+  deferred weight-gradient pass keeps, and the output being sent; sharded as above. This is what
+  :class:`~triton_parallel_layers.parallel_layers.pipeline.ActivationMemoryTracker` measures
+  (``bench/bench_planner_cpu.py`` compares the two).
 
 Links: a tensor-parallel group of ``tp`` neighbouring ranks uses the intra-node link when it fits
 in a node, else the network; the same for the data-parallel group (``dp x tp`` ranks apart at
@@ -47,7 +59,15 @@ from triton_parallel_layers.parallel_layers.pipeline.partition import balanced_b
 from triton_parallel_layers.parallel_layers.planner.hardware import HardwareSpec
 from triton_parallel_layers.parallel_layers.planner.profile import DTYPE_BYTES, ModelProfile
 
-__all__ = ["SCHEDULES", "SIMULATE_LIMIT", "Estimate", "Layout", "estimate", "in_flight"]
+__all__ = [
+    "SCHEDULES",
+    "SIMULATE_LIMIT",
+    "Estimate",
+    "Layout",
+    "estimate",
+    "in_flight",
+    "in_flight_by_rank",
+]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 SIMULATE_LIMIT = 4096  # actions; longer schedules use the closed forms
@@ -131,6 +151,7 @@ def _stage_bounds(params: tuple[int, ...], stages: int) -> list[tuple[int, int]]
     return balanced_bounds([float(p) for p in params], stages)
 
 
+@functools.lru_cache(maxsize=64)
 def _actions(schedule: str, pp: int, m: int, v: int):
     if schedule == "gpipe":
         return gpipe_actions(pp, m)
@@ -143,27 +164,54 @@ def _actions(schedule: str, pp: int, m: int, v: int):
     raise ValueError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
 
 
-def in_flight(schedule: str, pp: int, m: int, v: int = 1) -> int:
-    """Most (microbatch, chunk) activations any rank holds at once under ``schedule``.
+def in_flight_by_rank(schedule: str, pp: int, m: int, v: int = 1) -> list[int]:
+    """Per pipeline rank, the most (microbatch, chunk) activations it holds at once.
 
     Counted from the action lists when short; the closed forms otherwise (GPipe ``m``; 1F1B and
-    ZB-H1 ``min(m, pp)``; interleaved ``min(m v, (v - 1) pp + 2 (pp - 1) + 1)``), which the tests
-    check against the lists."""
+    ZB-H1 ``min(m, pp - r)`` on rank ``r``; interleaved, on every rank, rank 0's
+    ``min(m v, (v - 1) pp + 2 (pp - 1) + 1)``), which the tests check against the lists."""
     if pp == 1:
-        return 1
+        return [1]
     if pp * m * v * 3 <= SIMULATE_LIMIT:
-        most = 0
+        out = []
         for acts in _actions(schedule, pp, m, v):
-            live = 0
+            live = most = 0
             for a in acts:
                 live += {"F": 1, "B": -1}.get(a.kind, 0)
                 most = max(most, live)
-        return most
+            out.append(most)
+        return out
     if schedule == "gpipe":
-        return m
+        return [m] * pp
     if schedule in ("1f1b", "zb-h1"):
-        return min(m, pp)
-    return min(m * v, (v - 1) * pp + 2 * (pp - 1) + 1)
+        return [min(m, pp - r) for r in range(pp)]
+    return [min(m * v, (v - 1) * pp + 2 * (pp - 1) + 1)] * pp
+
+
+def _held_peak(
+    schedule: str, pp: int, m: int, v: int, rank: int, act: list[float], wgt: list[float]
+) -> float:
+    """Most bytes ``rank`` holds at once: ``act[c]`` per microbatch in flight on its chunk ``c``
+    and, under ZB-H1, ``wgt[c]`` per weight-gradient pass deferred (its layers' inputs and output
+    gradients, kept from ``B`` to ``W``). From the action lists when short, else each count's
+    maximum times the largest chunk's bytes."""
+    if pp * m * v * 3 > SIMULATE_LIMIT:
+        pending = pp - rank if schedule == "zb-h1" else 0
+        return in_flight_by_rank(schedule, pp, m, v)[rank] * max(act) + pending * max(wgt)
+    now = most = 0.0
+    for a in _actions(schedule, pp, m, v)[rank]:
+        c = a.chunk
+        sign = {"F": 1, "B": -1}.get(a.kind, 0)
+        now += sign * act[c]
+        if schedule == "zb-h1":
+            now += {"B": wgt[c], "W": -wgt[c]}.get(a.kind, 0.0)
+        most = max(most, now)
+    return most
+
+
+def in_flight(schedule: str, pp: int, m: int, v: int = 1) -> int:
+    """Most (microbatch, chunk) activations any rank holds at once under ``schedule``."""
+    return max(in_flight_by_rank(schedule, pp, m, v))
 
 
 def _pipeline_time(
@@ -186,6 +234,30 @@ def _pipeline_time(
         idle = (pp - 1) * (f + b + w) + 2 * (pp - 1) * comm
     span = busy + idle
     return span, idle / span
+
+
+def _measured(
+    layer, f: float, b: float, w: float, scale: float, gemm: float, stream: float
+) -> tuple[float, float, float]:
+    """A layer's (F, B, W) from its measured times (at the profile's batch, tp = 1), scaled to
+    this microbatch (``scale``) and sharded as the counts are: each measured pass times the
+    ratio of its counted time in this layout to its counted time unsharded (``f, b, w``: the
+    counted times here)."""
+    f1 = (layer.matmul_flops / gemm + layer.other_bytes / stream) * scale
+    b1 = layer.matmul_flops / gemm * scale + 2 * layer.other_bytes / stream * scale
+    w1 = layer.matmul_flops / gemm * scale
+    forward = layer.forward_seconds if layer.forward_seconds is not None else layer.seconds / 3
+    backward = layer.seconds - forward
+    if layer.weight_grad_seconds is not None:
+        weight = layer.weight_grad_seconds
+    else:  # the counted share of the backward
+        weight = backward * w1 / (b1 + w1) if b1 + w1 > 0 else 0.0
+    ratio = lambda here, whole: here / whole if whole > 0 else 1.0  # noqa: E731
+    return (
+        forward * scale * ratio(f, f1),
+        (backward - weight) * scale * ratio(b, b1),
+        weight * scale * ratio(w, w1),
+    )
 
 
 def _collective(hardware: HardwareSpec, kind: str, nbytes: float, n: int, span: int) -> float:
@@ -245,15 +317,23 @@ def estimate(
     layers = profile.layers
     bounds = _stage_bounds(tuple(layer.params for layer in layers), pp * v)
 
+    def held(nbytes: float) -> float:
+        """Bytes of a boundary activation (a layer's input or output, profiled) in this layout."""
+        return nbytes * scale * scale_bytes / (tp if sp else 1)
+
     def stage_costs(lo: int, hi: int) -> tuple[float, float, float, float, float, float]:
         """(F, B, W, tp comm per microbatch, saved bytes, params held) of one stage."""
-        mm = mem = comm_f = comm_b = saved = 0.0
+        f = b = w = comm_f = comm_b = saved = 0.0
         params = 0.0
         for layer in layers[lo:hi]:
-            mm += layer.matmul_flops * scale / tp
             sharded = layer.sharded_other_bytes
             rest = layer.other_bytes - sharded
-            mem += (sharded / tp + (rest / tp if sp else rest)) * scale * scale_bytes
+            t_mm = layer.matmul_flops * scale / tp / gemm
+            t_mem = (sharded / tp + (rest / tp if sp else rest)) * scale * scale_bytes / stream
+            lf, lb, lw = t_mm + t_mem, t_mm + 2 * t_mem, t_mm
+            if layer.seconds is not None:
+                lf, lb, lw = _measured(layer, lf, lb, lw, scale, gemm, stream)
+            f, b, w = f + lf, b + lb, w + lw
             ssaved = layer.sharded_saved_bytes
             rsaved = layer.saved_bytes - ssaved
             saved += (ssaved / tp + (rsaved / tp if sp else rsaved)) * scale * scale_bytes
@@ -279,10 +359,14 @@ def estimate(
                 else:
                     comm_f += per / 2 * _collective(hardware, "all_reduce", 2 * n_out / per, tp, tp)
                     comm_b += per / 2 * _collective(hardware, "all_reduce", 2 * n_in / per, tp, tp)
-        t_mm, t_mem = mm / gemm, mem / stream
-        f = t_mm + t_mem + comm_f
-        b = t_mm + 2 * t_mem + comm_b
-        w = t_mm
+        # a stage holds its input for backward when its first layer saves it or, at pp > 1,
+        # always (the schedule keeps it); a layer's saved input within the stage adds nothing
+        # when the layer before saved its own output (the same elements)
+        saved += held(layers[lo].in_bytes if pp > 1 else layers[lo].input_saved_bytes)
+        for prev, layer in zip(layers[lo : hi - 1], layers[lo + 1 : hi]):
+            saved += 0.0 if prev.saves_output else held(layer.input_saved_bytes)
+        f += comm_f
+        b += comm_b
         if layout.recompute:
             b += f
         return f, b, w, comm_f + comm_b, saved, params
@@ -306,32 +390,50 @@ def estimate(
     span, bubble = _pipeline_time(layout.schedule, pp, m, v, f, b, w, p2p)
     tp_comm = m * sum(s[3] for s in mine)
 
-    params_held = max(sum(s[5] for s in rank) for rank in rank_work)
+    params_by_rank = [sum(s[5] for s in rank) for rank in rank_work]
+    for indices, numel, sharded in profile.shared_params:  # held once by a rank using it twice
+        for r in range(pp):
+            held_stages = [bounds[c * pp + r] for c in range(v)]
+            uses = sum(any(lo <= i < hi for lo, hi in held_stages) for i in indices)
+            params_by_rank[r] -= max(uses - 1, 0) * (numel / tp if sharded else numel)
+    params_held = max(params_by_rank)
+    shards = dp if layout.fsdp else 1
     if layout.fsdp:
         dp_comm = 3 * _collective(
             hardware, "reduce_scatter", params_held * grad_reduce_bytes, dp, dp * tp
         )
-        state = params_held * bytes_per_param / dp
-        opt_params = params_held / dp
     else:
         dp_comm = _collective(hardware, "all_reduce", params_held * grad_reduce_bytes, dp, dp * tp)
-        state = params_held * bytes_per_param
-        opt_params = params_held
-    optimizer = opt_params * 28 / stream
+    per_param = hardware.measured.get("optimizer_s_per_param", 28 / stream)
+    optimizer = params_held / shards * per_param
 
-    live = in_flight(layout.schedule if pp > 1 else "gpipe", pp, m, v) if pp > 1 else 1
-    if layout.recompute:
-        inputs = (
-            max(sum(layers[i].out_bytes for i in range(lo, hi)) for lo, hi in bounds)
-            * scale
-            * scale_bytes
-            / (tp if sp else 1)
+    # Per rank: its state, plus its (microbatch, chunk) pairs in flight, each holding at most its
+    # largest stage's activations (with recomputation: its stages' layer inputs, and one stage's
+    # activations being recomputed).
+    # At pp > 1 also: the output being sent (kept until its send completes), and under ZB-H1
+    # the deferred weight-gradient passes.
+    peak = 0.0
+    for r in range(pp):
+        stages = [c * pp + r for c in range(v)]
+        act = [per_stage[s][4] for s in stages]
+        if pp == 1:
+            peak = max(peak, params_by_rank[r] * bytes_per_param / shards + act[0])
+            continue
+        base = 0.0
+        if layout.recompute:  # each chunk keeps its layers' inputs; one recomputes at a time
+            base = max(act)
+            act = [held(sum(layers[i].out_bytes for i in range(*bounds[s]))) for s in stages]
+        wgt = [
+            sum(held(layers[i].in_bytes + layers[i].out_bytes) for i in range(*bounds[s])
+                if layers[i].params)
+            for s in stages
+        ]  # fmt: skip
+        sending = max(
+            (held(layers[bounds[s][1] - 1].out_bytes) for s in stages if s < pp * v - 1),
+            default=0.0,
         )
-        activations = live * inputs + max(s[4] for s in per_stage)
-    else:
-        # ``live`` counts (microbatch, chunk) pairs; each holds at most the largest stage's.
-        activations = live * max(s[4] for s in per_stage)
-    peak = state + activations
+        activations = base + _held_peak(layout.schedule, pp, m, v, r, act, wgt) + sending
+        peak = max(peak, params_by_rank[r] * bytes_per_param / shards + activations)
 
     step = span + dp_comm + optimizer
     samples = dp * m * layout.micro_batch_size

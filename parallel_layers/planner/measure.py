@@ -4,6 +4,7 @@ Run on every rank of the default process group (a collective). Measures, on the 
 
 * the GEMM rate per dtype (square matmuls, median of a few);
 * the memory bandwidth (a large copy);
+* the optimizer's time per parameter (an AdamW step over 4 M parameters);
 * for each collective (all-reduce, all-gather, reduce-scatter) and for point-to-point, at each
   group size (2, 4, ... up to the world), its time at two message sizes, fitted to
   ``alpha + bytes / beta`` (``bytes``: the full tensor);
@@ -86,7 +87,15 @@ def profile_hardware(
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), device, repeats)
 
-    measured: dict = {"gemm_flops": dict(peak), "copy_bandwidth": bandwidth, "collectives": {}}
+    # AdamW's step (torch's default implementation for the device) per parameter: on a GPU
+    # about the 28 bytes a parameter it streams; on a CPU several passes more
+    params = [torch.nn.Parameter(torch.zeros(1 << 20, device=device)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    adam = torch.optim.AdamW(params, lr=1e-3)
+    step_s = _median_time(adam.step, device, repeats) / sum(p.numel() for p in params)
+    measured: dict = {"gemm_flops": dict(peak), "copy_bandwidth": bandwidth, "collectives": {},
+                      "optimizer_s_per_param": step_s}  # fmt: skip
     world = dist.get_world_size() if dist.is_initialized() else 1
     backend = dist.get_backend() if dist.is_initialized() else "none"
     sizes = [s for s in (2, 4, 8, 16, 32, 64) if s <= world]

@@ -9,21 +9,27 @@ GPT profiles in seconds) or on real tensors otherwise, under three observers:
   tensor cores);
 * a dispatch mode that adds up the bytes read and written by every other op (norms, activations,
   softmax, residual adds: the memory-bound work between the GEMMs), as eager execution moves them;
-* saved-tensor hooks: the activation bytes autograd keeps for backward (parameters excluded), split
-  into those saved inside modules the tensor-parallel plan shards (divided by ``tp``) and the rest
-  (divided by ``tp`` only under sequence parallelism).
+* saved-tensor hooks: the activation bytes autograd keeps for backward (parameters excluded; each
+  set of elements once; the layer's input apart, since the layer before may hold it already; with
+  ``loss=`` what the loss saves, as the last layer's), split into those saved inside modules the
+  tensor-parallel plan shards (divided by ``tp``) and the rest (divided by ``tp`` only under
+  sequence parallelism).
 
 Forward hooks on the modules the plan names record the activations that cross tensor-parallel
 collectives: the inputs of column-parallel modules and the outputs of row-parallel ones. Byte
 counts are at the compute dtype (``dtype``), whatever dtype the profile ran in.
 
 Backward is modeled as twice the forward's matmul FLOPs and bytes moved (the input- and
-weight-gradient products), its weight-gradient half separable for zero-bubble schedules.
+weight-gradient products), its weight-gradient half separable for zero-bubble schedules. With
+``time_layers=True`` each layer's forward and forward+backward are also timed on this machine
+(at the sample's microbatch size), and the cost model uses those times.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,11 +69,21 @@ class LayerProfile:
     sharded_params: int
     """Of ``params``, those the TP plan shards (the rest are replicated over tp)."""
     saved_bytes: float
-    """Activation bytes saved for backward, parameters excluded."""
+    """Activation bytes saved for backward, parameters and the layer's input excluded (each set
+    of elements once, as :class:`~triton_parallel_layers.parallel_layers.pipeline.
+    ActivationMemoryTracker` counts them)."""
     sharded_saved_bytes: float
     """Of ``saved_bytes``, those saved inside modules the TP plan shards."""
     out_bytes: float
     """Bytes of the layer's output: what a stage boundary after it sends."""
+    in_bytes: float = 0.0
+    """Bytes of the layer's input."""
+    input_saved_bytes: float = 0.0
+    """Bytes of the layer's input that it saves for backward (0 if it saves none): held once
+    with the previous layer's output (see ``saves_output``)."""
+    saves_output: bool = False
+    """Whether ``saved_bytes`` holds the layer's output (so a next layer saving its input adds
+    nothing)."""
     tp_in_bytes: float = 0.0
     """Bytes of the inputs of column-parallel modules (one collective each, forward or backward)."""
     tp_out_bytes: float = 0.0
@@ -75,7 +91,13 @@ class LayerProfile:
     tp_collectives: int = 0
     """How many TP collectives a forward of the layer runs (as many again in backward)."""
     seconds: float | None = None
-    """Measured forward+backward time of the layer at the profile's batch, if asked for."""
+    """Measured forward+backward time of the layer at the profile's batch, if asked for; the cost
+    model then uses the measured times instead of the FLOP and byte counts (see :mod:`.cost`)."""
+    forward_seconds: float | None = None
+    """Of ``seconds``, the forward's (measured with it)."""
+    weight_grad_seconds: float | None = None
+    """Of ``seconds``, the weight-gradient pass's, where known (layers of declared cost); else the
+    cost model splits the backward by its FLOPs and bytes."""
 
 
 @dataclass
@@ -94,6 +116,9 @@ class ModelProfile:
     """The compute dtype the byte counts are given in."""
     tp_divides: dict[str, int] = field(default_factory=dict)
     """Sizes the TP degree must divide (``{"blocks.0.attn heads": 12, ...}``), from the plan."""
+    shared_params: list[tuple[list[int], int, bool]] = field(default_factory=list)
+    """Parameters several layers use (tied embeddings): ``(layer indices, numel, sharded)``. Each
+    layer's ``params`` counts them; a rank holding several of those layers holds them once."""
     model_flops_per_sample: float | None = None
     """FLOPs of one sample's forward+backward by the model's own count (for MFU); default
     ``3 x`` the matmul FLOPs."""
@@ -160,6 +185,42 @@ class _BytesMoved(TorchDispatchMode):
         return out
 
 
+def _shared(layers: Sequence[nn.Module], sharded: set[int]) -> list[tuple[list[int], int, bool]]:
+    """``(layer indices, numel, sharded)`` of each parameter used by several layers."""
+    used: dict[int, tuple[nn.Parameter, list[int]]] = {}
+    for index, layer in enumerate(layers):
+        for p in layer.parameters():
+            used.setdefault(id(p), (p, []))[1].append(index)
+    return [(idx, p.numel(), id(p) in sharded) for p, idx in used.values() if len(idx) > 1]
+
+
+def _elements(t: torch.Tensor) -> tuple[int, int, int]:
+    """Which elements ``t`` views: (its storage, offset, numel); on ``meta`` too."""
+    return (t.untyped_storage()._cdata, t.storage_offset(), t.numel())
+
+
+def _time_layer(layer: nn.Module, x: torch.Tensor, repeats: int, loss=None):
+    """(forward seconds, forward+backward seconds, output) of ``layer`` on ``x`` (with ``loss``
+    ``(loss_fn, target)`` after it when given): the medians of ``repeats`` runs after one
+    warm-up; the layer's ``.grad`` are cleared after."""
+    forward, total = [], []
+    for i in range(repeats + 1):
+        inp = x.detach().requires_grad_(x.is_floating_point())
+        start = time.perf_counter()
+        y = layer(inp)
+        out = y[0] if isinstance(y, tuple) else y
+        root = loss[0](out, loss[1]) if loss is not None else out
+        mid = time.perf_counter()
+        if root.requires_grad:
+            root.backward(torch.ones_like(root))
+        end = time.perf_counter()
+        if i:
+            forward.append(mid - start)
+            total.append(end - start)
+    layer.zero_grad(set_to_none=True)
+    return statistics.median(forward), statistics.median(total), out.detach()
+
+
 def _plan_styles(model: nn.Module, plan: Mapping[str, Any] | None) -> dict[str, str]:
     if not plan:
         return {}
@@ -207,6 +268,8 @@ def profile_model(
     dtype: str = "bf16",
     tokens_per_sample: int | None = None,
     time_layers: bool = False,
+    repeats: int = 3,
+    loss: tuple[Callable, torch.Tensor] | None = None,
     model_flops_per_sample: float | None = None,
 ) -> ModelProfile:
     """Profile ``model.pipeline_layers()`` on one microbatch.
@@ -221,8 +284,12 @@ def profile_model(
         dtype: the compute dtype the bytes are counted in (``bf16``, ``fp16``, ``fp32``).
         tokens_per_sample: tokens per sample for throughput; default the sequence length of 2-D
             integer input (``(b, S)`` ids), else 1.
-        time_layers: also measure each layer's forward+backward time (real tensors only; see
-            :func:`~triton_parallel_layers.parallel_layers.pipeline.layer_costs`).
+        time_layers: also measure each layer's forward and forward+backward time (real
+            tensors only; the medians of ``repeats`` runs each, one layer at a time, on its input
+            from the layers before), as the cost model's compute times.
+        loss: ``(loss_fn, target)``: the loss the last layer's output feeds (``loss_fn(output,
+            target)``, e.g. ``(model.loss, targets)``); what it saves for backward counts as
+            the last layer's, and its time with the last layer's.
         model_flops_per_sample: the model's FLOPs per sample (forward+backward) if it has its
             own count (for MFU); default 3 x the matmul FLOPs of the forward.
 
@@ -296,13 +363,13 @@ def profile_model(
     profiles: list[LayerProfile] = []
     try:
         for index, layer in enumerate(layers):
-            saved: dict[int, tuple[float, bool]] = {}
+            saved: dict[tuple, tuple[float, bool]] = {}
 
             def pack(t: torch.Tensor, saved: dict = saved) -> torch.Tensor:
                 base = t._base if t._base is not None else t
                 if id(t) in param_ids or id(base) in param_ids:
                     return t
-                saved.setdefault(id(base), (size(base), any(inside)))
+                saved.setdefault(_elements(t), (size(t), any(inside)))
                 return t
 
             tp_bytes.update({"in": 0.0, "out": 0.0, "count": 0})
@@ -311,8 +378,11 @@ def profile_model(
             flops = FlopCounterMode(display=False)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flops, moved:
                 y = layer(x)
+                out = y[0] if isinstance(y, tuple) else y
+                if loss is not None and index == len(layers) - 1:
+                    loss[0](out, loss[1].to(device))  # what the loss saves is the last layer's
             params = list({id(p): p for p in layer.parameters()}.values())
-            out = y[0] if isinstance(y, tuple) else y
+            own = {k: v for k, v in saved.items() if k != _elements(x)}
             profiles.append(
                 LayerProfile(
                     name=f"{type(layer).__name__}[{index}]",
@@ -321,9 +391,12 @@ def profile_model(
                     sharded_other_bytes=moved.sharded_bytes,
                     params=sum(p.numel() for p in params),
                     sharded_params=sum(p.numel() for p in params if id(p) in sharded_param_ids),
-                    saved_bytes=sum(b for b, _ in saved.values()),
-                    sharded_saved_bytes=sum(b for b, sh in saved.values() if sh),
+                    saved_bytes=sum(b for b, _ in own.values()),
+                    sharded_saved_bytes=sum(b for b, sh in own.values() if sh),
                     out_bytes=size(out),
+                    in_bytes=size(x),
+                    input_saved_bytes=size(x) if _elements(x) in saved else 0.0,
+                    saves_output=_elements(out) in own,
                     tp_in_bytes=tp_bytes["in"],
                     tp_out_bytes=tp_bytes["out"],
                     tp_collectives=int(tp_bytes["count"]),
@@ -337,12 +410,10 @@ def profile_model(
     if time_layers:
         if device.type == "meta":
             raise ValueError("profile_model: time_layers=True needs a model on a real device")
-        from triton_parallel_layers.parallel_layers.pipeline.partition import layer_costs
-
-        for lp, seconds in zip(
-            profiles, layer_costs(layers, "time", sample_input=sample_batch.to(device))
-        ):
-            lp.seconds = seconds
+        x = sample_batch.to(device)
+        for index, (lp, layer) in enumerate(zip(profiles, layers)):
+            last = loss if index == len(layers) - 1 else None
+            lp.forward_seconds, lp.seconds, x = _time_layer(layer, x, repeats, last)
 
     return ModelProfile(
         name=type(model).__name__,
@@ -351,5 +422,6 @@ def profile_model(
         tokens_per_sample=tokens_per_sample,
         dtype=dtype,
         tp_divides=_tp_divides(model, styles),
+        shared_params=_shared(layers, sharded_param_ids),
         model_flops_per_sample=model_flops_per_sample,
     )
