@@ -97,22 +97,30 @@ def test_opcheck_interpreted_kernels(triton, name):
 
 
 def _collective_opchecks() -> None:
-    """On every rank of a gloo group: opcheck the collective matmuls (the group by name)."""
+    """On every rank of a gloo group: opcheck the communicating linear ops (the group by name):
+    the all-gather ring and its plain twin (both save the input shard: their backward takes it),
+    the input-gradient all-reduce, and the reduce-scatter ring."""
     name = dist.group.WORLD.group_name
     x, w, b = _randn(2, 3, 5), _randn(7, 5), _randn(7)
+    xd, wd = x.detach(), w.detach()
     g_ag = _randn(2, 3 * dist.get_world_size(), 7, requires_grad=False)
+    g_ar = _randn(2, 3, 7, requires_grad=False)
     x_rs = _randn(2, 4, 5)
     g_rs = _randn(2, 4 // dist.get_world_size(), 7, requires_grad=False)
-    wd = w.detach()
-    gathered = OPS.all_gather_matmul_fwd(x, w, b, name, 1)[1].detach()
-    cases = [
-        (OPS.all_gather_matmul_fwd, (x, w, b, name, 1)),
-        (OPS.all_gather_matmul_fwd, (x, w, None, name, 0)),
-        (OPS.all_gather_matmul_bwd, (g_ag, gathered, wd, name, 1, [True, True, True])),
-        (OPS.all_gather_matmul_bwd, (g_ag, gathered, wd, name, 1, [False, True, False])),
-        (OPS.matmul_reduce_scatter_fwd, (x_rs, w, name, 1)),
-        (OPS.matmul_reduce_scatter_bwd, (g_rs, x_rs.detach(), wd, name, 1, [True, True])),
-        (OPS.matmul_reduce_scatter_bwd, (g_rs, x_rs.detach(), wd, name, 1, [False, True])),
+    cases = [(OPS.matmul_reduce_scatter_fwd, (x_rs, w, name, 1))]
+    for needs in ([True, True], [False, True]):
+        cases.append((OPS.matmul_reduce_scatter_bwd, (g_rs, x_rs.detach(), wd, name, 1, needs)))
+    for fwd, bwd in (
+        (OPS.all_gather_matmul_fwd, OPS.all_gather_matmul_bwd),
+        (OPS.all_gather_linear_fwd, OPS.all_gather_linear_bwd),
+    ):
+        cases += [(fwd, (x, w, b, name, 1)), (fwd, (x, w, None, name, 0))]
+        for needs in ([True, True, True], [False, True, False]):
+            cases.append((bwd, (g_ag, xd, wd, name, 1, needs)))
+    cases += [
+        (OPS.linear_allreduce_dgrad_fwd, (x, w, b, name)),
+        (OPS.linear_allreduce_dgrad_bwd, (g_ar, xd, wd, name, [True, True, True])),
+        (OPS.linear_allreduce_dgrad_bwd, (g_ar, xd, wd, name, [True, False, False])),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
