@@ -73,8 +73,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_name  # noqa: E402
 
 from triton_parallel_layers.parallel_layers import ParallelDims  # noqa: E402
+from triton_parallel_layers.parallel_layers.memory import state_bytes  # noqa: E402
 from triton_parallel_layers.parallel_layers.pipeline import (  # noqa: E402
-    ActivationMemoryTracker,
     TimedLayer,
     build_stages,
     get_schedule,
@@ -272,37 +272,25 @@ class _Runner:
         """This rank's exact bytes: parameters + gradients + optimizer state (after a step, the
         gradients counted as they are before ``zero_grad``), and the peak activations of a step."""
         x, y = _batch(self.workload, self.sizes, self.rows, 10**6)
-        if self.schedule is not None:
-            self.schedule.memory = ActivationMemoryTracker(self.params)
+        if self.engine is not None:
+            self.engine.train_step(x, y, track_memory=True)
+            activations = self.engine.peak_saved_bytes
+        else:
+            self.schedule.set_track_memory(True)
             self.schedule.step(x if self.schedule.stages[0].is_first else None,
                                y if self.schedule.stages[-1].is_last else None,
                                batch_size=self.rows)  # fmt: skip
+            self.schedule.set_track_memory(False)
             activations = self.schedule.peak_activation_bytes
-            self.schedule.memory = None
-        else:
-            tracker = _PeakTracker(self.params)
-            with tracker.hooks():
-                self.engine.train_step(x, y)
-            activations = tracker.peak
         self.optimizer.step()
-        grads = sum(_nbytes(p.grad) for p in self.params)
+        held = state_bytes(self.params, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        params = sum(_nbytes(p) for p in self.params)
-        state = sum(_nbytes(t) for s in self.optimizer.state.values() for t in s.values())
-        return {"params": params, "grads": grads, "optimizer": state, "activations": activations}
-
-
-class _PeakTracker(ActivationMemoryTracker):
-    """The tracker sampled at every saved tensor: the peak of a plain (unpipelined) step."""
-
-    def _pack(self, t: torch.Tensor):
-        out = super()._pack(t)
-        self.peak = max(self.peak, self.current)
-        return out
-
-
-def _nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None or not isinstance(t, torch.Tensor) else t.numel() * t.element_size()
+        return {
+            "params": held["param_bytes"],
+            "grads": held["grad_bytes"],
+            "optimizer": held["optimizer_bytes"],
+            "activations": activations,
+        }
 
 
 _RUNNERS: dict[tuple, _Runner] = {}
