@@ -30,6 +30,7 @@ Usage (from the repository root; no GPU needed):
     python bench/aot_compile.py                          # everything, sm_80 and sm_90
     python bench/aot_compile.py --kernels attn_fwd,attn_dkdv --targets sm_90 --dtypes bf16
     python bench/aot_compile.py --dtypes fp32 --cases hd128,stem   # launch cases by name
+    python bench/aot_compile.py --update --dtypes fp32   # re-compile these rows of the table
     python bench/aot_compile.py --small                  # the CI scope: a few configurations
     python bench/aot_compile.py --list                   # the combinations, without compiling
 

@@ -103,7 +103,7 @@ _LOG2E = math.log2(math.e)  # exp(x) == exp2(x * log2(e)); the kernels spell out
 # BLOCK_M != BLOCK_N on purpose, to exercise the diagonal bookkeeping in the tests.
 #
 # Each tile names the head dims it serves: every tile here compiles for sm_80 and sm_90 without
-# register spills and within shared memory at those head dims, fp16 and bf16, causal or not
+# register spills and within shared memory at those head dims, in its dtypes, causal or not
 # (`python bench/aot_compile.py`, Triton 3.6 and 3.9; bench/results/aot_compile_triton*.md). The
 # accumulators a program keeps grow with the head dim (dK and dV: 2 * BLOCK_N * HEAD_DIM fp32
 # values over 32 * num_warps threads), so the big tiles stop short of 128; the figures after a
