@@ -233,7 +233,7 @@ _CUDA_CONFIGS_16BIT = [
 # fp32 operands (TF32 products by default) take twice the registers for the operand loads and
 # their addresses: on 4 warps 64x64x64 spills (the 7x7 stem: 12-220 B per thread, the 3x3
 # channels_last: 8 B on sm_80 with Triton 3.6) and so does 128x32x16 (the 1-channel 3x3: 4 B on
-# sm_90 with Triton 3.9); these, on 8 warps, do not (bench/aot_compile.py).
+# sm_90 with Triton 3.9); these do not (bench/aot_compile.py), the 16-bit ones' shapes on 8 warps.
 _CUDA_CONFIGS_FP32 = [
     _config(64, 64, 32, 4, 8),
     _config(128, 32, 32, 4, 4),  # few output channels (channels_last only: see below)
@@ -267,8 +267,8 @@ def _prune_configs(configs, named_args, **kwargs):
     (they only add autotuning time), none over an A100's shared memory, none that spills
     registers for the input's memory format and reduction loop (see the sets above)."""
     k_out, gemm_k = named_args["K_OUT"], named_args["GEMM_K"]
-    x = named_args["x_ptr"]
-    candidates = _TILES.for_width(configs, x.element_size())
+    elem = named_args["x_ptr"].element_size()
+    candidates = _TILES.for_width(configs, elem)
     strided_channels = named_args["stride_xc"] != 1
     flat_k = named_args["C"] < _FLAT_K_BELOW_CHANNELS
     max_n = max(32, triton.next_power_of_2(k_out))
@@ -285,7 +285,7 @@ def _prune_configs(configs, named_args, **kwargs):
         # BLOCK_K=16 only for very short reductions, which also rule out wider K steps
         if (bk == 16) != (gemm_k <= 16):
             continue
-        if cfg.num_stages * (bm + bn) * bk * x.element_size() > _SHARED_MEMORY_BUDGET:
+        if cfg.num_stages * (bm + bn) * bk * elem > _SHARED_MEMORY_BUDGET:
             continue
         kept.append(cfg)
     return kept or candidates[-1:]

@@ -31,8 +31,8 @@ Numerics: fp32 accumulation; bias and partial are added in fp32; one rounding at
 operands use TF32 tensor cores exactly when PyTorch's own matmuls do
 (``torch.backends.cuda.matmul.allow_tf32``), exact fp32 products otherwise.
 
-Tiles are autotuned on CUDA (keyed by ``M, N, K``, over candidates of the operands' width: 16-bit
-or fp32); under Triton's interpreter one small fixed tile runs. The pure-torch reference is :func:`matmul_ref`; :func:`matmul` dispatches between them
+Tiles are autotuned on CUDA (keyed by ``M, N, K``; candidates per operand width); the interpreter
+runs one small tile. Reference: :func:`matmul_ref`; :func:`matmul` dispatches between them
 by :func:`triton_parallel_layers.kernels._dispatch.use_triton` and is differentiable when no ``out`` is given.
 """
 
@@ -181,14 +181,14 @@ def _prune_configs(configs, named_args, **kwargs):
     shared memory, and those that spill registers with the partial-sum epilogue."""
     m, n = named_args["M"], named_args["N"]
     has_partial = kwargs.get("HAS_PARTIAL", named_args.get("HAS_PARTIAL", False))
-    x = named_args["x_ptr"]
-    candidates = _TILES.for_width(configs, x.element_size())
+    elem = named_args["x_ptr"].element_size()
+    candidates = _TILES.for_width(configs, elem)
     max_m = max(64, triton.next_power_of_2(m))
     max_n = max(32, triton.next_power_of_2(n))
     kept = []
     for cfg in candidates:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        smem = (bm + bn) * bk * x.element_size() * cfg.num_stages
+        smem = (bm + bn) * bk * elem * cfg.num_stages
         acc_per_thread = bm * bn // (32 * cfg.num_warps)
         if has_partial and acc_per_thread > _MAX_ACC_PER_THREAD_WITH_PARTIAL:
             continue
