@@ -29,6 +29,8 @@ Usage (from the repository root; no GPU needed):
 
     python bench/aot_compile.py                          # everything, sm_80 and sm_90
     python bench/aot_compile.py --kernels attn_fwd,attn_dkdv --targets sm_90 --dtypes bf16
+    python bench/aot_compile.py --dtypes fp32 --cases hd128,stem   # launch cases by name
+    python bench/aot_compile.py --update --dtypes fp32   # re-compile these rows of the table
     python bench/aot_compile.py --small                  # the CI scope: a few configurations
     python bench/aot_compile.py --list                   # the combinations, without compiling
 
@@ -55,6 +57,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -276,8 +279,9 @@ def attention_combinations(kernels: Iterable[str], dtypes: Iterable[str]) -> Ite
                     signature, constexprs, aligned = specialize(fn, args, consts)
                     case = f"hd{head_dim}" + (" dlse" if has_dlse else "")
                     config = f"BLOCK_M={attn._PREPROCESS_BLOCK_M}"
-                    # a plain launch: Triton's default 4 warps, 3 stages; the one tile there is
-                    yield ("attn_preprocess", dtype, case, config, 4, 3, True,
+                    # a plain launch with the launcher's warps, Triton's default 3 stages
+                    warps = attn._PREPROCESS_NUM_WARPS
+                    yield ("attn_preprocess", dtype, case, config, warps, 3, True,
                            fn, signature, constexprs, aligned)  # fmt: skip
             for causal in (False, True):
                 case = f"hd{head_dim}" + (" causal" if causal else "")
@@ -386,14 +390,20 @@ def matmul_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
 
 
 def combinations(
-    kernels: Iterable[str], targets: Iterable[str], dtypes: Iterable[str], small: bool = False
+    kernels: Iterable[str],
+    targets: Iterable[str],
+    dtypes: Iterable[str],
+    small: bool = False,
+    cases: Iterable[str] | None = None,
 ) -> list[Combination]:
     """Every combination to compile, targets innermost (so a partial run covers both).
 
     ``small``: the CI scope, each selected kernel's fixed tile (or first candidate) for one
-    launch case per dtype, at head dim 64 for attention.
+    launch case per dtype, at head dim 64 for attention. ``cases``: only the launch cases whose
+    name contains one of these strings.
     """
     kernels, dtypes = list(kernels), list(dtypes)
+    cases = list(cases) if cases is not None else None
     rows = []
     if any(k.startswith("attn_") for k in kernels):
         rows += attention_combinations(kernels, dtypes)
@@ -401,6 +411,8 @@ def combinations(
         rows += conv_combinations(dtypes)
     if "matmul" in kernels:
         rows += matmul_combinations(dtypes)
+    if cases is not None:
+        rows = [row for row in rows if any(part in row[2] for part in cases)]
     if small:
         seen, kept = set(), []
         for row in rows:
@@ -565,6 +577,21 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"Python {meta['python']}, on {meta['machine']} (no GPU needed). Command: "
         f"`{meta['command']}`",
         "",
+    ]
+    runs = meta.get("runs", [])
+    if len(runs) > 1:  # an --update: say which rows each run compiled
+        lines += [
+            f"Compiled in {len(runs)} runs (`--update` re-compiles a selection and keeps the "
+            "other rows): "
+            + "; ".join(
+                f"{run['date']}, `{run['command']}`: "
+                f"{sum(r.get('date') == run['date'] for r in rows)} rows"
+                for run in runs
+            )
+            + ".",
+            "",
+        ]
+    lines += [
         f"**All targets: {summary_line(summarize(rows))}.**",
         "",
     ]
@@ -611,6 +638,39 @@ def _row(combo: Combination, result: Result) -> dict:
     row["shared_limit"] = TARGETS[combo.target].shared_limit
     row["status"] = result.status(TARGETS[combo.target])
     return row
+
+
+_IDENTITY = ("kernel", "target", "dtype", "case", "config", "num_warps", "num_stages", "fixed")
+
+
+def _identity(item: Combination | dict) -> tuple:
+    """What names a combination, in a :class:`Combination` or a result row alike."""
+    if isinstance(item, dict):
+        return tuple(item[k] for k in _IDENTITY)
+    return tuple(getattr(item, k) for k in _IDENTITY)
+
+
+def _previous_results(out: Path, selected: list[Combination]) -> tuple[list[dict], list[dict]]:
+    """For ``--update``: the rows of ``<out>.json`` to keep (those of combinations the full run
+    still compiles that are not ``selected`` now, each with the date it was compiled) and the
+    runs that made the file."""
+    path = _with_suffix(out, ".json")
+    if not path.exists():
+        raise SystemExit(f"--update: {path} does not exist; run without --update first")
+    data = json.loads(path.read_text())
+    if data["triton"] != triton.__version__:
+        raise SystemExit(
+            f"--update: {path} holds results of Triton {data['triton']}, this is Triton "
+            f"{triton.__version__}; give another --out or run without --update"
+        )
+    current = {_identity(c) for c in combinations(KERNELS, TARGETS, DTYPES)}
+    chosen = {_identity(c) for c in selected}
+    kept = []
+    for row in data["results"]:
+        if _identity(row) in current and _identity(row) not in chosen:
+            kept.append({**row, "date": row.get("date", data["date"])})
+    runs = data.get("runs") or [{"date": data["date"], "command": data["command"]}]
+    return kept, runs
 
 
 def _write(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -663,6 +723,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--small", action="store_true", help="CI scope: one tile per kernel and dtype (head dim 64)"
     )
+    parser.add_argument(
+        "--cases",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        help="comma-separated parts of launch-case names: only the cases whose name contains one "
+        "(e.g. 'hd128,stem NCHW'; see --list)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument(
         "--out",
@@ -678,6 +744,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where results are cached (default: next to Triton's cache)",
     )
     parser.add_argument("--no-cache", action="store_true", help="compile everything afresh")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="compile only the selected combinations and merge them into the results at --out "
+        "(same Triton): its rows of the other combinations are kept, those of combinations no "
+        "longer compiled are dropped. For a change to some kernels or tile lists only: the kept "
+        "rows are taken to be current",
+    )
     parser.add_argument("--list", action="store_true", help="list the combinations and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -687,7 +761,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    combos = combinations(args.kernels, args.targets, args.dtypes, small=args.small)
+    combos = combinations(args.kernels, args.targets, args.dtypes, args.small, args.cases)
+    if not combos:
+        print("no combination matches these --kernels, --dtypes and --cases", file=sys.stderr)
+        return 2
     if args.list:
         for combo in combos:
             print(combo.label + (" (fixed tile)" if combo.fixed else ""))
@@ -697,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "tool": "bench/aot_compile.py",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(command),
+        "command": shlex.join(command),
         "machine": _machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -705,14 +782,15 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {name: asdict(t) for name, t in TARGETS.items() if name in args.targets},
     }  # fmt: skip
     cache_dir = None if args.no_cache else str(args.cache_dir)
-    rows: list[dict] = []
+    rows, runs = _previous_results(args.out, combos) if args.update else ([], [])
+    meta["runs"] = [*runs, {"date": meta["date"], "command": meta["command"]}]
     print(f"compiling {len(combos)} combinations with {args.jobs} processes", file=sys.stderr)
     start = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(_compile_in_worker, c, cache_dir): c for c in combos}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             combo = futures[future]
-            row = _row(combo, future.result())
+            row = {**_row(combo, future.result()), "date": meta["date"]}
             rows.append(row)
             usage = (
                 row["error"][:100]

@@ -103,7 +103,7 @@ _LOG2E = math.log2(math.e)  # exp(x) == exp2(x * log2(e)); the kernels spell out
 # BLOCK_M != BLOCK_N on purpose, to exercise the diagonal bookkeeping in the tests.
 #
 # Each tile names the head dims it serves: every tile here compiles for sm_80 and sm_90 without
-# register spills and within shared memory at those head dims, fp16 and bf16, causal or not
+# register spills and within shared memory at those head dims, in its dtypes, causal or not
 # (`python bench/aot_compile.py`, Triton 3.6 and 3.9; bench/results/aot_compile_triton*.md). The
 # accumulators a program keeps grow with the head dim (dK and dV: 2 * BLOCK_N * HEAD_DIM fp32
 # values over 32 * num_warps threads), so the big tiles stop short of 128; the figures after a
@@ -142,16 +142,16 @@ _CUDA_CONFIGS = {
         (64, 32, 4, 3, _ALL_HEAD_DIMS),
     ],
 }
-# fp32 (exact IEEE dots hold their operands in registers; 4 warps spill from hd64: fwd 64x32 3.3 KB
-# at hd128, dK/dV 32x32 1 KB at hd64, dQ 32x32 1.2 KB at hd128). NOT yet spill-free on sm_90 with
-# Triton 3.9: fwd and dQ at hd128 (420-1,156 B), dK/dV 32x32 at hd32 causal (44 B); see results.
+# fp32 (exact IEEE dots hold their operands in registers): 8 warps from hd64 (4 spill 0.7-30 KB) and
+# key blocks of 16 rows at hd128 (on sm_90 32- and 64-row ones spill 0.4-1.2 KB; dK/dV: 16x32).
 _CUDA_FP32_CONFIGS = {
-    "fwd": [(64, 32, 4, 2, (16, 32)), (64, 32, 8, 2, (64, 128)), (32, 32, 8, 2, (64, 128))],
-    "dkdv": [(16, 32, 8, 2, (64, 128)), (32, 32, 8, 2, (16, 32))],  # 32x32 at 64/128: 8-16 B
-    "dq": [(32, 32, 4, 2, (32, 64)), (32, 32, 8, 2, _ALL_HEAD_DIMS)],
-}
+    "fwd": [(64, 32, 4, 2, (16, 32)), (64, 32, 8, 2, (64,)), (32, 32, 8, 2, (64,)),
+            (32, 16, 8, 2, (128,))],
+    "dkdv": [(16, 32, 8, 2, (128,)), (16, 32, 4, 2, (32, 64)), (32, 32, 8, 2, (16,))],
+    "dq": [(32, 32, 4, 2, (32, 64)), (32, 32, 8, 2, (16, 32, 64)), (64, 16, 8, 2, (128,)),
+           (32, 16, 4, 2, (128,))],
+}  # fmt: skip
 _INTERPRETER_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
-_PREPROCESS_BLOCK_M = 64
 _AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "seq_q_bucket", "seq_k_bucket"]
 
 
@@ -711,6 +711,11 @@ def _attn_bwd_dq_kernel(
 # Launchers
 # ------------------------------------------------------------------------------------------------
 
+# The backward's delta preprocessing: one plain launch, no tuning. 8 warps: on 4 the fp32 block
+# spills 4 B per thread at head dim 128 on sm_90 (Triton 3.6; bench/aot_compile.py).
+_PREPROCESS_BLOCK_M = 64
+_PREPROCESS_NUM_WARPS = 8
+
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 dots unless torch itself allows TF32 matmuls. Ignored for 16-bit."""
@@ -785,6 +790,7 @@ def _attn_bwd(
         out, dout, dlse if has_dlse else delta, delta,
         *out.stride(), *dout.stride(), num_q_heads, seq_q,
         HAS_DLSE=has_dlse, HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK_M,
+        num_warps=_PREPROCESS_NUM_WARPS,
     )  # fmt: skip
 
     def grid_dkdv(meta):

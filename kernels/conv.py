@@ -52,8 +52,8 @@ With x (N, C, H, W), weight (K, C, KH, KW), out (N, K, OH, OW),
 Each program computes one BLOCK_M x BLOCK_N tile of out (BLOCK_M pixels x BLOCK_N channels),
 accumulating fp32 over Kg in BLOCK_K steps.
 
-Tile sizes are autotuned per GEMM shape on CUDA (``TPL_CONV_AUTOTUNE=0``: one fixed tile per
-shape, no tuning); the interpreter uses one small fixed tile.
+Tile sizes are autotuned per GEMM shape on CUDA among the candidates for the operands' width
+(``TPL_CONV_AUTOTUNE=0``: one fixed tile per shape, no tuning); the interpreter uses one small tile.
 
 Numerics: fp16/bf16 operands, fp32 accumulation, bias added in fp32, one rounding to the output
 dtype at the store. fp32 inputs use TF32 tensor cores when PyTorch's convolutions may
@@ -68,7 +68,7 @@ import torch
 
 from triton_parallel_layers.kernels._dispatch import autocast_inputs, use_triton
 from triton_parallel_layers.kernels._library import kernel_op, launch
-from triton_parallel_layers.kernels._tiles import grouped_tile
+from triton_parallel_layers.kernels._tiles import TilesByWidth, grouped_tile
 from triton_parallel_layers.kernels._triton import tl, triton
 
 __all__ = [
@@ -221,7 +221,7 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
 
 
 # No 128x256x64 tile: with Triton 3.6 it spills 48 B per thread on sm_80 (bench/aot_compile.py).
-_CUDA_CONFIGS = [
+_CUDA_CONFIGS_16BIT = [
     _config(128, 128, 64, 3, 8),
     _config(256, 128, 64, 3, 8),
     _config(128, 64, 64, 4, 4),
@@ -230,19 +230,31 @@ _CUDA_CONFIGS = [
     _config(128, 32, 32, 4, 4),  # few output channels
     _config(128, 32, 16, 4, 4),  # few output channels and a short reduction (1-channel 3x3)
 ]
+# fp32 operands (TF32 products by default) take twice the registers for the operand loads and
+# their addresses: on 4 warps 64x64x64 spills (the 7x7 stem: 12-220 B per thread, the 3x3
+# channels_last: 8 B on sm_80 with Triton 3.6) and so does 128x32x16 (the 1-channel 3x3: 4 B on
+# sm_90 with Triton 3.9); these do not (bench/aot_compile.py), the 16-bit ones' shapes on 8 warps.
+_CUDA_CONFIGS_FP32 = [
+    _config(64, 64, 32, 4, 8),
+    _config(128, 32, 32, 4, 4),  # few output channels (channels_last only: see below)
+    _config(128, 32, 16, 4, 8),  # few output channels and a short reduction (1-channel 3x3)
+]
+_TILES = TilesByWidth(_CUDA_CONFIGS_16BIT, _CUDA_CONFIGS_FP32)
+_CUDA_CONFIGS = _TILES.configs
 
 # Shared memory a tile's pipeline holds: num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K operands, which
 # must fit an A100's 163 KiB per block (H100/H200: 227 KiB) with Triton's own scratch. Measured
 # (bench/aot_compile.py): 16-bit 128x128x64 takes 97 KiB in 3 stages on sm_90, 32 KiB a stage plus
-# 1, so fp32 128x128x64 in 3 stages (192 KiB) would pass the A100's limit.
+# 1 KiB.
 _SHARED_MEMORY_BUDGET = 160 * 1024
 
 # Contiguous NCHW input (channels strided by H*W): the A operand cannot be loaded as vectors along
 # the channels, and the per-element addresses and masks of every pipeline stage stay in registers.
 # Compiled for sm_80 and sm_90 (bench/aot_compile.py, 3x3 from 64 to 256 channels, fp16/bf16),
-# every wider tile spills there (128x128x64: 500-568 B per thread; 128x32x32: 332-468 B;
-# 256x128x64: 5-16 KB) and only these do not. channels_last (the fast path) takes them all.
-_STRIDED_CHANNEL_TILES = {(64, 64, 64), (128, 32, 16)}
+# every wider tile spills there (128x128x64: 500-568 B per thread; 128x32x32: 332-468 B, in fp32
+# 428-492 B; 256x128x64: 5-16 KB) and only these do not. channels_last (the fast path) takes them
+# all.
+_STRIDED_CHANNEL_TILES = {(64, 64, 64), (64, 64, 32), (128, 32, 16)}
 
 # The flat reduction loop (C < 32) recovers (r, s, c) per element: more live index math, so
 # 128x64x64 spills there (76 B per thread on sm_90, the 7x7 RGB stem).
@@ -250,16 +262,18 @@ _FLAT_K_SPILLING_TILES = {(128, 64, 64)}
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """The tiles worth trying for this launch: none much wider than the problem (they only add
-    autotuning time), none over an A100's shared memory, none that spills registers for the
-    input's memory format and reduction loop (see the sets above)."""
+    """The tiles worth trying for this launch: those of the operands' width
+    (:data:`_CUDA_CONFIGS_16BIT` or :data:`_CUDA_CONFIGS_FP32`), none much wider than the problem
+    (they only add autotuning time), none over an A100's shared memory, none that spills
+    registers for the input's memory format and reduction loop (see the sets above)."""
     k_out, gemm_k = named_args["K_OUT"], named_args["GEMM_K"]
     elem = named_args["x_ptr"].element_size()
+    candidates = _TILES.for_width(configs, elem)
     strided_channels = named_args["stride_xc"] != 1
     flat_k = named_args["C"] < _FLAT_K_BELOW_CHANNELS
     max_n = max(32, triton.next_power_of_2(k_out))
     kept = []
-    for cfg in configs:
+    for cfg in candidates:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         if strided_channels:
             if (bm, bn, bk) not in _STRIDED_CHANNEL_TILES:
@@ -274,7 +288,7 @@ def _prune_configs(configs, named_args, **kwargs):
         if cfg.num_stages * (bm + bn) * bk * elem > _SHARED_MEMORY_BUDGET:
             continue
         kept.append(cfg)
-    return kept or configs[-1:]
+    return kept or candidates[-1:]
 
 
 def _autotune_bench(kernel_call, quantiles):

@@ -31,8 +31,8 @@ Numerics: fp32 accumulation; bias and partial are added in fp32; one rounding at
 operands use TF32 tensor cores exactly when PyTorch's own matmuls do
 (``torch.backends.cuda.matmul.allow_tf32``), exact fp32 products otherwise.
 
-Tiles are autotuned on CUDA (keyed by ``M, N, K``); under Triton's interpreter one small fixed
-tile runs. The pure-torch reference is :func:`matmul_ref`; :func:`matmul` dispatches between them
+Tiles are autotuned on CUDA (keyed by ``M, N, K``; candidates per operand width); the interpreter
+runs one small tile. Reference: :func:`matmul_ref`; :func:`matmul` dispatches between them
 by :func:`triton_parallel_layers.kernels._dispatch.use_triton` and is differentiable when no ``out`` is given.
 """
 
@@ -42,7 +42,7 @@ import torch
 
 from triton_parallel_layers.kernels._dispatch import use_triton
 from triton_parallel_layers.kernels._library import kernel_op, launch
-from triton_parallel_layers.kernels._tiles import grouped_tile
+from triton_parallel_layers.kernels._tiles import TilesByWidth, grouped_tile
 from triton_parallel_layers.kernels._triton import tl, triton
 
 __all__ = ["matmul", "matmul_ref"]
@@ -135,8 +135,8 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config
 
 
 # Hopper (H100/H200) favours big 128x256 tiles with 8 warps (two warpgroups) and 3-4 stages for
-# 16-bit operands; the smaller tiles serve thin or short problems and fp32 (twice the bytes).
-_CUDA_CONFIGS = [
+# 16-bit operands; the smaller tiles serve thin or short problems.
+_CUDA_CONFIGS_16BIT = [
     _config(128, 256, 64, 3, 8),
     _config(256, 128, 64, 3, 8),
     _config(128, 256, 64, 4, 8),
@@ -148,12 +148,23 @@ _CUDA_CONFIGS = [
     _config(128, 128, 32, 4, 4),
     _config(64, 32, 32, 4, 4),  # tiny problems: enough programs to fill the GPU
 ]
+# fp32 operands: exact products (the default) hold their operands in registers, so the 16-bit
+# tiles that fit in shared memory spill there (bench/aot_compile.py, sm_80/sm_90, Triton 3.6 and
+# 3.9: 128x128x32 on 4 warps 8-712 B per thread, 64x64x64 on 4 warps 4-980 B, 64x32x32 on 4 warps
+# 4-12 B on sm_90). These compile without spills in both precisions (IEEE and TF32).
+_CUDA_CONFIGS_FP32 = [
+    _config(128, 128, 32, 3, 8),
+    _config(64, 64, 16, 4, 4),
+    _config(64, 32, 32, 4, 8),  # tiny problems
+]
+_TILES = TilesByWidth(_CUDA_CONFIGS_16BIT, _CUDA_CONFIGS_FP32)
+_CUDA_CONFIGS = _TILES.configs
 
 
 # Shared memory a tile's pipeline holds: num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K operands, which
 # must fit an A100's 163 KiB per block (H100/H200: 227 KiB) with Triton's own scratch. Measured
 # (bench/aot_compile.py): 16-bit 128x256x64 takes 145 KiB in 3 stages, 48 KiB a stage plus 1, so
-# 4 stages (and fp32 128x128x64 in 3) would pass the A100's limit.
+# 4 stages would pass the A100's limit.
 _SHARED_MEMORY_BUDGET = 160 * 1024
 
 
@@ -165,15 +176,17 @@ _MAX_ACC_PER_THREAD_WITH_PARTIAL = 64
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far wider than the problem, those over an A100's shared memory, and those that
-    spill registers with the partial-sum epilogue."""
+    """The tiles of the operands' width (:data:`_CUDA_CONFIGS_16BIT` or
+    :data:`_CUDA_CONFIGS_FP32`), less those far wider than the problem, those over an A100's
+    shared memory, and those that spill registers with the partial-sum epilogue."""
     m, n = named_args["M"], named_args["N"]
     has_partial = kwargs.get("HAS_PARTIAL", named_args.get("HAS_PARTIAL", False))
     elem = named_args["x_ptr"].element_size()
+    candidates = _TILES.for_width(configs, elem)
     max_m = max(64, triton.next_power_of_2(m))
     max_n = max(32, triton.next_power_of_2(n))
     kept = []
-    for cfg in configs:
+    for cfg in candidates:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         smem = (bm + bn) * bk * elem * cfg.num_stages
         acc_per_thread = bm * bn // (32 * cfg.num_warps)
@@ -181,7 +194,7 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if bm <= max_m and bn <= max_n and smem <= _SHARED_MEMORY_BUDGET:
             kept.append(cfg)
-    return kept or configs[-1:]
+    return kept or candidates[-1:]
 
 
 def _autotune_bench(kernel_call, quantiles):

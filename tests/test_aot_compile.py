@@ -5,7 +5,9 @@ The tool runs in a fresh process: this test session has Triton's interpreter swi
 (conftest), and the kernels must be compiled for real. The full scope (every kernel, dtype and
 configuration for sm_80 and sm_90, ~20 minutes on 2 cores) is the documented command
 ``python bench/aot_compile.py``; here the CI scope (``--small``) compiles each kernel's fixed
-tile once.
+tile once, and the fp32 launch cases that used to spill are compiled with every tile their
+autotuner can pick. The stored full tables (``bench/results/aot_compile_triton*.json``) must
+list exactly the combinations of the current tile lists, all passing.
 """
 
 import json
@@ -34,6 +36,20 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module")
+def listed() -> list[str]:
+    """``aot_compile.py --list``: one line per combination the full run compiles."""
+    proc = _run(str(TOOL), "--list")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()[:-1]  # the last line is the count
+
+
+def _failing(rows: list[dict]) -> list[str]:
+    return [f"{r['kernel']} {r['target']} {r['dtype']} {r['case']} {r['config']} "
+            f"w{r['num_warps']} s{r['num_stages']}: {r['status']} {r['error'] or ''}"
+            for r in rows if r["status"] != "ok"]  # fmt: skip
+
+
 def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
     out = tmp_path / "aot"
     proc = _run(str(TOOL), "--small", "--targets", "sm_90", "--dtypes", "bf16",
@@ -45,8 +61,7 @@ def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
     assert {r["kernel"] for r in rows} == {
         "attn_fwd", "attn_preprocess", "attn_dkdv", "attn_dq", "conv_fwd", "matmul",
     }  # fmt: skip
-    failing = [f"{r['kernel']} {r['case']} {r['config']}: {r['status']} {r['error'] or ''}"
-               for r in rows if r["status"] != "ok"]  # fmt: skip
+    failing = _failing(rows)
     assert not failing, "\n".join(failing)
     for r in rows:
         assert r["registers"] > 0 and r["spill_stores"] == 0
@@ -56,6 +71,50 @@ def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
     md = tmp_path.joinpath("aot.md").read_text()
     assert f"{len(rows)} combinations: 0 compile errors" in md
     assert report["triton"] in md
+
+
+def test_fp32_cases_that_spilled_compile_without_spills(tmp_path):
+    """fp32 at head dim 128 (attention forward, dQ and the delta preprocessing), the 7x7 RGB stem
+    on NCHW input and the GEMM with its bias: every tile the autotuner can pick spilled on sm_90
+    until the fp32 tile lists (12 compiles)."""
+    out = tmp_path / "aot_fp32"
+    proc = _run(str(TOOL), "--targets", "sm_90", "--dtypes", "fp32",
+                "--kernels", "attn_fwd,attn_preprocess,attn_dq,conv_fwd,matmul",
+                "--cases", "hd128,7x7 C3 stem NCHW,x @ w.T +bias",
+                "--out", str(out), "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert tmp_path.joinpath("aot_fp32.json").exists(), proc.stderr[-3000:]
+    rows = json.loads(tmp_path.joinpath("aot_fp32.json").read_text())["results"]
+    assert {r["kernel"] for r in rows} == {
+        "attn_fwd", "attn_preprocess", "attn_dq", "conv_fwd", "matmul",
+    }  # fmt: skip
+    assert {r["case"] for r in rows} >= {"hd128", "hd128 causal", "7x7 C3 stem NCHW"}
+    assert len({r["config"] for r in rows if r["kernel"] == "matmul"}) > 1  # all GEMM tiles
+    failing = _failing(rows)
+    assert not failing, "\n".join(failing)
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.6"])
+def test_stored_tables_are_the_current_tile_lists_and_all_pass(listed, version):
+    """The full tables in bench/results hold one passing row per combination the current tile
+    lists give (re-run ``aot_compile.py`` after changing a list, for both Triton versions)."""
+    path = REPO / "bench" / "results" / f"aot_compile_triton{version}.json"
+    report = json.loads(path.read_text())
+    assert report["triton"].startswith(version + ".")
+    rows = report["results"]
+    stored = [f"{r['kernel']} {r['target']} {r['dtype']} {r['case']} {r['config']} "
+              f"w{r['num_warps']} s{r['num_stages']}" + (" (fixed tile)" if r["fixed"] else "")
+              for r in rows]  # fmt: skip
+    assert len(stored) == len(set(stored))
+    assert set(stored) == set(listed), (
+        f"{path.name} is stale: missing {sorted(set(listed) - set(stored))[:5]}, "
+        f"no longer compiled {sorted(set(stored) - set(listed))[:5]}"
+    )
+    failing = _failing(rows)
+    assert not failing, "\n".join(failing)
+    assert report["summary"]["all"]["spilling"] == 0 == report["summary"]["all"]["compile_errors"]
+    assert all(r["shared"] <= r["shared_limit"] for r in rows)
 
 
 def test_the_check_fails_on_spills_shared_memory_and_compile_errors():
@@ -73,11 +132,8 @@ def test_the_check_fails_on_spills_shared_memory_and_compile_errors():
     assert toys["small_dot"]["spill_stores"] == 0 and toys["small_dot"]["shared"] > 0
 
 
-def test_every_launchable_case_keeps_a_configuration():
+def test_every_launchable_case_keeps_a_configuration(listed):
     """Pruning must leave at least one tile per kernel, target, dtype and head dim / case."""
-    proc = _run(str(TOOL), "--list")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    listed = proc.stdout.splitlines()
     for kernel in ("attn_fwd", "attn_dkdv", "attn_dq", "attn_preprocess"):
         for target in ("sm_80", "sm_90"):
             for dtype in ("fp16", "bf16", "fp32"):
