@@ -41,7 +41,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
+from triton_parallel_layers.kernels.collectives import all_reduce_, group_rank, group_size
 from triton_parallel_layers.parallel_layers.checks import check_values
 from triton_parallel_layers.parallel_layers.utils import check_positive_int
 
@@ -87,8 +87,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         owned = valid & (target >= start) & (target < start + v_local)
         local_t = (target - start).masked_fill(~owned, 0).unsqueeze(-1)  # (N, 1)
 
-        # amax is exact in any dtype, so it needs no fp32 copy
-        m = all_reduce(logits.amax(dim=-1).float(), group, op=dist.ReduceOp.MAX)  # (N,)
+        # amax is exact in any dtype, so it needs no fp32 copy; reduced in place (a fresh tensor)
+        m = all_reduce_(logits.amax(dim=-1).float(), group, op=dist.ReduceOp.MAX)  # (N,)
         target_z = (logits.gather(-1, local_t).squeeze(-1).float() - m).masked_fill_(~owned, 0.0)
 
         grad = (
@@ -110,7 +110,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             torch.sum(w.exp_(), dim=-1, out=sum_exp[i:j])
 
         partials = [sum_exp, target_z] + ([sum_z] if sum_z is not None else [])
-        sums = all_reduce(torch.stack(partials), group)  # (2 or 3, N)
+        sums = all_reduce_(torch.stack(partials), group)  # (2 or 3, N), fresh: in place
         lse = sums[0].log()  # logsumexp(z) - m
         loss = lse - sums[1]
         if sum_z is not None:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from triton_parallel_layers.kernels.collectives import all_reduce, group_rank, group_size
+from triton_parallel_layers.kernels.collectives import all_reduce_, group_rank, group_size
+from triton_parallel_layers.parallel_layers.data_parallel import local_tensor
 
 __all__ = [
     "SequenceParallelDropout",
@@ -71,12 +72,12 @@ def allreduce_sequence_parallel_grads(
                 if param is None or param.grad is None or id(param) in seen:
                     continue
                 seen.add(id(param))
-                grad = param.grad
-                grad = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2's DTensor
+                grad = local_tensor(param.grad)  # FSDP2: this rank's dp shard
                 key = (id(group), grad.dtype, grad.device)
                 buckets.setdefault(key, (group, []))[1].append(grad)
     for group, grads in buckets.values():
-        total = all_reduce(_flatten_dense_tensors(grads), group)  # (sum of numels,)
+        # (sum of numels,): a new buffer, or a view of the one gradient (then summed in place)
+        total = all_reduce_(_flatten_dense_tensors(grads), group)
         for grad, synced in zip(grads, _unflatten_dense_tensors(total, grads)):
             grad.copy_(synced)
     return len(buckets)
