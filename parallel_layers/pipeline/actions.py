@@ -351,6 +351,10 @@ def action_messages(
     return None, None
 
 
+RECV_LOOKAHEAD = 1
+"""How many actions ahead of the action needing it a receive is posted (:func:`p2p_plan`)."""
+
+
 def p2p_plan(
     actions: Sequence[Sequence[Action]], v: int = 1
 ) -> list[list[list[tuple[str, Message]]]]:
@@ -368,14 +372,16 @@ def p2p_plan(
       key is at the head of both its ranks' queues, so it can always move, and by induction all
       do. (Merging consecutive operations into one group only lets more of them move at once.)
     * a send goes into the group right after the action that produced it (its key is that
-      action's end, at most the next action's start); a receive into the last group before the
-      action that needs it whose slot its key has reached (its producer ends no later than the
-      consumer starts), so it is posted as early as that order allows.
+      action's end, at most the next action's start). A receive goes one action ahead of the
+      action that needs it, or as soon after that as the order allows, but no later than the
+      first group whose action starts at or after its key (its producer ends no later than the
+      consumer starts): the message can then move while the action before its consumer
+      computes (Megatron-LM's ``overlap_p2p_comm``), instead of after it, at the cost of one
+      receive buffer posted one action early.
 
-    In 1F1B's steady state this is Megatron-LM's pairing: after a forward the activation goes
-    out with the receive of the gradient the next backward needs
-    (``send_forward_recv_backward``), after a backward the gradient with the next forward's input
-    (``send_backward_recv_forward``).
+    In 1F1B's steady state a stage's forward output goes out with the receive of the gradient its
+    next backward needs (Megatron-LM's ``send_forward_recv_backward``), and the next forward's
+    input is received while the backward before it runs.
     """
     pp = len(actions)
     num_stages = pp * v
@@ -402,15 +408,17 @@ def p2p_plan(
                 ops.append((key(send), k + 1, "send", send))
         ops.sort(key=lambda o: o[0])
         groups: list[list[tuple[str, Message]]] = [[] for _ in range(len(acts) + 1)]
-        slot = 0
+        slot = 0  # the group of the operation before in key order: none may go earlier
         for k_, latest, kind, msg in ops:
-            # the first slot whose action starts at or after the key (a send: after its action)
-            while slot < len(acts) and starts[slot] < k_[0]:
-                slot += 1
-            if kind == "send":
+            if kind == "send":  # right after the action producing it
                 slot = max(slot, latest)
-            if kind == "recv" and slot > latest:
-                raise AssertionError(f"rank {r}: {msg} keyed after the action that needs it")
+            else:  # one action ahead of its consumer, or the first group its key has reached
+                reached = slot
+                while reached < len(acts) and starts[reached] < k_[0]:
+                    reached += 1
+                slot = max(slot, min(reached, latest - RECV_LOOKAHEAD))
+                if slot > latest:
+                    raise AssertionError(f"rank {r}: {msg} keyed after the action that needs it")
             groups[slot].append((kind, msg))
         plan.append(groups)
     return plan

@@ -21,8 +21,10 @@ One step, on each rank:
    the input gradient. ``W(i, c)``: the deferred weight gradients (zero-bubble only). Before each
    action the rank posts one group of sends and receives (one ``batch_isend_irecv``), the one
    :func:`~.actions.p2p_plan` assigns to it: the output of the action before, with the receives
-   whose turn has come in one global order of all messages. That order cannot deadlock under
-   NCCL's rule and is the same on every backend (checked on CPU by :mod:`.p2p_check`). A group's
+   whose turn has come in one global order of all messages, each posted (at least) one action
+   ahead of the action needing it, so it arrives while the action before computes. That order
+   cannot deadlock under NCCL's rule and is the same on every backend (checked on CPU by
+   :mod:`.p2p_check`). A group's
    sends are waited for one action later, before the next group is posted (as
    ``torch.distributed.pipelining`` waits for its sends one step late): the compute of that action
    overlaps them, the wait cannot deadlock (it waits only for messages ahead of every one this
