@@ -21,6 +21,13 @@ parameter are left to the enclosing unit.
 **Gradient accumulation.** Under :func:`gradient_sync` ``(module, False)`` FSDP2 accumulates
 unsharded gradients locally (like DDP's ``no_sync``); the first backward with sync on
 reduce-scatters the sum.
+
+**Communication ledger.** Every unit's all-gathers and reduce-scatters are counted by the active
+:func:`~triton_parallel_layers.kernels.collectives.record_comm` ledgers (the step report's bytes
+per collective kind), as FSDP2 issues them: each unit runs FSDP2's own default collectives
+through a subclass that records the message first (``FSDPModule.set_custom_all_gather`` /
+``set_custom_reduce_scatter``); the payload of an all-gather is this rank's padded flat shard of
+the unit, that of a reduce-scatter the unit's padded flat gradients.
 """
 
 from __future__ import annotations
@@ -32,7 +39,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+    DefaultAllGather,
+    DefaultReduceScatter,
+)
 from torch.distributed.tensor import DTensor
+
+from triton_parallel_layers.kernels.collectives import group_size, record
 
 __all__ = ["dp_shard_shape", "gradient_sync", "is_fsdp", "local_tensor", "shard_data_parallel"]
 
@@ -64,10 +77,31 @@ def shard_data_parallel(
             backward); ``False`` keeps them until the backward, trading memory for one all-gather
             per microbatch less (what torchtitan does for pipeline stages).
     """
-    for unit in _private_units([u for u in units if any(True for _ in u.parameters())]):
+    for unit in [
+        *_private_units([u for u in units if any(True for _ in u.parameters())]),
+        module,
+    ]:
         fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        unit.set_custom_all_gather(_RecordedAllGather())
+        unit.set_custom_reduce_scatter(_RecordedReduceScatter())
     return module
+
+
+class _RecordedAllGather(DefaultAllGather):
+    """FSDP2's default all-gather, counted in the comm ledger (payload: this rank's shard)."""
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        record("all_gather", input_tensor, group_size(group))
+        return super().__call__(output_tensor, input_tensor, group, async_op)
+
+
+class _RecordedReduceScatter(DefaultReduceScatter):
+    """FSDP2's default reduce-scatter, counted in the comm ledger (payload: the unit's padded
+    flat gradients)."""
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        record("reduce_scatter", input_tensor, group_size(group))
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
 
 
 def is_fsdp(module: nn.Module) -> bool:

@@ -198,12 +198,16 @@ def _bytes_case() -> list[dict]:
 
 def test_per_rank_bytes_are_the_analytic_share(dist_run):
     """FSDP's parameters, gradients and AdamW state per rank are exactly each TP shard's dim-0
-    chunk on this dp rank (1/dp of DDP's up to uneven chunks), and add up to DDP's over dp."""
+    chunk on this dp rank (1/dp of DDP's up to uneven chunks), and add up to DDP's over dp. The
+    step's data-parallel bytes in the comm ledger (FSDP2's all-gathers and reduce-scatters, DDP's
+    all-reduce) are the analytic count."""
     rows = [r for ranks in zip(*dist_run(4, _bytes_case, timeout=300)) for r in ranks]
     for r in rows:
         assert r["param_bytes"] == r["analytic_param_bytes"], r
         assert r["grad_bytes"] == r["param_bytes"], r
         assert r["optimizer_bytes"] == r["analytic_optimizer_bytes"], r
+        if r["dp_shard"] == "fsdp" or r["tp"] == 1:
+            assert r["dp_comm_bytes"] == r["analytic_dp_comm_bytes"] > 0, r
     for dp, tp in [(4, 1), (2, 2)]:
         for tp_rank in range(tp):
             fsdp = [r for r in rows if (r["dp"], r["tp"], r["dp_shard"]) == (dp, tp, "fsdp")]
