@@ -1077,7 +1077,8 @@ def flash_attention_with_lse(
     """:func:`flash_attention` that also returns the per-row log-sum-exp.
 
     Returns ``out`` ``(B, Hq, Sq, D)`` in the input dtype (laid out as :func:`flash_attention`'s)
-    and ``lse`` ``(B, Hq, Sq)`` fp32 contiguous, natural log, so that attentions over disjoint key sets merge exactly:
+    and ``lse`` ``(B, Hq, Sq)`` fp32 contiguous, natural log, so that attentions over disjoint key
+    sets merge exactly:
     ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2``.
     Both outputs are differentiable.
     """

@@ -86,10 +86,8 @@ class _RotaryQK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
-        like = dq if dq is not None else dk
-        cos, sin = rotary_cos_sin(like.shape[-2], like.shape[-1], ctx.base, like.device, like.dtype)
-        dq, dk = (None if g is None else apply_rotary(g, cos, -sin) for g in (dq, dk))
-        return dq, dk, None
+        cos, sin = rotary_cos_sin(dq.shape[-2], dq.shape[-1], ctx.base, dq.device, dq.dtype)
+        return apply_rotary(dq, cos, -sin), apply_rotary(dk, cos, -sin), None
 
 
 def apply_rotary_qk(

@@ -348,7 +348,7 @@ class RowParallelLinear(_ParallelLinear):
             elif _sequence_major(x):
                 # x is the sequence-gathering column layer's output (through elementwise ops),
                 # stored sequence-major: (S, *, F/p) @ (F/p, E) -> (S, *, E) partial sums on a
-                # view, reduce-scattered along dim 0 in place, no layout copy either side
+                # view, reduce-scattered along dim 0: no layout copy on either side
                 out = deferrable_linear(x.movedim(-2, 0), self.weight)
                 out = reduce_scatter_to_sequence_parallel(out, self.tp_group, dim=0)
                 out = out.movedim(0, -2)  # (*, S/p, E), stored sequence-major
