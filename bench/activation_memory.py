@@ -62,13 +62,11 @@ def analytic_bytes(b: int, s: int, h: int, heads: int, t: int, residual_itemsize
     norm = tokens * h * residual_itemsize + 2 * tokens * 4  # input + fp32 mean and rstd
     attention = (
         tokens * h * 2  # the QKV projection's input shard (gathered again in backward)
-        + 2 * s * (h // heads) * 2  # RoPE's cos and sin (S, D)
         + 3 * b * s * (h // t) * 2  # q, k (after RoPE), v: (B, heads/t, S, D)
+        # flash attention's output, which the output projection saves too (a view of it), and
+        # its lse; RoPE saves nothing (its cos and sin are recomputed in backward)
         + b * s * (h // t) * 2
-        + b * (heads // t) * s * 4  # flash attention's output and lse
-        # the output projection's input (B, S, h/t): a copy of flash attention's output,
-        # rearranged from (B, heads/t, S, D), unless one head per rank makes it a view
-        + (b * s * (h // t) * 2 if heads // t > 1 else 0)
+        + b * (heads // t) * s * 4
     )
     mlp = tokens * h * 2 + 2 * b * s * (4 * h // t) * 2  # fc1's input shard, GELU in, fc2 in
     return 2 * norm + attention + mlp
@@ -172,15 +170,15 @@ def to_markdown(result: dict) -> str:
     lines += [
         "",
         "Where the difference from the formula comes from (it assumes 16-bit activations, "
-        "1-byte dropout masks and no flash attention): the two norms save the residual stream "
-        f"in {result['rows'][0]['residual_dtype']} (fp32 under autocast: 2·(4−2)·s·b·h/t bytes "
-        "more than 16-bit); flash attention saves its output (B, a/t, S, D) besides the output "
-        "projection's input, a rearranged copy of it (2·s·b·h/t more, unless one head per rank "
-        "makes the copy a view, as at t = 4 here), and its log-sum-exp (4·b·a·s/t); RoPE's cos "
-        "and sin tables (4·s·d) and the norms' mean and rstd (16·s·b/t) add a little; at dropout "
-        "0 none of the formula's 2·s·b·h/t of masks is saved. `analytic_bytes` in "
-        "`bench/activation_memory.py` counts every term; tests/test_activation_memory.py checks "
-        "it equals the measurement at t = 1, 2, 4.",
+        "1-byte dropout masks and no flash attention): the residual stream the two norms save is "
+        f"{result['rows'][0]['residual_dtype']} at every t (the embedding's output is cast to "
+        "the autocast dtype); flash attention's output (B, S, a/t, d in memory) is the output "
+        "projection's input too, a view, saved once, as the formula's 2·s·b·h/t; flash "
+        "attention adds its log-sum-exp (4·b·a·s/t) and the norms their mean and rstd "
+        "(16·s·b/t); RoPE saves nothing (its tables are recomputed in backward); at dropout 0 "
+        "none of the formula's 2·s·b·h/t of masks is saved, hence the ratio below 1. "
+        "`analytic_bytes` in `bench/activation_memory.py` counts every term; "
+        "tests/test_activation_memory.py checks it equals the measurement at t = 1, 2, 4.",
         "",
         "What is saved at t = 2 (one storage per row, in saving order):",
         "",

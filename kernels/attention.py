@@ -45,6 +45,11 @@ exp2(S2 - lse * log2(e))``.
 
 Layout and dtypes: inputs of any strides are read through their strides (no copy), except that a
 tensor whose last (head) dim is not unit-stride is made contiguous first so loads stay coalesced.
+The output ``(B, Hq, Sq, D)`` is stored heads-inside-sequence, as a contiguous ``(B, Sq, Hq, D)``
+seen through ``transpose(1, 2)`` (FlashAttention's own output layout): the output projection's
+``out.transpose(1, 2).reshape(B, Sq, Hq * D)`` is then a view, so the tensor the attention saves
+for its backward is the very tensor the projection saves, not a rearranged copy of it. The
+log-sum-exp is contiguous ``(B, Hq, Sq)``; the gradients of q, k, v are contiguous.
 fp16/bf16/fp32 inputs; matmuls run in the input dtype on the tensor cores with fp32 accumulation,
 softmax statistics are fp32, the output has the input dtype. fp32 inputs use exact fp32 (IEEE)
 dot products unless ``torch.backends.cuda.matmul.allow_tf32`` is set. Head dims 16, 32, 64, 128.
@@ -264,7 +269,7 @@ def _attn_fwd_kernel(
     Q,  # pointer to q (B, Hq, Sq, HEAD_DIM)
     K,  # pointer to k (B, Hkv, Sk, HEAD_DIM)
     V,  # pointer to v (B, Hkv, Sk, HEAD_DIM)
-    Out,  # pointer to the output (B, Hq, Sq, HEAD_DIM), input dtype
+    Out,  # pointer to the output (B, Hq, Sq, HEAD_DIM), input dtype (stored (B, Sq, Hq, D))
     Lse,  # pointer to the log-sum-exp (B, Hq, Sq), fp32, contiguous, natural log
     qk_scale,  # softmax_scale * log2(e)
     stride_qb,  # q stride between batches
@@ -729,13 +734,23 @@ def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    """The attention output for query ``q (B, Hq, Sq, D)``, uninitialized: ``(B, Hq, Sq, D)`` over a
+    contiguous ``(B, Sq, Hq, D)`` buffer (the file header says why). The kernels, the reference
+    path and the fake implementation all allocate it here, so their strides agree."""
+    batch, num_q_heads, seq_q, head_dim = q.shape
+    shape = (batch, seq_q, num_q_heads, head_dim)
+    return q.new_empty(shape).transpose(1, 2)
+
+
 def _attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) fp32."""
+    """Launch the forward kernel. Returns out (B, Hq, Sq, D) in q's dtype (stored (B, Sq, Hq, D)),
+    lse (B, Hq, Sq) fp32."""
     batch, num_q_heads, seq_q, head_dim = q.shape
     num_kv_heads, seq_k = k.shape[1], k.shape[2]
-    out = torch.empty((batch, num_q_heads, seq_q, head_dim), dtype=q.dtype, device=q.device)
+    out = _empty_out(q)  # the kernel writes through its strides
     lse = torch.empty((batch, num_q_heads, seq_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -857,9 +872,8 @@ def _attn_bwd_ref(
 
 
 def _fake_attn_fwd(q, k, v, causal, softmax_scale, use_triton):
-    batch, num_q_heads, seq_q, head_dim = q.shape
-    out = q.new_empty((batch, num_q_heads, seq_q, head_dim))
-    return out, q.new_empty((batch, num_q_heads, seq_q), dtype=torch.float32)
+    batch, num_q_heads, seq_q, _ = q.shape
+    return _empty_out(q), q.new_empty((batch, num_q_heads, seq_q), dtype=torch.float32)
 
 
 @kernel_op("flash_attention_fwd", fake=_fake_attn_fwd)
@@ -871,13 +885,15 @@ def _flash_attention_fwd_op(
     softmax_scale: float,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Hq, Sq, D), lse (B, Hq, Sq) fp32)``: the Triton forward, or the reference."""
+    """``(out (B, Hq, Sq, D) stored (B, Sq, Hq, D), lse (B, Hq, Sq) fp32)``: the Triton forward,
+    or the reference."""
     if use_triton:
         q, k, v = (_unit_stride_last(t) for t in (q, k, v))
         return _attn_fwd(q, k, v, causal, softmax_scale)
     with autocast_off(q):  # the reference accumulates in fp32 whatever autocast says
-        out, lse = attention_ref_with_lse(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    return out.contiguous(), lse.contiguous()  # the kernel's (and the fake's) layout
+        out32, lse = _attention_ref_fp32(q, k, v, causal, softmax_scale)
+    # rounded to q's dtype straight into the kernel's (and the fake's) layout: one pass
+    return _empty_out(q).copy_(out32), lse.contiguous()
 
 
 def _fake_attn_bwd(q, k, v, out, lse, dout, dlse, causal, softmax_scale, use_triton):
@@ -897,7 +913,8 @@ def _flash_attention_bwd_op(
     softmax_scale: float,
     use_triton: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` from ``dout`` ``(B, Hq, Sq, D)`` and ``dlse`` ``(B, Hq, Sq)`` (or None)."""
+    """``(dq, dk, dv)``, contiguous, from ``dout`` ``(B, Hq, Sq, D)`` (any strides) and ``dlse``
+    ``(B, Hq, Sq)`` (or None)."""
     if use_triton:
         q, k, v = (_unit_stride_last(t) for t in (q, k, v))
         return _attn_bwd(q, k, v, out, lse, dout, dlse, causal, softmax_scale)
@@ -1014,6 +1031,14 @@ def attention_ref_with_lse(
     a reference, and the fast path for CPU training, not for long sequences.
     """
     scale = _check_inputs(q, k, v, softmax_scale, for_kernel=False)
+    out, lse = _attention_ref_fp32(q, k, v, causal, scale)
+    return out.to(q.dtype), lse
+
+
+def _attention_ref_fp32(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_ref_with_lse` on checked inputs, the output left in fp32."""
     group_size = q.shape[1] // k.shape[1]
     # Query head h reads key/value head h // group_size: repeat each kv head group_size times.
     k32 = repeat(k.float(), "b h s d -> b (h g) s d", g=group_size)
@@ -1025,8 +1050,7 @@ def attention_ref_with_lse(
         scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hq, Sq)
     probs = torch.exp(scores - lse.unsqueeze(-1))
-    out = torch.einsum("bhqk,bhkd->bhqd", probs, v32)
-    return out.to(q.dtype), lse
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v32), lse
 
 
 def attention_ref(
@@ -1052,8 +1076,9 @@ def flash_attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`flash_attention` that also returns the per-row log-sum-exp.
 
-    Returns ``out`` ``(B, Hq, Sq, D)`` in the input dtype and ``lse`` ``(B, Hq, Sq)`` fp32, natural
-    log, so that attentions over disjoint key sets merge exactly:
+    Returns ``out`` ``(B, Hq, Sq, D)`` in the input dtype (laid out as :func:`flash_attention`'s)
+    and ``lse`` ``(B, Hq, Sq)`` fp32 contiguous, natural log, so that attentions over disjoint key
+    sets merge exactly:
     ``lse = logaddexp(lse1, lse2)``, ``out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2``.
     Both outputs are differentiable.
     """
@@ -1084,7 +1109,9 @@ def flash_attention(
         causal: mask keys after the query, top-left aligned (query ``i`` sees keys ``j <= i``).
         softmax_scale: defaults to ``1 / sqrt(D)``.
 
-    Returns: ``(B, Hq, Sq, D)`` in the input dtype.
+    Returns: ``(B, Hq, Sq, D)`` in the input dtype, stored as a contiguous ``(B, Sq, Hq, D)``
+    (``out.transpose(1, 2)`` is contiguous), so merging the heads back into the features,
+    ``out.transpose(1, 2).reshape(B, Sq, Hq * D)``, is a view and costs no copy.
 
     CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) run the Triton kernels, other CPU
     tensors :func:`attention_ref`; :func:`triton_parallel_layers.kernels.force_backend` picks one explicitly.

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from triton_parallel_layers.kernels._dispatch import autocast_inputs
 from triton_parallel_layers.kernels.attention import SUPPORTED_HEAD_DIMS
 from triton_parallel_layers.models.lm import LanguageModel, LMHead
 from triton_parallel_layers.parallel_layers import ParallelSelfAttention
@@ -174,7 +175,13 @@ def _norm(config: GPTConfig) -> nn.Module:
 
 
 class GPTEmbedding(nn.Module):
-    """Token embedding + dropout: ids ``(B, S)`` -> ``(B, S, E)`` (``(B, S/p, E)`` under SP)."""
+    """Token embedding + dropout: ids ``(B, S)`` -> ``(B, S, E)`` (``(B, S/p, E)`` under SP).
+
+    Under ``torch.autocast`` the output is in the autocast dtype (the embedding lookup itself is
+    not an autocast op): the residual stream is then bf16 at every TP size, as it is downstream of
+    the first collective with TP (whose communication casts, see
+    :mod:`~triton_parallel_layers.parallel_layers.comm`) and in Megatron-LM's bf16 training.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -184,7 +191,7 @@ class GPTEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_token_ids(ids, self.vocab_size, "GPT")  # padded rows are never looked up
-        return self.drop(self.tok(ids))
+        return self.drop(autocast_inputs(self.tok(ids))[0])  # the compute dtype under autocast
 
 
 class MLP(nn.Module):

@@ -20,7 +20,15 @@ same way. :meth:`ParallelSelfAttention.from_mha` permutes ``nn.MultiheadAttentio
 
 **Rotary embeddings** (RoPE, the rotate-half form of GPT-NeoX and LLaMA) rotate q and k by
 position; under sequence parallelism the QKV projection has already gathered the whole sequence,
-so positions are ``0..S-1`` on every rank.
+so positions are ``0..S-1`` on every rank. The rotation saves nothing for its backward: its
+``cos``/``sin`` tables ``(S, D)`` are recomputed there (``S * D / 2`` angles, negligible next to
+the attention), rather than kept per layer and per microbatch in flight.
+
+**Saved activations.** What the module keeps for its backward is the QKV projection's input (its
+sequence shard under sequence parallelism), q and k after RoPE, v, and the attention's output
+and log-sum-exp; the output projection's input is the attention's output itself, viewed as
+``(B, S, Hq D / p)`` (:func:`~triton_parallel_layers.kernels.flash_attention` stores its output
+sequence-major for that), not a rearranged copy.
 
 With ``tp_group=None`` this is an ordinary single-device attention module; a model written for one
 device uses it as is, and :meth:`ParallelSelfAttention.from_attention` shards it.
@@ -39,7 +47,7 @@ from triton_parallel_layers.kernels.collectives import group_size
 from triton_parallel_layers.parallel_layers.linear import ColumnParallelLinear, RowParallelLinear
 from triton_parallel_layers.parallel_layers.utils import check_width, copy_shard_, divide
 
-__all__ = ["ParallelSelfAttention", "apply_rotary", "rotary_cos_sin"]
+__all__ = ["ParallelSelfAttention", "apply_rotary", "apply_rotary_qk", "rotary_cos_sin"]
 
 
 def rotary_cos_sin(
@@ -59,6 +67,36 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate-half RoPE: ``x (B, H, S, D)`` with ``cos``/``sin`` ``(S, D)``."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class _RotaryQK(torch.autograd.Function):
+    """RoPE on q and k at positions ``0..S-1`` that saves no tensor for its backward.
+
+    The rotation by angle ``a`` is orthogonal, so its backward is the rotation by ``-a``:
+    ``apply_rotary(dy, cos, -sin)``, with the tables recomputed in ``dy``'s dtype exactly as the
+    forward computed them in ``x``'s (the same values autograd would have saved, and the same
+    gradient bit for bit: ``(-dy2) * (-sin) == dy2 * sin``).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, base: float):
+        ctx.base = base
+        cos, sin = rotary_cos_sin(q.shape[-2], q.shape[-1], base, q.device, q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
+        cos, sin = rotary_cos_sin(dq.shape[-2], dq.shape[-1], ctx.base, dq.device, dq.dtype)
+        return apply_rotary(dq, cos, -sin), apply_rotary(dk, cos, -sin), None
+
+
+def apply_rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE of ``q (B, Hq, S, D)`` and ``k (B, Hkv, S, D)`` at positions ``0..S-1``
+    (one dtype): ``apply_rotary`` with ``rotary_cos_sin(S, D, base)`` tables in their dtype,
+    which are recomputed in the backward instead of saved (see the module docstring)."""
+    return _RotaryQK.apply(q, k, base)
 
 
 class ParallelSelfAttention(nn.Module):
@@ -237,9 +275,10 @@ class ParallelSelfAttention(nn.Module):
         # attention saves v alone, not a view keeping the whole fused (B, S, 3E/p) output alive
         k, v = qkv[:, :, r], qkv[:, :, r + 1].contiguous()
         if self.rope:
-            cos, sin = rotary_cos_sin(q.shape[2], self.head_dim, self.rope_base, q.device, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = flash_attention(q, k, v, causal=self.causal)  # (B, Hq/p, S, D)
+            q, k = apply_rotary_qk(q, k, self.rope_base)
+        # (B, Hq/p, S, D), stored as (B, S, Hq/p, D): merging the heads is a view, nothing is
+        # copied (nor saved twice for the backward)
+        out = flash_attention(q, k, v, causal=self.causal)
         out = rearrange(out, "b h s d -> b s (h d)")
         return self.proj(out)  # (B, S, E), or (B, S/p, E) with sequence parallelism
 

@@ -26,6 +26,15 @@ column layer's input-gradient all-reduce likewise runs while its weight-gradient
 These are the :class:`~triton_parallel_layers.kernels.collective_matmul.LinearComm` ops of
 :mod:`triton_parallel_layers.kernels.collective_matmul`.
 
+**Sequence-parallel layout.** The sequence-parallel column layer returns ``(*, S, F/p)`` stored
+sequence-major (a contiguous ``(S, *, F/p)``, Megatron-LM's ``(S, B, F)`` layout, kept internal
+so the public tensors stay batch-first): the gathered rows arrive rank by rank, so that is the
+layout the dim-0 all-gather writes. Elementwise ops (GELU, dropout) keep it, and the
+sequence-parallel row layer multiplies such an input in that order, so its reduce-scatter runs
+along dim 0: with a batch > 1 neither side of the MLP copies an activation to change its layout,
+forward or backward (the backward's gradients come out in the same layout). A batch-first input
+(the attention's) takes the batch-first path, whose reduce-scatter makes its one layout copy.
+
 **Sequence-parallel bias.** The row layer's bias under sequence parallelism is added by each rank
 to its own tokens, so its gradient is a partial sum; it is summed over the TP group once per step,
 together with the sequence-parallel norms', by
@@ -89,6 +98,12 @@ def _full_linear_init(
     b = torch.empty(out_features, dtype=dtype) if bias else None
     init_linear_(w, b)
     return w, b
+
+
+def _sequence_major(x: torch.Tensor) -> bool:
+    """Whether ``x (*, S, F)`` with a batch (``* != ()``) is stored sequence-major, as a contiguous
+    ``(S, *, F)`` (what the sequence-parallel gathers return; see the module docstring)."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(-2, 0).is_contiguous()
 
 
 class _ParallelLinear(nn.Module):
@@ -330,6 +345,13 @@ class RowParallelLinear(_ParallelLinear):
             if self.overlap_comm:
                 # (*, S, F/p) @ (F/p, E), reduce-scattered over the sequence as it is computed
                 out = matmul_reduce_scatter(x, self.weight, self.tp_group, scatter_dim=x.dim() - 2)
+            elif _sequence_major(x):
+                # x is the sequence-gathering column layer's output (through elementwise ops),
+                # stored sequence-major: (S, *, F/p) @ (F/p, E) -> (S, *, E) partial sums on a
+                # view, reduce-scattered along dim 0: no layout copy on either side
+                out = deferrable_linear(x.movedim(-2, 0), self.weight)
+                out = reduce_scatter_to_sequence_parallel(out, self.tp_group, dim=0)
+                out = out.movedim(0, -2)  # (*, S/p, E), stored sequence-major
             else:
                 out = deferrable_linear(x, self.weight)  # (*, S, E) partial sums
                 out = reduce_scatter_to_sequence_parallel(out, self.tp_group, dim=-2)  # (*, S/p, E)

@@ -225,6 +225,24 @@ def test_non_contiguous_inputs(triton):
     _assert_within_torch_error(ours, theirs, exact, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_output_is_stored_sequence_major(request, backend):
+    """On every path the output (B, H, S, D) is a contiguous (B, S, H, D) underneath, so merging
+    the heads into the features is a view of it (the output projection saves no second copy);
+    lse and the input gradients are contiguous."""
+    if backend == "triton":
+        request.getfixturevalue("triton")
+    q, k, v, dout = (t.requires_grad_() for t in _inputs(2, 4, 2, 19, 19, 16, torch.float32))
+    with force_backend(backend):
+        out, lse = flash_attention_with_lse(q, k, v, causal=True)
+        out.backward(dout)
+    assert out.transpose(1, 2).is_contiguous() and not out.is_contiguous(), out.stride()
+    assert lse.is_contiguous()
+    merged = out.transpose(1, 2).reshape(2, 19, 4 * 16)  # (B, S, H * D)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None  # a view
+    assert all(t.grad.is_contiguous() for t in (q, k, v))
+
+
 @pytest.mark.parametrize("seq_q, seq_k", [(0, 5), (3, 0)], ids=["no-queries", "no-keys"])
 def test_empty_sequences_match_sdpa(triton, seq_q, seq_k):
     q, k, v, dout = _inputs(1, 2, 1, seq_q, seq_k, 16, torch.float32)

@@ -193,6 +193,10 @@ def _mlp_case(hidden, sequence_parallel):
     )
     ref(x_ref).square().sum().backward()
     y = par(x_par)
+    if sequence_parallel and dims.tp > 1:
+        # the row layer multiplied the column layer's sequence-major output in that order and
+        # reduce-scattered along dim 0, so no layout copy: its output is sequence-major too
+        assert y.movedim(1, 0).is_contiguous() and not y.is_contiguous(), y.stride()
     y_full = y if not sequence_parallel else torch.cat([t for t in _all_gather_list(y.detach())], 1)
     assert_close(y_full, ref(x.clone()).detach(), what="output")
     y.square().sum().backward()

@@ -16,6 +16,11 @@ from triton_parallel_layers.parallel_layers import (
     ParallelSelfAttention,
     allreduce_sequence_parallel_grads,
 )
+from triton_parallel_layers.parallel_layers.attention import (
+    apply_rotary,
+    apply_rotary_qk,
+    rotary_cos_sin,
+)
 
 B, S = 2, 12  # S divisible by 4 for sequence parallelism
 
@@ -145,3 +150,23 @@ def _bad_input_case():
 
 def test_bad_input_raises_on_every_rank(dist_run):
     dist_run(4, _bad_input_case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rotary_recomputes_its_tables_and_matches_autograd(dtype):
+    """``apply_rotary_qk`` saves no tensor for its backward (its cos/sin are recomputed there) and
+    gives ``apply_rotary``'s output and autograd gradients bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 13, 16, generator=gen).to(dtype)
+    k = torch.randn(2, 2, 13, 16, generator=gen).to(dtype)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    q1, k1, q2, k2 = (t.clone().requires_grad_() for t in (q, k, q, k))
+    cos, sin = rotary_cos_sin(13, 16, 500.0, q.device, dtype)
+    torch.autograd.backward((apply_rotary(q1, cos, sin), apply_rotary(k1, cos, sin)), (dq, dk))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rq, rk = apply_rotary_qk(q2, k2, 500.0)
+    torch.autograd.backward((rq, rk), (dq, dk))
+    assert saved == []
+    assert torch.equal(rq, apply_rotary(q, cos, sin)) and torch.equal(rk, apply_rotary(k, cos, sin))
+    assert torch.equal(q2.grad, q1.grad) and torch.equal(k2.grad, k1.grad)
