@@ -364,10 +364,11 @@ def median_spec(specs: list[HardwareSpec]) -> HardwareSpec:
 
 
 def median_profile(profiles: list[ModelProfile]) -> ModelProfile:
-    """One profile from several rounds': the median of each layer's measured times."""
+    """One profile from several rounds': the median of each layer's measured times (and of
+    their fixed parts)."""
     out = profiles[0]
     for i, layer in enumerate(out.layers):
-        for key in ("seconds", "forward_seconds", "weight_grad_seconds"):
+        for key in [k for k in vars(layer) if k.endswith("seconds")]:
             values = [getattr(p.layers[i], key) for p in profiles]
             if values[0] is not None:
                 setattr(layer, key, statistics.median(values))
