@@ -19,8 +19,9 @@ The planner's inputs are measured here, never fitted to the step times: the mach
 bandwidth, AdamW's time per parameter, gloo collectives and point-to-point fitted to
 ``alpha + bytes / beta``) on the ranks that run the layouts; the models by
 :func:`~triton_parallel_layers.parallel_layers.planner.profile_model` with ``time_layers=True``
-(each layer's forward and forward+backward time at each microbatch size a layout uses, timed on
-every rank at once as the ranks then share the machine; rank 0's kept).
+(each layer's forward and forward+backward time at each microbatch size a layout uses, and its
+fixed part from a second timing at half the rows, timed on every rank at once as the ranks then
+share the machine; rank 0's kept).
 Both are measured again in every round, beside the layouts' steps, and their medians taken, so a
 change of the machine's load hits the planner's inputs and the measurements alike. The timed
 layers' profile is given their declared split of the backward (``dX`` vs ``dW``).
