@@ -137,13 +137,11 @@ def test_measured_fixed_part_is_paid_whole_by_every_tp_rank_and_microbatch(gpt_p
         return est.compute_time - est.tp_comm_time
 
     def timed(fixed_share):
-        p = dataclasses.replace(gpt_profile_small, layers=[
+        return dataclasses.replace(gpt_profile_small, layers=[
             dataclasses.replace(layer, seconds=3e-3, forward_seconds=1e-3,
-                                fixed_seconds=None if fixed_share is None else 3e-3 * fixed_share,
-                                fixed_forward_seconds=None if fixed_share is None
-                                else 1e-3 * fixed_share)
+                                fixed_seconds=3e-3 * fixed_share,
+                                fixed_forward_seconds=1e-3 * fixed_share)
             for layer in gpt_profile_small.layers])  # fmt: skip
-        return p
 
     whole = compute(timed(1.0))
     assert whole == pytest.approx(LAYERS * 3e-3 + 2 * 3e-3)  # the measured passes, nothing else
@@ -161,6 +159,21 @@ def test_measured_fixed_part_is_paid_whole_by_every_tp_rank_and_microbatch(gpt_p
     old = ModelProfile.from_json(json.dumps(data))
     assert old.layers[0].fixed_seconds is None
     assert compute(old, tp=2) == pytest.approx(compute(none, tp=2))
+
+
+def test_sequence_parallel_backward_gathers_the_inputs_again(gpt_profile_small):
+    """Per block and step: without SP an all-reduce of the outputs (forward) and of the input
+    gradients (backward); with SP all-gather + reduce-scatter each way, plus the backward's
+    second all-gather of the column-parallel inputs. On a ring an all-reduce costs an all-gather
+    and a reduce-scatter, each ``(n-1)`` steps of ``1/n`` of the tensor: 5 against 4."""
+    blocks = dataclasses.replace(gpt_profile_small, layers=gpt_profile_small.layers[1:-1],
+                                 shared_params=[])  # fmt: skip
+
+    def comm(sp: bool) -> float:
+        layout = Layout(1, 1, 2, sequence_parallel=sp, schedule="none", micro_batch_size=B)
+        return estimate(blocks, HARDWARE["h100"], layout).tp_comm_time
+
+    assert comm(True) == pytest.approx(5 / 4 * comm(False))
 
 
 def test_pipeline_time_single_stage_has_no_bubble():
