@@ -19,8 +19,9 @@ The planner's inputs are measured here, never fitted to the step times: the mach
 bandwidth, AdamW's time per parameter, gloo collectives and point-to-point fitted to
 ``alpha + bytes / beta``) on the ranks that run the layouts; the models by
 :func:`~triton_parallel_layers.parallel_layers.planner.profile_model` with ``time_layers=True``
-(each layer's forward and forward+backward time at each microbatch size a layout uses, timed on
-every rank at once as the ranks then share the machine; rank 0's kept).
+(each layer's forward and forward+backward time at each microbatch size a layout uses, and its
+fixed part from a second timing at half the rows, timed on every rank at once as the ranks then
+share the machine; rank 0's kept).
 Both are measured again in every round, beside the layouts' steps, and their medians taken, so a
 change of the machine's load hits the planner's inputs and the measurements alike. The timed
 layers' profile is given their declared split of the backward (``dX`` vs ``dW``).
@@ -364,10 +365,11 @@ def median_spec(specs: list[HardwareSpec]) -> HardwareSpec:
 
 
 def median_profile(profiles: list[ModelProfile]) -> ModelProfile:
-    """One profile from several rounds': the median of each layer's measured times."""
+    """One profile from several rounds': the median of each layer's measured times (and of
+    their fixed parts)."""
     out = profiles[0]
     for i, layer in enumerate(out.layers):
-        for key in ("seconds", "forward_seconds", "weight_grad_seconds"):
+        for key in [k for k in vars(layer) if k.endswith("seconds")]:
             values = [getattr(p.layers[i], key) for p in profiles]
             if values[0] is not None:
                 setattr(layer, key, statistics.median(values))

@@ -33,6 +33,7 @@ from triton_parallel_layers.parallel_layers.planner.megatron import (
     gpt_profile,
     published_layout_estimate,
 )
+from triton_parallel_layers.parallel_layers.planner.profile import _fixed_part
 
 B, S, E, HEADS, LAYERS = 2, 32, 64, 4, 3
 
@@ -96,6 +97,83 @@ def test_closed_forms_match_the_action_lists(schedule, pp, m, monkeypatch):
     monkeypatch.setattr(cost, "SIMULATE_LIMIT", 10**9)
     simulated, _ = cost._pipeline_time(schedule, pp, m, v, f, b, w, comm=0.0)
     assert analytic == pytest.approx(simulated, rel=1e-9)
+
+
+class _TwoLinears(nn.Sequential):
+    def pipeline_layers(self) -> list[nn.Module]:
+        return list(self)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_timed_profile_records_the_fixed_parts(rows):
+    """``time_layers=True`` times each layer at the sample's rows and at a second count (half
+    of them; two, the sample repeated, for one row), the loss after the last layer."""
+    model = _TwoLinears(nn.Linear(8, 16), nn.Linear(16, 4))
+    loss = (nn.functional.mse_loss, torch.zeros(rows, 4))
+    p = profile_model(model, torch.randn(rows, 8), dtype="fp32", time_layers=True, repeats=1,
+                      loss=loss)  # fmt: skip
+    for layer in p.layers:
+        assert 0 <= layer.fixed_forward_seconds <= layer.forward_seconds < layer.seconds
+        assert 0 <= layer.fixed_seconds <= layer.seconds
+    assert ModelProfile.from_json(p.to_json()).layers == p.layers
+
+
+def test_fixed_part_is_the_intercept_of_the_line_through_two_timings():
+    assert _fixed_part((4, 2), (1.0 + 4 * 0.5, 1.0 + 2 * 0.5)) == pytest.approx(1.0)
+    assert _fixed_part((1, 2), (3.0, 3.0)) == 3.0  # no growth with the rows: all fixed
+    assert _fixed_part((4, 2), (4.0, 1.0)) == 0.0  # noise puts the intercept below 0
+    assert _fixed_part((4, 2), (2.0, 2.5)) == 2.0  # ... or above the smaller time
+
+
+def test_measured_fixed_part_is_paid_whole_by_every_tp_rank_and_microbatch(gpt_profile_small):
+    """The cost model shrinks only the part of a measured pass that grows with the rows: with tp
+    and with smaller microbatches. A profile without fixed parts (saved before they were
+    measured) loads, and scales the whole pass."""
+    hw = HARDWARE["h100"]
+
+    def compute(profile, tp=1, m=1):
+        est = estimate(profile, hw, Layout(1, 1, tp, schedule="none", microbatches=m,
+                                           micro_batch_size=B // m))  # fmt: skip
+        return est.compute_time - est.tp_comm_time
+
+    def timed(fixed_share):
+        return dataclasses.replace(gpt_profile_small, layers=[
+            dataclasses.replace(layer, seconds=3e-3, forward_seconds=1e-3,
+                                fixed_seconds=3e-3 * fixed_share,
+                                fixed_forward_seconds=1e-3 * fixed_share)
+            for layer in gpt_profile_small.layers])  # fmt: skip
+
+    whole = compute(timed(1.0))
+    assert whole == pytest.approx(LAYERS * 3e-3 + 2 * 3e-3)  # the measured passes, nothing else
+    assert compute(timed(1.0), tp=2) == pytest.approx(whole)  # overhead only: tp gains nothing
+    assert compute(timed(1.0), m=2) == pytest.approx(2 * whole)  # ... and each microbatch pays
+    none = timed(0.0)
+    assert compute(none, tp=2) < 0.8 * whole  # all proportional: tp divides what it shards
+    assert compute(none, m=2) == pytest.approx(whole)
+    half = compute(timed(0.5), tp=2)
+    assert half == pytest.approx((whole + compute(none, tp=2)) / 2)
+    # a profile saved before the fixed parts were measured: they load as None, all proportional
+    data = json.loads(timed(0.0).to_json())
+    for layer in data["layers"]:
+        del layer["fixed_seconds"], layer["fixed_forward_seconds"]
+    old = ModelProfile.from_json(json.dumps(data))
+    assert old.layers[0].fixed_seconds is None
+    assert compute(old, tp=2) == pytest.approx(compute(none, tp=2))
+
+
+def test_sequence_parallel_backward_gathers_the_inputs_again(gpt_profile_small):
+    """Per block and step: without SP an all-reduce of the outputs (forward) and of the input
+    gradients (backward); with SP all-gather + reduce-scatter each way, plus the backward's
+    second all-gather of the column-parallel inputs. On a ring an all-reduce costs an all-gather
+    and a reduce-scatter, each ``(n-1)`` steps of ``1/n`` of the tensor: 5 against 4."""
+    blocks = dataclasses.replace(gpt_profile_small, layers=gpt_profile_small.layers[1:-1],
+                                 shared_params=[])  # fmt: skip
+
+    def comm(sp: bool) -> float:
+        layout = Layout(1, 1, 2, sequence_parallel=sp, schedule="none", micro_batch_size=B)
+        return estimate(blocks, HARDWARE["h100"], layout).tp_comm_time
+
+    assert comm(True) == pytest.approx(5 / 4 * comm(False))
 
 
 def test_pipeline_time_single_stage_has_no_bubble():

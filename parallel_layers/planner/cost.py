@@ -12,12 +12,19 @@ size)`` and a model profile (:mod:`.profile`) on a machine (:mod:`.hardware`):
   matmul share). With activation recomputation the backward also redoes the forward. A profile
   with measured layer times (``profile_model(..., time_layers=True)``) replaces the counted times:
   each measured pass (forward; backward, split into ``B`` and ``W`` by the counted shares unless
-  the profile gives ``W``) scaled by the microbatch size and by the ratio of the pass's counted
-  time in the layout to its counted time unsharded (so tp divides what it shards), which is how
-  the CPU's per-op overheads and small-GEMM rates enter without a fitted constant.
+  the profile gives ``W``) is its measured fixed part (the per-op overhead of kernel launches and
+  Python and autograd dispatch, from the layer timed at two row counts) plus a part proportional
+  to the rows, and only the latter is scaled by the microbatch size and by the ratio of the
+  pass's counted time in the layout to its counted time unsharded (so tp divides what it shards).
+  The fixed part is paid whole by every rank of a tensor-parallel group and by every microbatch:
+  this is why tensor parallelism and small microbatches gain less than linearly on a small model.
+  That is how the CPU's per-op overheads and small-GEMM rates enter, from two timings per layer
+  and no constant fitted to step times. (A profile without the fixed parts, saved before they
+  were measured, scales the whole pass.)
 * **Tensor-parallel communication** (on the critical path, as the layers run it): each recorded
   collective moves ``(tp-1)/tp`` of its activation per step of the ring, twice for an all-reduce;
-  all-gather + reduce-scatter under sequence parallelism move the same bytes.
+  all-gather + reduce-scatter under sequence parallelism move the same bytes, and the backward
+  gathers each column-parallel input once more (only its shard is saved).
 * **Pipeline.** The package's own per-rank action lists run through its simulator
   (:func:`~triton_parallel_layers.parallel_layers.pipeline.simulate`) with the slowest stage's
   ``F``/``B``/``W`` and the point-to-point time of one activation as the cross-rank latency; for
@@ -239,10 +246,12 @@ def _pipeline_time(
 def _measured(
     layer, f: float, b: float, w: float, scale: float, gemm: float, stream: float
 ) -> tuple[float, float, float]:
-    """A layer's (F, B, W) from its measured times (at the profile's batch, tp = 1), scaled to
-    this microbatch (``scale``) and sharded as the counts are: each measured pass times the
-    ratio of its counted time in this layout to its counted time unsharded (``f, b, w``: the
-    counted times here)."""
+    """A layer's (F, B, W) from its measured times (at the profile's batch, tp = 1) in this
+    layout. Each measured pass is its fixed part (per-op overhead, paid whatever the rows) plus
+    the rest, which scales with the microbatch (``scale``) and is sharded as the counts are: times
+    the ratio of the pass's counted time in this layout to its counted time unsharded (``f, b,
+    w``: the counted times here). The backward's fixed part is shared by ``B`` and ``W`` in
+    proportion to their times."""
     f1 = (layer.matmul_flops / gemm + layer.other_bytes / stream) * scale
     b1 = layer.matmul_flops / gemm * scale + 2 * layer.other_bytes / stream * scale
     w1 = layer.matmul_flops / gemm * scale
@@ -252,11 +261,18 @@ def _measured(
         weight = layer.weight_grad_seconds
     else:  # the counted share of the backward
         weight = backward * w1 / (b1 + w1) if b1 + w1 > 0 else 0.0
-    ratio = lambda here, whole: here / whole if whole > 0 else 1.0  # noqa: E731
+    fixed_f = min(layer.fixed_forward_seconds or 0.0, forward)
+    fixed_b = min(max((layer.fixed_seconds or 0.0) - fixed_f, 0.0), backward)
+    fixed_share_b = fixed_b / backward if backward > 0 else 0.0
+
+    def shrink(seconds: float, fixed_share: float, here: float, whole: float) -> float:
+        sharded = here / whole if whole > 0 else 1.0
+        return seconds * (fixed_share + (1 - fixed_share) * scale * sharded)
+
     return (
-        forward * scale * ratio(f, f1),
-        (backward - weight) * scale * ratio(b, b1),
-        weight * scale * ratio(w, w1),
+        shrink(forward, fixed_f / forward if forward > 0 else 0.0, f, f1),
+        shrink(backward - weight, fixed_share_b, b, b1),
+        shrink(weight, fixed_share_b, w, w1),
     )
 
 
@@ -344,18 +360,14 @@ def estimate(
                 per = layer.tp_collectives
                 # ``per`` collectives a direction: all-gather inputs and reduce-scatter outputs
                 # under SP, else all-reduce outputs (forward) and input gradients (backward);
-                # costed as ``per`` equal messages.
+                # costed as ``per`` equal messages. Under SP the backward also gathers each
+                # column-parallel input again for its weight gradient (Megatron's sequence-
+                # parallel backward keeps only the input's shard).
                 if sp:
-                    t = (
-                        per
-                        / 2
-                        * (
-                            _collective(hardware, "all_gather", 2 * n_in / per, tp, tp)
-                            + _collective(hardware, "reduce_scatter", 2 * n_out / per, tp, tp)
-                        )
-                    )
-                    comm_f += t
-                    comm_b += t
+                    gather = _collective(hardware, "all_gather", 2 * n_in / per, tp, tp)
+                    scatter = _collective(hardware, "reduce_scatter", 2 * n_out / per, tp, tp)
+                    comm_f += per / 2 * (gather + scatter)
+                    comm_b += per / 2 * (2 * gather + scatter)
                 else:
                     comm_f += per / 2 * _collective(hardware, "all_reduce", 2 * n_out / per, tp, tp)
                     comm_b += per / 2 * _collective(hardware, "all_reduce", 2 * n_in / per, tp, tp)

@@ -21,8 +21,12 @@ counts are at the compute dtype (``dtype``), whatever dtype the profile ran in.
 
 Backward is modeled as twice the forward's matmul FLOPs and bytes moved (the input- and
 weight-gradient products), its weight-gradient half separable for zero-bubble schedules. With
-``time_layers=True`` each layer's forward and forward+backward are also timed on this machine
-(at the sample's microbatch size), and the cost model uses those times.
+``time_layers=True`` each layer's forward and forward+backward are also timed on this machine, at
+the sample's rows and at a second row count (half of them; twice, for one row), and each time is
+split by the straight line through the two into a fixed part (per-op overhead: kernel launches,
+Python and autograd dispatch, paid per pass whatever the rows) and a part proportional to the
+rows. The cost model uses those times, shrinking only the proportional part with tp and with
+smaller microbatches.
 """
 
 from __future__ import annotations
@@ -98,6 +102,12 @@ class LayerProfile:
     weight_grad_seconds: float | None = None
     """Of ``seconds``, the weight-gradient pass's, where known (layers of declared cost); else the
     cost model splits the backward by its FLOPs and bytes."""
+    fixed_seconds: float | None = None
+    """Of ``seconds``, the part that does not grow with the rows (per-op overhead), from the
+    layer timed at two row counts; ``None`` (profiles saved before it was measured) counts all of
+    ``seconds`` as proportional to the rows."""
+    fixed_forward_seconds: float | None = None
+    """Of ``forward_seconds``, the part that does not grow with the rows."""
 
 
 @dataclass
@@ -199,26 +209,46 @@ def _elements(t: torch.Tensor) -> tuple[int, int, int]:
     return (t.untyped_storage()._cdata, t.storage_offset(), t.numel())
 
 
-def _time_layer(layer: nn.Module, x: torch.Tensor, repeats: int, loss=None):
-    """(forward seconds, forward+backward seconds, output) of ``layer`` on ``x`` (with ``loss``
-    ``(loss_fn, target)`` after it when given): the medians of ``repeats`` runs after one
-    warm-up; the layer's ``.grad`` are cleared after."""
-    forward, total = [], []
+def _time_layer(layer: nn.Module, inputs: Sequence[tuple[torch.Tensor, Any]], repeats: int):
+    """Per ``(x, loss)`` of ``inputs``: (forward seconds, forward+backward seconds, output) of
+    ``layer`` on ``x`` (with ``loss`` ``(loss_fn, target)`` after it when not ``None``): the
+    medians of ``repeats`` runs after one warm-up, the inputs taking turns (so a change of the
+    machine's load hits them alike); the layer's ``.grad`` are cleared after."""
+    forward = [[] for _ in inputs]
+    total = [[] for _ in inputs]
+    outs = [None] * len(inputs)
     for i in range(repeats + 1):
-        inp = x.detach().requires_grad_(x.is_floating_point())
-        start = time.perf_counter()
-        y = layer(inp)
-        out = y[0] if isinstance(y, tuple) else y
-        root = loss[0](out, loss[1]) if loss is not None else out
-        mid = time.perf_counter()
-        if root.requires_grad:
-            root.backward(torch.ones_like(root))
-        end = time.perf_counter()
-        if i:
-            forward.append(mid - start)
-            total.append(end - start)
+        for k, (x, loss) in enumerate(inputs):
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            start = time.perf_counter()
+            y = layer(inp)
+            out = y[0] if isinstance(y, tuple) else y
+            root = loss[0](out, loss[1]) if loss is not None else out
+            mid = time.perf_counter()
+            if root.requires_grad:
+                root.backward(torch.ones_like(root))
+            end = time.perf_counter()
+            if i:
+                forward[k].append(mid - start)
+                total[k].append(end - start)
+            outs[k] = out.detach()
     layer.zero_grad(set_to_none=True)
-    return statistics.median(forward), statistics.median(total), out.detach()
+    med = statistics.median
+    return [(med(f), med(t), out) for f, t, out in zip(forward, total, outs)]
+
+
+def _fixed_part(rows: tuple[int, int], seconds: tuple[float, float]) -> float:
+    """The intercept at zero rows of the line through ``(rows[i], seconds[i])``: the part of a
+    pass that does not grow with the rows, clamped to ``[0, the smaller time]`` (timing noise can
+    put the line's intercept outside)."""
+    (r1, r2), (t1, t2) = rows, seconds
+    fixed = (r2 * t1 - r1 * t2) / (r2 - r1)
+    return min(max(fixed, 0.0), t1, t2)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` rows (samples) of batch-first ``t``: its first ``n``, or it repeated."""
+    return t[:n] if n <= t.shape[0] else t.repeat(-(-n // t.shape[0]), *[1] * (t.dim() - 1))[:n]
 
 
 def _plan_styles(model: nn.Module, plan: Mapping[str, Any] | None) -> dict[str, str]:
@@ -286,7 +316,9 @@ def profile_model(
             integer input (``(b, S)`` ids), else 1.
         time_layers: also measure each layer's forward and forward+backward time (real
             tensors only; the medians of ``repeats`` runs each, one layer at a time, on its input
-            from the layers before), as the cost model's compute times.
+            from the layers before), as the cost model's compute times; and, from a second
+            timing at half the rows (twice the rows for a one-row sample), the fixed part of each
+            (``fixed_forward_seconds``, ``fixed_seconds``). Layers must take batch-first input.
         loss: ``(loss_fn, target)``: the loss the last layer's output feeds (``loss_fn(output,
             target)``, e.g. ``(model.loss, targets)``); what it saves for backward counts as
             the last layer's, and its time with the last layer's.
@@ -410,10 +442,18 @@ def profile_model(
     if time_layers:
         if device.type == "meta":
             raise ValueError("profile_model: time_layers=True needs a model on a real device")
-        x = sample_batch.to(device)
+        # the sample's rows and a second count: half of them, or two for one
+        rows = (batch, batch // 2 if batch > 1 else 2)
+        xs = [_rows(sample_batch.to(device), n) for n in rows]
         for index, (lp, layer) in enumerate(zip(profiles, layers)):
-            last = loss if index == len(layers) - 1 else None
-            lp.forward_seconds, lp.seconds, x = _time_layer(layer, x, repeats, last)
+            last = index == len(layers) - 1 and loss is not None
+            inputs = [(x, (loss[0], _rows(loss[1].to(device), n)) if last else None)
+                      for x, n in zip(xs, rows)]  # fmt: skip
+            (f1, t1, y1), (f2, t2, y2) = _time_layer(layer, inputs, repeats)
+            lp.forward_seconds, lp.seconds = f1, t1
+            lp.fixed_forward_seconds = _fixed_part(rows, (f1, f2))
+            lp.fixed_seconds = _fixed_part(rows, (t1, t2))
+            xs = [y1, y2]
 
     return ModelProfile(
         name=type(model).__name__,
