@@ -631,14 +631,25 @@ def _kib(n: int | None) -> str:
     return "-" if n is None else f"{n / 1024:.1f}"
 
 
+def _cached_note(rows: list[dict]) -> str:
+    cached = sum(bool(r.get("cached")) for r in rows)
+    if not cached:
+        return ""
+    return (
+        f" ({cached} of the {len(rows)} rows read from `--cache-dir`: compiled before by this "
+        "Triton from the same kernel source, constexprs, target and options)"
+    )
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
-    """The report: the machine and versions, a summary per target, and one row per combination."""
+    """The report: the machine and versions, a summary per target and per dtype and precision,
+    and one row per combination."""
     lines = [
         "# Ahead-of-time compile of the Triton kernels",
         "",
         f"{meta['date']}, Triton {meta['triton']} (ptxas from its wheel), torch {meta['torch']}, "
         f"Python {meta['python']}, on {meta['machine']} (no GPU needed). Command: "
-        f"`{meta['command']}`",
+        f"`{meta['command']}`" + _cached_note(rows),
         "",
     ]
     runs = meta.get("runs", [])
