@@ -9,9 +9,9 @@ bundled in Triton's wheel), so this tool compiles, for ``sm_80`` (A100) and ``sm
 (after the kernel's own prune function, for the dtype) and every fixed tile used with autotuning
 off, in each dtype the op supports on GPU, with the ``constexpr`` values the launchers pass.
 
-For each (kernel, target, dtype and fp32 precision, launch case, configuration) it reports the registers, the
-spilled bytes (``ptxas -v``: spill stores), the stack frame and the shared memory (Triton's
-dynamic allocation plus the cubin's static shared memory, from the bundled ``cuobjdump
+For each (kernel, target, dtype and fp32 precision, launch case, configuration) it reports the
+registers, the spilled bytes (``ptxas -v``: spill stores), the stack frame and the shared memory
+(Triton's dynamic allocation plus the cubin's static shared memory, from the bundled ``cuobjdump
 --dump-resource-usage``) against the target's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB).
 A combination fails the check when it does not compile, spills, or needs more shared memory than
 the target has.
@@ -632,6 +632,7 @@ def _kib(n: int | None) -> str:
 
 
 def _cached_note(rows: list[dict]) -> str:
+    """For the report's first lines: how many rows came from the result cache."""
     cached = sum(bool(r.get("cached")) for r in rows)
     if not cached:
         return ""

@@ -48,8 +48,11 @@ def listed() -> list[str]:
 def _label(r: dict) -> str:
     """A result row named as ``aot_compile.py --list`` names the combination."""
     dtype = r["dtype"] + (f"/{r['precision']}" if r["precision"] else "")
-    return (f"{r['kernel']} {r['target']} {dtype} {r['case']} {r['config']} "
-            f"w{r['num_warps']} s{r['num_stages']}" + (" (fixed tile)" if r["fixed"] else ""))  # fmt: skip
+    fixed = " (fixed tile)" if r["fixed"] else ""
+    return (
+        f"{r['kernel']} {r['target']} {dtype} {r['case']} {r['config']} "
+        f"w{r['num_warps']} s{r['num_stages']}{fixed}"
+    )
 
 
 def _failing(rows: list[dict]) -> list[str]:
