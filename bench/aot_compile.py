@@ -9,9 +9,9 @@ bundled in Triton's wheel), so this tool compiles, for ``sm_80`` (A100) and ``sm
 (after the kernel's own prune function, for the dtype) and every fixed tile used with autotuning
 off, in each dtype the op supports on GPU, with the ``constexpr`` values the launchers pass.
 
-For each (kernel, target, dtype, launch case, configuration) it reports the registers, the
-spilled bytes (``ptxas -v``: spill stores), the stack frame and the shared memory (Triton's
-dynamic allocation plus the cubin's static shared memory, from the bundled ``cuobjdump
+For each (kernel, target, dtype and fp32 precision, launch case, configuration) it reports the
+registers, the spilled bytes (``ptxas -v``: spill stores), the stack frame and the shared memory
+(Triton's dynamic allocation plus the cubin's static shared memory, from the bundled ``cuobjdump
 --dump-resource-usage``) against the target's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB).
 A combination fails the check when it does not compile, spills, or needs more shared memory than
 the target has.
@@ -22,14 +22,20 @@ representative launches, specialized as the runtime would: contiguous attention 
 ``(2, 8, 2048, D)`` with 2 key/value heads (grouped-query attention), ResNet-style convolutions
 (3x3 from 64 to 256 channels and the 7x7 RGB stem, in both memory formats; a 1-channel 3x3), and a
 4096^3 GEMM in the forward layout (``x @ w.T``, with the bias or the overlapped matmuls'
-partial-sum epilogue) and the weight gradient's (``g.T @ x``, both operands transposed). fp32 is compiled with the precision the launchers pick by default (IEEE products
-for attention and the GEMM, TF32 for the convolution, as PyTorch's defaults).
+partial-sum epilogue) and the weight gradient's (``g.T @ x``, both operands transposed).
+
+fp32 precision. The launchers pick fp32 products as PyTorch does: TF32 for attention and the GEMM
+when ``torch.backends.cuda.matmul.allow_tf32`` (off by default), for the convolution when
+``torch.backends.cudnn.allow_tf32`` (on by default), exact IEEE products otherwise. Both are
+compiled (``--precisions``), since a user's flags can select either for any kernel; fp16 and bf16
+have one precision.
 
 Usage (from the repository root; no GPU needed):
 
     python bench/aot_compile.py                          # everything, sm_80 and sm_90
     python bench/aot_compile.py --kernels attn_fwd,attn_dkdv --targets sm_90 --dtypes bf16
     python bench/aot_compile.py --dtypes fp32 --cases hd128,stem   # launch cases by name
+    python bench/aot_compile.py --dtypes fp32 --precisions tf32    # fp32 with TF32 products only
     python bench/aot_compile.py --update --dtypes fp32   # re-compile these rows of the table
     python bench/aot_compile.py --small                  # the CI scope: a few configurations
     python bench/aot_compile.py --list                   # the combinations, without compiling
@@ -53,6 +59,7 @@ import contextlib
 import datetime
 import hashlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -81,6 +88,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 KERNELS = ("attn_fwd", "attn_preprocess", "attn_dkdv", "attn_dq", "conv_fwd", "matmul")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# fp32 products, the value of the kernels' INPUT_PRECISION / DOT_PRECISION for fp32 operands
+PRECISIONS = ("ieee", "tf32")
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -108,6 +117,7 @@ class Combination:
     kernel: str  # one of KERNELS
     target: str  # one of TARGETS
     dtype: str  # one of DTYPES
+    precision: str | None  # fp32: its products, one of PRECISIONS; None for fp16 and bf16
     case: str  # the launch it stands for, e.g. "hd128 causal" or "3x3 C64 channels_last"
     config: str  # the tile, e.g. "BLOCK_M=128 BLOCK_N=64"
     num_warps: int
@@ -123,10 +133,21 @@ class Combination:
 
     @property
     def label(self) -> str:
-        return (
-            f"{self.kernel} {self.target} {self.dtype} {self.case} {self.config} "
-            f"w{self.num_warps} s{self.num_stages}"
-        )
+        return label(asdict(self))
+
+
+def label(row: dict) -> str:
+    """One line naming a combination (a :class:`Combination` as a dict, or a result row), e.g.
+    ``attn_dq sm_80 fp32/tf32 hd32 causal BLOCK_M=32 BLOCK_N=32 w8 s2``."""
+    return (
+        f"{row['kernel']} {row['target']} {dtype_text(row)} {row['case']} {row['config']} "
+        f"w{row['num_warps']} s{row['num_stages']}"
+    )
+
+
+def dtype_text(row: dict) -> str:
+    """The dtype and, for fp32, its products: ``bf16``, ``fp32/ieee``, ``fp32/tf32``."""
+    return row["dtype"] + (f"/{row['precision']}" if row["precision"] else "")
 
 
 @dataclass
@@ -241,26 +262,44 @@ def _config_text(cfg) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.kwargs.items() if k != "GROUP_M")
 
 
+def _precisions(dtype: str, precisions: Iterable[str], launcher) -> list[tuple]:
+    """``(precision, value)`` pairs to compile ``dtype`` with: for fp32 each of ``precisions``
+    (the kernel's precision constexpr is the name), for fp16 and bf16 one, ``None`` and the value
+    the launcher passes (``launcher(torch_dtype)``; a 16-bit dot ignores it)."""
+    if dtype == "fp32":
+        return [(p, p) for p in precisions]
+    return [(None, launcher(DTYPES[dtype]))]
+
+
 def _combinations_for(
-    kernel: str, tuner, case: str, dtype: str, args: dict, consts: dict, fixed_first: bool
+    kernel: str,
+    tuner,
+    case: str,
+    dtype: str,
+    precision: str | None,
+    args: dict,
+    consts: dict,
+    fixed_first: bool,
 ) -> Iterator[tuple]:
-    """(kernel, dtype, case, config, warps, stages, fixed, fn, signature, constexprs, aligned)
-    for every configuration ``tuner`` can pick for this launch."""
+    """(kernel, dtype, precision, case, config, warps, stages, fixed, fn, signature, constexprs,
+    aligned) for every configuration ``tuner`` can pick for this launch."""
     fn = tuner.fn
     for i, cfg in enumerate(_pick(tuner, args, consts)):
         signature, constexprs, aligned = specialize(fn, args, {**consts, **cfg.kwargs})
-        yield (kernel, dtype, case, _config_text(cfg), cfg.num_warps, cfg.num_stages,
+        yield (kernel, dtype, precision, case, _config_text(cfg), cfg.num_warps, cfg.num_stages,
                fixed_first and i == 0, fn, signature, constexprs, aligned)  # fmt: skip
 
 
-def attention_combinations(kernels: Iterable[str], dtypes: Iterable[str]) -> Iterator[tuple]:
-    """Attention forward, delta preprocessing, dK/dV and dQ: head dims 16-128, causal or not."""
+def attention_combinations(
+    kernels: Iterable[str], dtypes: Iterable[str], precisions: Iterable[str]
+) -> Iterator[tuple]:
+    """Attention forward, delta preprocessing, dK/dV and dQ: head dims 16-128, causal or not. The
+    delta preprocessing has no products: fp32 once, without a precision."""
     from triton_parallel_layers.kernels import attention as attn
 
     batch, heads, kv_heads, seq = 2, 8, 2, 2048
     for dtype in dtypes:
         dt = DTYPES[dtype]
-        precision = attn._dot_precision(dt)  # what the launcher passes (IEEE fp32 by default)
         for head_dim in attn.SUPPORTED_HEAD_DIMS:
             q_strides = _strides((batch, heads, seq, head_dim))
             kv_strides = _strides((batch, kv_heads, seq, head_dim))
@@ -281,11 +320,12 @@ def attention_combinations(kernels: Iterable[str], dtypes: Iterable[str]) -> Ite
                     config = f"BLOCK_M={attn._PREPROCESS_BLOCK_M}"
                     # a plain launch with the launcher's warps, Triton's default 3 stages
                     warps = attn._PREPROCESS_NUM_WARPS
-                    yield ("attn_preprocess", dtype, case, config, warps, 3, True,
+                    yield ("attn_preprocess", dtype, None, case, config, warps, 3, True,
                            fn, signature, constexprs, aligned)  # fmt: skip
-            for causal in (False, True):
+            variants = _precisions(dtype, precisions, attn._dot_precision)
+            for causal, (precision, dot_precision) in itertools.product((False, True), variants):
                 case = f"hd{head_dim}" + (" causal" if causal else "")
-                consts = {"HEAD_DIM": head_dim, "CAUSAL": causal, "DOT_PRECISION": precision}
+                consts = {"HEAD_DIM": head_dim, "CAUSAL": causal, "DOT_PRECISION": dot_precision}
                 common = {"Q": t, "K": t, "V": t, "DOut": t, "Lse": f32, "Delta": f32,
                           "qk_scale": 0.125, "softmax_scale": 0.125, "num_kv_heads": kv_heads,
                           "group_size": heads // kv_heads, **sizes, **buckets}  # fmt: skip
@@ -308,7 +348,9 @@ def attention_combinations(kernels: Iterable[str], dtypes: Iterable[str]) -> Ite
                     wanted = {p.name for p in tuner.fn.params if not p.is_constexpr}
                     args = {**common, **outputs, **dict(zip(out_names, out_strides))}
                     args = {k: v for k, v in args.items() if k in wanted}
-                    yield from _combinations_for(kernel, tuner, case, dtype, args, consts, True)
+                    yield from _combinations_for(
+                        kernel, tuner, case, dtype, precision, args, consts, True
+                    )
 
 
 def _names(prefix: str, dims: str) -> list[str]:
@@ -327,7 +369,7 @@ CONV_CASES = [
 ]
 
 
-def conv_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
+def conv_combinations(dtypes: Iterable[str], precisions: Iterable[str]) -> Iterator[tuple]:
     """The implicit-GEMM conv2d + bias + ReLU forward for :data:`CONV_CASES`."""
     from triton_parallel_layers.kernels import conv
 
@@ -349,9 +391,12 @@ def conv_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
             args.update(zip(_names("stride_w", "kcrs"), w_strides))
             args.update(zip(_names("stride_o", "nkhw"), out_strides))
             consts = {"KH": kh, "KW": kw, "HAS_BIAS": True, "APPLY_RELU": True,
-                      "FLAT_K": c < conv._FLAT_K_BELOW_CHANNELS,
-                      "INPUT_PRECISION": conv._input_precision(dt)}  # fmt: skip
-            yield from _combinations_for("conv_fwd", tuner, case, dtype, args, consts, True)
+                      "FLAT_K": c < conv._FLAT_K_BELOW_CHANNELS}  # fmt: skip
+            for precision, value in _precisions(dtype, precisions, conv._input_precision):
+                consts["INPUT_PRECISION"] = value
+                yield from _combinations_for(
+                    "conv_fwd", tuner, case, dtype, precision, args, consts, True
+                )
 
 
 # The GEMM x (M, K) @ w (N, K).T as the layers launch it:
@@ -366,7 +411,7 @@ MATMUL_CASES = [
 ]
 
 
-def matmul_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
+def matmul_combinations(dtypes: Iterable[str], precisions: Iterable[str]) -> Iterator[tuple]:
     """The GEMM for :data:`MATMUL_CASES` at ``4096^3`` (every tile is a candidate there)."""
     from triton_parallel_layers.kernels import matmul
 
@@ -383,10 +428,13 @@ def matmul_combinations(dtypes: Iterable[str]) -> Iterator[tuple]:
             args.update(zip(("stride_wn", "stride_wk"), layout[w_layout]))
             args.update(zip(("stride_om", "stride_on", "stride_pm", "stride_pn"), (size, 1) * 2))
             # EVEN_K False with the partial sum: the masked reduction, the variant with most code.
-            consts = {"HAS_BIAS": bias, "HAS_PARTIAL": partial, "EVEN_K": not partial,
-                      "INPUT_PRECISION": matmul._input_precision(dt)}  # fmt: skip
-            # No fixed-tile mode: the GEMM is always autotuned.
-            yield from _combinations_for("matmul", tuner, case, dtype, args, consts, False)
+            consts = {"HAS_BIAS": bias, "HAS_PARTIAL": partial, "EVEN_K": not partial}
+            for precision, value in _precisions(dtype, precisions, matmul._input_precision):
+                consts["INPUT_PRECISION"] = value
+                # No fixed-tile mode: the GEMM is always autotuned.
+                yield from _combinations_for(
+                    "matmul", tuner, case, dtype, precision, args, consts, False
+                )
 
 
 def combinations(
@@ -395,40 +443,41 @@ def combinations(
     dtypes: Iterable[str],
     small: bool = False,
     cases: Iterable[str] | None = None,
+    precisions: Iterable[str] = PRECISIONS,
 ) -> list[Combination]:
     """Every combination to compile, targets innermost (so a partial run covers both).
 
     ``small``: the CI scope, each selected kernel's fixed tile (or first candidate) for one
-    launch case per dtype, at head dim 64 for attention. ``cases``: only the launch cases whose
-    name contains one of these strings.
+    launch case per dtype and precision, at head dim 64 for attention. ``cases``: only the launch
+    cases whose name contains one of these strings. ``precisions``: fp32's products.
     """
-    kernels, dtypes = list(kernels), list(dtypes)
+    kernels, dtypes, precisions = list(kernels), list(dtypes), list(precisions)
     cases = list(cases) if cases is not None else None
     rows = []
     if any(k.startswith("attn_") for k in kernels):
-        rows += attention_combinations(kernels, dtypes)
+        rows += attention_combinations(kernels, dtypes, precisions)
     if "conv_fwd" in kernels:
-        rows += conv_combinations(dtypes)
+        rows += conv_combinations(dtypes, precisions)
     if "matmul" in kernels:
-        rows += matmul_combinations(dtypes)
+        rows += matmul_combinations(dtypes, precisions)
     if cases is not None:
-        rows = [row for row in rows if any(part in row[2] for part in cases)]
+        rows = [row for row in rows if any(part in row[3] for part in cases)]
     if small:
         seen, kept = set(), []
         for row in rows:
-            kernel, dtype, case = row[:3]
+            kernel, dtype, precision, case = row[:4]
             if kernel.startswith("attn_") and not case.startswith("hd64"):
                 continue
-            if (kernel, dtype) not in seen:
-                seen.add((kernel, dtype))
+            if (kernel, dtype, precision) not in seen:
+                seen.add((kernel, dtype, precision))
                 kept.append(row)
         rows = kept
     out = []
-    for kernel, dtype, case, config, warps, stages, fixed, fn, sig, consts, aligned in rows:
+    for kernel, dtype, precision, case, config, warps, stages, fixed, fn, *compiled in rows:
         for target in targets:
             module = fn.fn.__module__  # fn is a JITFunction, fn.fn the Python function
-            out.append(Combination(kernel, target, dtype, case, config, warps, stages, fixed,
-                                   module, fn.__name__, sig, consts, aligned))  # fmt: skip
+            out.append(Combination(kernel, target, dtype, precision, case, config, warps, stages,
+                                   fixed, module, fn.__name__, *compiled))  # fmt: skip
     return out
 
 
@@ -545,7 +594,8 @@ def _compile_in_worker(combo: Combination, cache_dir: str | None) -> Result:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Counts over the result rows: combinations, failures, over the limit, spilling."""
+    """Counts over the result rows: combinations, failures, over the limit, spilling; the most
+    shared memory a compiled one takes (bytes per block)."""
     return {
         "combinations": len(rows),
         "compile_errors": sum(r["status"] == "compile error" for r in rows),
@@ -553,6 +603,7 @@ def summarize(rows: list[dict]) -> dict:
         "spilling": sum("spills" in r["status"] for r in rows),
         "fixed_tiles_failing": sum(r["fixed"] and r["status"] != "ok" for r in rows),
         "ok": sum(r["status"] == "ok" for r in rows),
+        "max_shared": max((r["shared"] for r in rows if r["shared"] is not None), default=None),
     }
 
 
@@ -560,22 +611,46 @@ def summary_line(summary: dict) -> str:
     return (
         f"{summary['combinations']} combinations: {summary['compile_errors']} compile errors, "
         f"{summary['shared_over_limit']} over the shared memory limit, {summary['spilling']} "
-        f"spilling ({summary['fixed_tiles_failing']} of them fixed tiles), {summary['ok']} ok"
+        f"spilling ({summary['fixed_tiles_failing']} of them fixed tiles), {summary['ok']} ok; "
+        f"at most {_kib(summary['max_shared'])} KiB shared memory"
     )
+
+
+def _groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows per target (``sm_80``, ...) and per dtype and precision (``fp32/tf32``, ...)."""
+    groups: dict[str, list[dict]] = {name: [] for name in TARGETS}
+    for r in rows:
+        groups[r["target"]].append(r)
+    dtype_order = list(DTYPES)
+    for r in sorted(rows, key=lambda r: (dtype_order.index(r["dtype"]), r["precision"] or "")):
+        groups.setdefault(dtype_text(r), []).append(r)
+    return {name: sub for name, sub in groups.items() if sub}
 
 
 def _kib(n: int | None) -> str:
     return "-" if n is None else f"{n / 1024:.1f}"
 
 
+def _cached_note(rows: list[dict]) -> str:
+    """For the report's first lines: how many rows came from the result cache."""
+    cached = sum(bool(r.get("cached")) for r in rows)
+    if not cached:
+        return ""
+    return (
+        f" ({cached} of the {len(rows)} rows read from `--cache-dir`: compiled before by this "
+        "Triton from the same kernel source, constexprs, target and options)"
+    )
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
-    """The report: the machine and versions, a summary per target, and one row per combination."""
+    """The report: the machine and versions, a summary per target and per dtype and precision,
+    and one row per combination."""
     lines = [
         "# Ahead-of-time compile of the Triton kernels",
         "",
         f"{meta['date']}, Triton {meta['triton']} (ptxas from its wheel), torch {meta['torch']}, "
         f"Python {meta['python']}, on {meta['machine']} (no GPU needed). Command: "
-        f"`{meta['command']}`",
+        f"`{meta['command']}`" + _cached_note(rows),
         "",
     ]
     runs = meta.get("runs", [])
@@ -595,17 +670,21 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"**All targets: {summary_line(summarize(rows))}.**",
         "",
     ]
-    for name, target in TARGETS.items():
-        sub = [r for r in rows if r["target"] == name]
-        if sub:
-            lines.append(
-                f"- {name} ({target.example}, {target.shared_limit // 1024} KiB shared memory "
-                f"per block): {summary_line(summarize(sub))}"
-            )
+    for name, sub in _groups(rows).items():
+        target = TARGETS.get(name)
+        what = (
+            f"{name} ({target.example}, {target.shared_limit // 1024} KiB shared memory per block)"
+            if target
+            else name
+        )
+        lines.append(f"- {what}: {summary_line(summarize(sub))}")
     lines += [
         "",
         "Registers per thread, spilled bytes per thread (ptxas spill stores), shared memory per "
-        "block in KiB (limit in brackets). `fixed`: the tile used with autotuning off.",
+        "block in KiB (limit in brackets). `fixed`: the tile used with autotuning off. "
+        "`fp32/ieee`, `fp32/tf32`: fp32 with exact or TF32 products (PyTorch's default flags "
+        "pick IEEE for attention and the GEMM, TF32 for the convolution; see `--precisions`); "
+        "plain `fp32`: the delta preprocessing, which has no products.",
         "",
         "| kernel | target | dtype | case | config | warps | stages | fixed | registers | "
         "spill B | shared KiB | status |",
@@ -615,7 +694,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         limit = TARGETS[r["target"]].shared_limit
         status = r["status"] if r["error"] is None else f"{r['status']}: {r['error'][:120]}"
         lines.append(
-            f"| {r['kernel']} | {r['target']} | {r['dtype']} | {r['case']} | {r['config']} | "
+            f"| {r['kernel']} | {r['target']} | {dtype_text(r)} | {r['case']} | {r['config']} | "
             f"{r['num_warps']} | {r['num_stages']} | {'yes' if r['fixed'] else ''} | "
             f"{r['registers'] if r['registers'] is not None else '-'} | "
             f"{r['spill_stores'] if r['spill_stores'] is not None else '-'} | "
@@ -640,13 +719,15 @@ def _row(combo: Combination, result: Result) -> dict:
     return row
 
 
-_IDENTITY = ("kernel", "target", "dtype", "case", "config", "num_warps", "num_stages", "fixed")
+_IDENTITY = ("kernel", "target", "dtype", "precision", "case", "config", "num_warps",
+             "num_stages", "fixed")  # fmt: skip
 
 
 def _identity(item: Combination | dict) -> tuple:
-    """What names a combination, in a :class:`Combination` or a result row alike."""
+    """What names a combination, in a :class:`Combination` or a result row alike (a row of a
+    table written before fp32 had two precisions: no precision)."""
     if isinstance(item, dict):
-        return tuple(item[k] for k in _IDENTITY)
+        return tuple(item.get(k) for k in _IDENTITY)
     return tuple(getattr(item, k) for k in _IDENTITY)
 
 
@@ -676,10 +757,10 @@ def _previous_results(out: Path, selected: list[Combination]) -> tuple[list[dict
 def _write(out: Path, meta: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     order = {name: i for i, name in enumerate(KERNELS)}
-    rows = sorted(rows, key=lambda r: (order[r["kernel"]], r["dtype"], r["case"], r["config"],
+    rows = sorted(rows, key=lambda r: (order[r["kernel"]], dtype_text(r), r["case"], r["config"],
                                        r["num_warps"], r["num_stages"], r["target"]))  # fmt: skip
     summary = {"all": summarize(rows)}
-    summary.update({t: summarize([r for r in rows if r["target"] == t]) for t in TARGETS})
+    summary.update({name: summarize(sub) for name, sub in _groups(rows).items()})
     data = {**meta, "summary": summary, "results": rows}
     _with_suffix(out, ".json").write_text(json.dumps(data, indent=1) + "\n")
     _with_suffix(out, ".md").write_text(markdown(meta, rows))
@@ -721,7 +802,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help=f"comma-separated, of {', '.join(choices)} (default: all)",
         )
     parser.add_argument(
-        "--small", action="store_true", help="CI scope: one tile per kernel and dtype (head dim 64)"
+        "--precisions",
+        type=lambda text: _csv(text, PRECISIONS, "precisions"),
+        default=list(PRECISIONS),
+        help="fp32 products, comma-separated, of ieee, tf32 (default: both). The launchers pick "
+        "TF32 for attention and the GEMM when torch.backends.cuda.matmul.allow_tf32 (off by "
+        "default), for the conv when torch.backends.cudnn.allow_tf32 (on by default), IEEE "
+        "otherwise. fp16 and bf16 are compiled either way",
+    )
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="CI scope: one tile per kernel, dtype and precision (head dim 64)",
     )
     parser.add_argument(
         "--cases",
@@ -761,7 +853,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    combos = combinations(args.kernels, args.targets, args.dtypes, args.small, args.cases)
+    combos = combinations(
+        args.kernels, args.targets, args.dtypes, args.small, args.cases, args.precisions
+    )
     if not combos:
         print("no combination matches these --kernels, --dtypes and --cases", file=sys.stderr)
         return 2

@@ -149,11 +149,13 @@ _CUDA_CONFIGS = {
 }
 # fp32 (exact IEEE dots hold their operands in registers): 8 warps from hd64 (4 spill 0.7-30 KB) and
 # key blocks of 16 rows at hd128 (on sm_90 32- and 64-row ones spill 0.4-1.2 KB; dK/dV: 16x32).
+# Every tile is also checked with TF32 dots (torch.backends.cuda.matmul.allow_tf32 = True): dQ
+# 32x32 on 8 warps spills 12 B there at hd32, causal, on sm_80 (Triton 3.6).
 _CUDA_FP32_CONFIGS = {
     "fwd": [(64, 32, 4, 2, (16, 32)), (64, 32, 8, 2, (64,)), (32, 32, 8, 2, (64,)),
             (32, 16, 8, 2, (128,))],
     "dkdv": [(16, 32, 8, 2, (128,)), (16, 32, 4, 2, (32, 64)), (32, 32, 8, 2, (16,))],
-    "dq": [(32, 32, 4, 2, (32, 64)), (32, 32, 8, 2, (16, 32, 64)), (64, 16, 8, 2, (128,)),
+    "dq": [(32, 32, 4, 2, (32, 64)), (32, 32, 8, 2, (16, 64)), (64, 16, 8, 2, (128,)),
            (32, 16, 4, 2, (128,))],
 }  # fmt: skip
 _INTERPRETER_CONFIGS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}

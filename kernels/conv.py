@@ -230,13 +230,15 @@ _CUDA_CONFIGS_16BIT = [
     _config(128, 32, 32, 4, 4),  # few output channels
     _config(128, 32, 16, 4, 4),  # few output channels and a short reduction (1-channel 3x3)
 ]
-# fp32 operands (TF32 products by default) take twice the registers for the operand loads and
-# their addresses: on 4 warps 64x64x64 spills (the 7x7 stem: 12-220 B per thread, the 3x3
-# channels_last: 8 B on sm_80 with Triton 3.6) and so does 128x32x16 (the 1-channel 3x3: 4 B on
-# sm_90 with Triton 3.9); these do not (bench/aot_compile.py), the 16-bit ones' shapes on 8 warps.
+# fp32 operands take twice the registers of 16-bit ones for the operand loads and their
+# addresses, more still with exact products (torch.backends.cudnn.allow_tf32 = False). Spilling
+# there (bench/aot_compile.py, sm_80/sm_90, Triton 3.6 and 3.9): 64x64x64 on 4 warps (the 7x7
+# stem: 12-220 B per thread; the 3x3 channels_last: 8 B), 128x32x16 on 4 warps (the 1-channel 3x3:
+# 4 B), and with exact products 128x32x32 on 4 warps (3x3 and stem channels_last: 8-132 B) and
+# 64x64x32 in 4 stages (the NCHW stem: 4 B). These compile without spills in both precisions.
 _CUDA_CONFIGS_FP32 = [
-    _config(64, 64, 32, 4, 8),
-    _config(128, 32, 32, 4, 4),  # few output channels (channels_last only: see below)
+    _config(64, 64, 32, 3, 8),
+    _config(128, 32, 32, 4, 8),  # few output channels (channels_last only: see below)
     _config(128, 32, 16, 4, 8),  # few output channels and a short reduction (1-channel 3x3)
 ]
 _TILES = TilesByWidth(_CUDA_CONFIGS_16BIT, _CUDA_CONFIGS_FP32)

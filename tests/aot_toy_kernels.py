@@ -60,7 +60,7 @@ def _broken_kernel(X, Out, BLOCK: tl.constexpr):
 def _combination(target, fn, args, consts, warps, stages):
     signature, constexprs, aligned = aot_compile.specialize(fn, args, consts)
     return aot_compile.Combination(
-        "toy", target, "fp16", fn.__name__, str(consts), warps, stages, False,
+        "toy", target, "fp16", None, fn.__name__, str(consts), warps, stages, False,
         fn.fn.__module__, fn.__name__, signature, constexprs, aligned,
     )  # fmt: skip
 

@@ -6,8 +6,9 @@ The tool runs in a fresh process: this test session has Triton's interpreter swi
 configuration for sm_80 and sm_90, ~20 minutes on 2 cores) is the documented command
 ``python bench/aot_compile.py``; here the CI scope (``--small``) compiles each kernel's fixed
 tile once, and the fp32 launch cases that used to spill are compiled with every tile their
-autotuner can pick. The stored full tables (``bench/results/aot_compile_triton*.json``) must
-list exactly the combinations of the current tile lists, all passing.
+autotuner can pick, in the precision they spilled in. The stored full tables
+(``bench/results/aot_compile_triton*.json``) must list exactly the combinations of the current
+tile lists, fp32 in both precisions (IEEE and TF32 products), all passing.
 """
 
 import json
@@ -44,10 +45,18 @@ def listed() -> list[str]:
     return proc.stdout.splitlines()[:-1]  # the last line is the count
 
 
+def _label(r: dict) -> str:
+    """A result row named as ``aot_compile.py --list`` names the combination."""
+    dtype = r["dtype"] + (f"/{r['precision']}" if r["precision"] else "")
+    fixed = " (fixed tile)" if r["fixed"] else ""
+    return (
+        f"{r['kernel']} {r['target']} {dtype} {r['case']} {r['config']} "
+        f"w{r['num_warps']} s{r['num_stages']}{fixed}"
+    )
+
+
 def _failing(rows: list[dict]) -> list[str]:
-    return [f"{r['kernel']} {r['target']} {r['dtype']} {r['case']} {r['config']} "
-            f"w{r['num_warps']} s{r['num_stages']}: {r['status']} {r['error'] or ''}"
-            for r in rows if r["status"] != "ok"]  # fmt: skip
+    return [f"{_label(r)}: {r['status']} {r['error'] or ''}" for r in rows if r["status"] != "ok"]
 
 
 def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
@@ -74,11 +83,12 @@ def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
 
 
 def test_fp32_cases_that_spilled_compile_without_spills(tmp_path):
-    """fp32 at head dim 128 (attention forward, dQ and the delta preprocessing), the 7x7 RGB stem
-    on NCHW input and the GEMM with its bias: every tile the autotuner can pick spilled on sm_90
-    until the fp32 tile lists (12 compiles)."""
+    """fp32 with exact products at head dim 128 (attention forward, dQ and the delta
+    preprocessing), the 7x7 RGB stem on NCHW input and the GEMM with its bias: every tile the
+    autotuner can pick spilled on sm_90 until the fp32 tile lists (12 compiles; the conv's fixed
+    tile on the NCHW stem also spilled with exact products, 4 B with Triton 3.6)."""
     out = tmp_path / "aot_fp32"
-    proc = _run(str(TOOL), "--targets", "sm_90", "--dtypes", "fp32",
+    proc = _run(str(TOOL), "--targets", "sm_90", "--dtypes", "fp32", "--precisions", "ieee",
                 "--kernels", "attn_fwd,attn_preprocess,attn_dq,conv_fwd,matmul",
                 "--cases", "hd128,7x7 C3 stem NCHW,x @ w.T +bias",
                 "--out", str(out), "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
@@ -95,6 +105,28 @@ def test_fp32_cases_that_spilled_compile_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_fp32_cases_that_spilled_in_either_precision_compile_without_spills(tmp_path):
+    """The conv on channels_last input and on the NCHW stem, and dQ at head dim 32, causal, in
+    both fp32 precisions on sm_80 (12 compiles): 128x32x32 on 4 warps spilled 8-132 B per thread
+    with exact products (``torch.backends.cudnn.allow_tf32 = False``), 64x64x64 on 4 warps with
+    TF32 ones, and dQ 32x32 on 8 warps 12 B with TF32 dots (Triton 3.6)."""
+    out = tmp_path / "aot_fp32"
+    proc = _run(str(TOOL), "--targets", "sm_80", "--dtypes", "fp32", "--precisions", "ieee,tf32",
+                "--kernels", "attn_dq,conv_fwd", "--cases", "hd32 causal,channels_last,stem NCHW",
+                "--out", str(out), "--cache-dir", str(tmp_path / "cache"))  # fmt: skip
+    assert tmp_path.joinpath("aot_fp32.json").exists(), proc.stderr[-3000:]
+    rows = json.loads(tmp_path.joinpath("aot_fp32.json").read_text())["results"]
+    for kernel in ("attn_dq", "conv_fwd"):
+        assert {r["precision"] for r in rows if r["kernel"] == kernel} == {"ieee", "tf32"}
+    assert {r["case"] for r in rows} == {
+        "hd32 causal", "3x3 C64 channels_last", "7x7 C3 stem channels_last", "7x7 C3 stem NCHW",
+    }  # fmt: skip
+    failing = _failing(rows)
+    assert not failing, "\n".join(failing)
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("version", ["3.9", "3.6"])
 def test_stored_tables_are_the_current_tile_lists_and_all_pass(listed, version):
     """The full tables in bench/results hold one passing row per combination the current tile
@@ -103,17 +135,19 @@ def test_stored_tables_are_the_current_tile_lists_and_all_pass(listed, version):
     report = json.loads(path.read_text())
     assert report["triton"].startswith(version + ".")
     rows = report["results"]
-    stored = [f"{r['kernel']} {r['target']} {r['dtype']} {r['case']} {r['config']} "
-              f"w{r['num_warps']} s{r['num_stages']}" + (" (fixed tile)" if r["fixed"] else "")
-              for r in rows]  # fmt: skip
+    stored = [_label(r) for r in rows]
     assert len(stored) == len(set(stored))
+    assert {r["precision"] for r in rows if r["dtype"] == "fp32"} == {"ieee", "tf32", None}
     assert set(stored) == set(listed), (
         f"{path.name} is stale: missing {sorted(set(listed) - set(stored))[:5]}, "
         f"no longer compiled {sorted(set(stored) - set(listed))[:5]}"
     )
     failing = _failing(rows)
     assert not failing, "\n".join(failing)
-    assert report["summary"]["all"]["spilling"] == 0 == report["summary"]["all"]["compile_errors"]
+    for group in ("all", "sm_80", "sm_90", "fp32/ieee", "fp32/tf32"):
+        summary = report["summary"][group]
+        assert summary["spilling"] == 0 == summary["compile_errors"], group
+        assert summary["ok"] == summary["combinations"] > 0, group
     assert all(r["shared"] <= r["shared_limit"] for r in rows)
 
 
@@ -133,10 +167,13 @@ def test_the_check_fails_on_spills_shared_memory_and_compile_errors():
 
 
 def test_every_launchable_case_keeps_a_configuration(listed):
-    """Pruning must leave at least one tile per kernel, target, dtype and head dim / case."""
+    """Pruning must leave at least one tile per kernel, target, dtype (fp32: in each precision)
+    and head dim / case."""
+    dtypes = ("fp16", "bf16", "fp32/ieee", "fp32/tf32")
     for kernel in ("attn_fwd", "attn_dkdv", "attn_dq", "attn_preprocess"):
         for target in ("sm_80", "sm_90"):
-            for dtype in ("fp16", "bf16", "fp32"):
+            # the delta preprocessing has no products: fp32 without a precision
+            for dtype in ("fp16", "bf16", "fp32") if kernel == "attn_preprocess" else dtypes:
                 for head_dim in (16, 32, 64, 128):
                     pattern = re.compile(rf"^{kernel} {target} {dtype} hd{head_dim}\b")
                     assert any(pattern.match(line) for line in listed), (kernel, target, dtype)
@@ -144,7 +181,7 @@ def test_every_launchable_case_keeps_a_configuration(listed):
                     assert any(pattern.match(line) and line.endswith("(fixed tile)")
                                for line in listed), (kernel, target, dtype, head_dim)  # fmt: skip
     for kernel in ("conv_fwd", "matmul"):
-        for dtype in ("fp16", "bf16", "fp32"):
+        for dtype in dtypes:
             assert any(line.startswith(f"{kernel} sm_90 {dtype} ") for line in listed)
 
 
