@@ -303,6 +303,9 @@ def attention_combinations(
         for head_dim in attn.SUPPORTED_HEAD_DIMS:
             q_strides = _strides((batch, heads, seq, head_dim))
             kv_strides = _strides((batch, kv_heads, seq, head_dim))
+            # the op stores its (B, H, S, D) output sequence-major, as a contiguous (B, S, H, D),
+            # and the output's gradient comes back in that layout
+            o_strides = _strides((batch, heads, seq, head_dim), (0, 2, 1, 3))
             sizes = {"num_q_heads": heads, "seq_q": seq, "seq_k": seq}
             buckets = {"seq_q_bucket": seq, "seq_k_bucket": seq}
             t, f32 = _empty(dt), _empty(torch.float32)
@@ -310,8 +313,8 @@ def attention_combinations(
                 for has_dlse in (False, True):
                     args = {"Out": t, "DOut": t, "DLse": f32, "Delta": f32,
                             "num_q_heads": heads, "seq_q": seq}  # fmt: skip
-                    args.update(zip(_names("stride_o", "bhmd"), q_strides))
-                    args.update(zip(_names("stride_do", "bhmd"), q_strides))
+                    args.update(zip(_names("stride_o", "bhmd"), o_strides))
+                    args.update(zip(_names("stride_do", "bhmd"), o_strides))
                     consts = {"HAS_DLSE": has_dlse, "HEAD_DIM": head_dim,
                               "BLOCK_M": attn._PREPROCESS_BLOCK_M}  # fmt: skip
                     fn = attn._attn_bwd_preprocess_kernel
@@ -330,12 +333,12 @@ def attention_combinations(
                           "qk_scale": 0.125, "softmax_scale": 0.125, "num_kv_heads": kv_heads,
                           "group_size": heads // kv_heads, **sizes, **buckets}  # fmt: skip
                 common.update(zip(_names("stride_q", "bhmd"), q_strides))
-                common.update(zip(_names("stride_do", "bhmd"), q_strides))
+                common.update(zip(_names("stride_do", "bhmd"), o_strides))
                 common.update(zip(_names("stride_k", "bhnd"), kv_strides))
                 common.update(zip(_names("stride_v", "bhnd"), kv_strides))
                 plans = {
                     "attn_fwd": (attn._attn_fwd_kernel, {"Out": t, "Lse": f32},
-                                 _names("stride_o", "bhmd"), q_strides),
+                                 _names("stride_o", "bhmd"), o_strides),
                     "attn_dkdv": (attn._attn_bwd_dkdv_kernel, {"DK": t, "DV": t},
                                   _names("stride_dk", "bhnd") + _names("stride_dv", "bhnd"),
                                   kv_strides * 2),
