@@ -1,7 +1,9 @@
-"""The machine a benchmark ran on, for its JSON: every result names where it was measured."""
+"""The machine a benchmark ran on, for its JSON: every result names where it was measured; and
+:func:`write_results`, which writes a benchmark's JSON and Markdown results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -30,3 +32,12 @@ def machine_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
     return cpu_name()
+
+
+def write_results(out: Path, stem: str, data: object, markdown: str | None = None) -> None:
+    """Write ``data`` to ``<out>/<stem>.json`` (indented, one value per line) and, when given,
+    ``markdown`` to ``<out>/<stem>.md``, creating ``out`` if needed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    if markdown is not None:
+        (out / f"{stem}.md").write_text(markdown)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, write_results  # noqa: E402
 
 from triton_parallel_layers.kernels._dispatch import use_triton  # noqa: E402
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig  # noqa: E402
@@ -212,10 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     markdown = to_markdown(result)
     print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"activation_memory_{'cuda' if torch.cuda.is_available() else 'cpu'}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    write_results(args.out, f"activation_memory_{device}", result, markdown)
     return result
 
 

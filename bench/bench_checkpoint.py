@@ -25,7 +25,6 @@ change of machine load hits all three alike; the load average before and after i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import cpu_name  # noqa: E402
+from _machine import cpu_name, write_results  # noqa: E402
 
 MODES = ("none", "sync", "async")
 
@@ -141,18 +140,17 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     load_before = os.getloadavg()
     started = time.time()
-    pools = WorkerPools()
     try:
-        for i in range(args.rounds):
-            order = MODES if i % 2 == 0 else MODES[::-1]  # neither mode always runs first
-            for mode in order:
-                out = work / f"{mode}{i}"
-                result = pools.run(2, train, out, mode, model, layout, args.steps, args.interval,
-                                   timeout=1800)[0]  # fmt: skip
-                runs[mode].append(result)
-                print(f"round {i + 1}: {mode} done", flush=True)
+        with WorkerPools() as pools:
+            for i in range(args.rounds):
+                order = MODES if i % 2 == 0 else MODES[::-1]  # neither mode always runs first
+                for mode in order:
+                    out = work / f"{mode}{i}"
+                    result = pools.run(2, train, out, mode, model, layout, args.steps,
+                                       args.interval, timeout=1800)[0]  # fmt: skip
+                    runs[mode].append(result)
+                    print(f"round {i + 1}: {mode} done", flush=True)
     finally:
-        pools.close()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     rows = summarize(runs)
@@ -174,9 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = table(rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "checkpoint_overhead_cpu.json").write_text(json.dumps(record, indent=1) + "\n")
-    (args.out / "checkpoint_overhead_cpu.md").write_text(
+    markdown = (
         "Checkpoint overhead on the step time (bench/bench_checkpoint.py)\n\n"
         f"Machine: {record['machine']}, 2 gloo processes, 1 thread each; load average (1, 5, 15 "
         f"min) {', '.join(f'{x:.1f}' for x in load_before)} before and "
@@ -188,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"steps per mode, a checkpoint every {args.interval} steps; the modes alternate within "
         "each round.\n\n" + text + "\n"
     )
+    write_results(args.out, "checkpoint_overhead_cpu", record, markdown)
     return record
 
 

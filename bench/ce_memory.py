@@ -20,7 +20,6 @@ scratch of one token chunk ``chunk * V/tp * 4``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _machine import cpu_name  # noqa: E402
+from _machine import cpu_name, write_results  # noqa: E402
 
 from triton_parallel_layers.parallel_layers import (  # noqa: E402
     ParallelDims,
@@ -103,28 +102,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     cases = SMOKE_CASES if args.smoke else CASES
-    pools = WorkerPools()
-    try:
+    with WorkerPools() as pools:
         rows = [
             pools.run(tp, measure, *case, timeout=600)[0]  # every rank holds the same sizes
             for case in cases
             for tp in (int(x) for x in args.tps.split(","))
         ]
-    finally:
-        pools.close()
     text = table(rows)
     print(text)
-    name = "ce_memory_smoke" if args.smoke else "ce_memory_cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.md").write_text(
+    markdown = (
         "Peak memory of the loss forward + backward per rank (bench/ce_memory.py): "
         "vocab_parallel_cross_entropy on the (N, V/tp) shard against F.cross_entropy on the "
         "gathered (N, V) logits; exact bytes of live tensor storages (LiveBytes), measured on "
         f"{cpu_name()}, torch {torch.__version__}.\n\n" + text + "\n"
     )
-    (args.out / f"{name}.json").write_text(
-        json.dumps({"machine": cpu_name(), "rows": rows}, indent=1) + "\n"
-    )
+    name = "ce_memory_smoke" if args.smoke else "ce_memory_cpu"
+    write_results(args.out, name, {"machine": cpu_name(), "rows": rows}, markdown)
     return rows
 
 

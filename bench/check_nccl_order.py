@@ -19,7 +19,6 @@ The CPU cost is small (a few seconds per world size, plus starting the worker pr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import write_results  # noqa: E402
 
 from triton_parallel_layers.parallel_layers import (  # noqa: E402
     ColumnParallelLinear,
@@ -172,19 +174,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     layouts = LAYOUTS[:1] if args.quick else LAYOUTS
-    pools = WorkerPools()
-    try:
+    with WorkerPools() as pools:
         rows = [row for layout in layouts for row in check_layout(pools.run, *layout)]
-    finally:
-        pools.close()
     text = table(rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "nccl_order_cpu.md").write_text(
+    markdown = (
         "Point-to-point traffic of every schedule, recorded on gloo and replayed under NCCL's "
         "rule (bench/check_nccl_order.py)\n\n" + text + "\n"
     )
-    (args.out / "nccl_order_cpu.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_results(args.out, "nccl_order_cpu", rows, markdown)
     return rows
 
 

@@ -11,7 +11,6 @@ second one (the first also sends the pipeline's shape header).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, write_results  # noqa: E402
 
 from triton_parallel_layers.kernels.collectives import record_comm  # noqa: E402
 from triton_parallel_layers.models.gpt import GPT, GPT_TP_PLAN, GPTConfig  # noqa: E402
@@ -63,23 +62,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    pools = WorkerPools()
-    try:
+    with WorkerPools() as pools:
         result = {
             name: pools.run(2, measure, layout, timeout=600) for name, layout in LAYOUTS.items()
         }
-    finally:
-        pools.close()
     for name, ranks in result.items():
         for rank, summary in enumerate(ranks):
             kinds = ", ".join(f"{k} {e['bytes']:,} B {e['dtypes']}" for k, e in summary.items())
             print(f"{name} rank {rank}: {kinds}")
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {"preset": "tiny", "dtype": "bf16 autocast", "step": 2, "ranks": 2, "backend": "gloo",
             "machine": machine_name()}  # fmt: skip
-    (args.out / "comm_volume.json").write_text(
-        json.dumps({"setup": meta, "per_layout_per_rank": result}, indent=1)
-    )
+    write_results(args.out, "comm_volume", {"setup": meta, "per_layout_per_rank": result})
     return result
 
 

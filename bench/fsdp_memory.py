@@ -23,7 +23,6 @@ the TP all-reduces share DDP's kind, so only FSDP's rows are compared there.)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from fractions import Fraction
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _machine import cpu_name  # noqa: E402
+from _machine import cpu_name, write_results  # noqa: E402
 
 from triton_parallel_layers.kernels.collectives import record_comm  # noqa: E402
 from triton_parallel_layers.models.gpt import GPT_TP_PLAN  # noqa: E402
@@ -126,27 +125,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    pools = WorkerPools()
-    try:
+    with WorkerPools() as pools:
         rows = [
             row
             for dp, tp in LAYOUTS
             for mode in ("ddp", "fsdp")
             for row in pools.run(dp * tp, measure, mode, dp, tp, timeout=600)
         ]
-    finally:
-        pools.close()
     text = table(rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fsdp_memory_cpu.md").write_text(
+    markdown = (
         f"Bytes per rank after one AdamW step, GPT preset {PRESET!r} (bench/fsdp_memory.py), "
         f"exact local-tensor bytes (DTensor shards unpadded), on {cpu_name()}, "
         f"torch {torch.__version__}.\n\n" + text + "\n"
     )
-    (args.out / "fsdp_memory_cpu.json").write_text(
-        json.dumps({"machine": cpu_name(), "rows": rows}, indent=1) + "\n"
-    )
+    write_results(args.out, "fsdp_memory_cpu", {"machine": cpu_name(), "rows": rows}, markdown)
     return rows
 
 

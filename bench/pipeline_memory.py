@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,9 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _machine import cpu_name, write_results  # noqa: E402
 
 from triton_parallel_layers.models.gpt import GPT_TP_PLAN  # noqa: E402
 from triton_parallel_layers.parallel_layers import ParallelDims  # noqa: E402
@@ -108,24 +110,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--no-activations", action="store_true", help="parameters only")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    pools = WorkerPools()
-    try:
+    with WorkerPools() as pools:
         rows = [
             row
             for pp in (int(x) for x in args.pps.split(","))
             for row in pools.run(pp, measure, pp, not args.no_activations, timeout=600)
         ]
-    finally:
-        pools.close()
     text = table(rows)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline_memory_cpu.md").write_text(
-        f"Pipeline memory per rank, GPT preset {PRESET!r} (bench/pipeline_memory.py)\n\n"
-        + text
-        + "\n"
+    markdown = (
+        f"Pipeline memory per rank, GPT preset {PRESET!r} (bench/pipeline_memory.py), exact "
+        f"bytes, on {cpu_name()}, torch {torch.__version__}.\n\n" + text + "\n"
     )
-    (args.out / "pipeline_memory_cpu.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_results(args.out, "pipeline_memory_cpu", rows, markdown)
     return rows
 
 

@@ -316,7 +316,12 @@ def run_distributed(
 
 
 class WorkerPools:
-    """One lazily started :class:`WorkerPool` per world size (what the test suite shares)."""
+    """One lazily started :class:`WorkerPool` per world size (what the test suite shares); a
+    context manager that closes them all on exit::
+
+        with WorkerPools() as pools:
+            rows = pools.run(4, measure, ...)
+    """
 
     def __init__(self, *, num_threads: int = 1, backend: str | None = None) -> None:
         self.num_threads = num_threads
@@ -343,3 +348,9 @@ class WorkerPools:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+    def __enter__(self) -> WorkerPools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
