@@ -409,13 +409,13 @@ def p2p_plan(
         ops.sort(key=lambda o: o[0])
         groups: list[list[tuple[str, Message]]] = [[] for _ in range(len(acts) + 1)]
         slot = 0  # the group of the operation before in key order: none may go earlier
+        reached = 0  # the first group whose action starts at or after the key (keys ascend)
         for k_, latest, kind, msg in ops:
+            while reached < len(acts) and starts[reached] < k_[0]:
+                reached += 1
             if kind == "send":  # right after the action producing it
                 slot = max(slot, latest)
             else:  # one action ahead of its consumer, or the first group its key has reached
-                reached = slot
-                while reached < len(acts) and starts[reached] < k_[0]:
-                    reached += 1
                 slot = max(slot, min(reached, latest - RECV_LOOKAHEAD))
                 if slot > latest:
                     raise AssertionError(f"rank {r}: {msg} keyed after the action that needs it")
