@@ -11,8 +11,9 @@ import bench_tp_layers  # noqa: E402
 
 def test_smoke(tmp_path):
     result = bench_tp_layers.main(
-        ["--iters", "2", "--warmup", "1", "--shapes", "2x8x16", "--out", str(tmp_path)]
-    )
+        ["--iters", "2", "--warmup", "1", "--repeats", "2", "--shapes", "2x8x16",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
     saved = json.loads((tmp_path / "tp_layers_cpu.json").read_text())
     assert saved == json.loads(json.dumps(result))
     assert [r["sequence_parallel"] for r in saved["rows"]] == [False, True]
@@ -23,4 +24,7 @@ def test_smoke(tmp_path):
         assert row["gemms_ms"] > 0 and row["comms_ms"] > 0
         assert abs(row["floor_ms"] - row["gemms_ms"] - row["comms_ms"]) < 1e-9
         assert abs(row["overhead"] - row["ours_ms"] / row["floor_ms"]) < 1e-9
+        # each collective also alone, and every repeat's own figures kept
+        assert row["comms_each_ms"] > 0
+        assert len(row["ratio_per_repeat"]) == len(row["overhead_per_repeat"]) == 2
     assert (tmp_path / "tp_layers_cpu.png").stat().st_size > 0
