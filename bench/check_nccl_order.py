@@ -10,6 +10,13 @@ Each pipeline's recorded groups are also compared with what
 :func:`~triton_parallel_layers.parallel_layers.pipeline.p2p_check.planned_groups` computes from the
 action lists (``= planned`` column).
 
+Controls, in a second table, show the checker is neither too lax nor too strict on recorded
+traffic: a known-bad order (both ranks post a lone ``isend`` before their ``irecv``: fine on gloo,
+a hang on NCCL for messages beyond its buffers) must be reported stuck, and PyTorch's own
+``Schedule1F1B`` and ``ScheduleInterleaved1F1B`` (``torch.distributed.pipelining``, pp = 2 and
+4, m = pp and 2 pp) must complete. The script exits with status 1 unless every case completes
+and every control gives its expected result.
+
     python bench/check_nccl_order.py            # writes bench/results/nccl_order_cpu.{md,json}
     python bench/check_nccl_order.py --quick    # pp = 2 only
 
@@ -116,6 +123,80 @@ def record_cases(dp: int, tp: int, cases: list[tuple[str, int, int]]) -> dict:
     return {"cases": out, "pipeline": pipeline}
 
 
+def both_send_first() -> list:
+    """Every rank's groups when two ranks each post a lone ``isend`` before their ``irecv``
+    (runs on gloo, which buffers sends; hangs on NCCL for large messages)."""
+    peer = 1 - dist.get_rank()
+    out, into = torch.randn(1 << 16), torch.empty(1 << 16)
+    with record_p2p() as log:
+        send = dist.isend(out, dst=peer)
+        dist.irecv(into, src=peer).wait()
+        send.wait()
+    return log.groups
+
+
+def torch_schedule(name: str, m: int, v: int, steps: int = STEPS) -> list:
+    """Every rank's groups over ``steps`` steps of ``torch.distributed.pipelining``'s schedule
+    ``name`` (``v`` stages per rank, small linear stages)."""
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import schedules
+
+    pp, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    stages = [
+        pipelining.PipelineStage(nn.Linear(WIDTH, WIDTH), s, pp * v, torch.device("cpu"))
+        for s in range(rank, pp * v, pp)
+    ]
+    cls = getattr(schedules, name)
+    single = issubclass(cls, schedules.PipelineScheduleSingle)
+    with record_p2p() as log:
+        schedule = cls(stages[0] if single else stages, m, loss_fn=F.mse_loss)
+        for step in range(steps):
+            gen = torch.Generator().manual_seed(step)
+            x = torch.randn(2 * m, WIDTH, generator=gen)
+            y = torch.randn(2 * m, WIDTH, generator=gen)
+            schedule.step(*((x,) if rank == 0 else ()), target=y if rank == pp - 1 else None)
+    return log.groups
+
+
+TORCH_SCHEDULES = [("Schedule1F1B", 1), ("ScheduleInterleaved1F1B", 2)]
+
+
+def _outcome(replay) -> str:
+    if replay.ok:
+        return "completes"
+    return "deadlock" if not replay.completes else "mismatched pairs"
+
+
+def check_controls(run, pps: list[int]) -> list[dict]:
+    """The known-bad order at 2 ranks and PyTorch's schedules at each of ``pps``, replayed; one
+    row each, with the result expected of a checker that is right."""
+    replay = replay_nccl(run(2, both_send_first, timeout=120))
+    rows = [
+        {
+            "control": "known-bad: lone isend then irecv on both ranks",
+            "pp": 2,
+            "m": 1,
+            "expected": "deadlock",
+            "result": _outcome(replay),
+            "report": replay.report(),
+        }
+    ]
+    for pp in pps:
+        for name, v in TORCH_SCHEDULES:
+            for m in (pp, 2 * pp):
+                replay = replay_nccl(run(pp, torch_schedule, name, m, v, timeout=120))
+                rows.append({
+                    "control": f"torch.distributed.pipelining.{name}" + (f" (v={v})" if v > 1 else ""),
+                    "pp": pp,
+                    "m": m,
+                    "expected": "completes",
+                    "result": _outcome(replay),
+                    "report": replay.report(),
+                })  # fmt: skip
+    return rows
+
+
 def _same(recorded, pipeline: list[int], planned) -> bool:
     """Whether one pipeline's recorded groups (global peers) are the planned ones (pp ranks)."""
     index = {g: r for r, g in enumerate(pipeline)}
@@ -163,10 +244,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def controls_table(rows: list[dict]) -> str:
+    lines = ["| control | pp | m | expected | replayed |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        mark = "" if r["result"] == r["expected"] else " (WRONG)"
+        lines.append(
+            f"| {r['control']} | {r['pp']} | {r['m']} | {r['expected']} | {r['result']}{mark} |"
+        )
+    return "\n".join(lines)
+
+
 LAYOUTS = [(1, 2, 1), (1, 3, 1), (1, 4, 1), (2, 2, 2)]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
     from triton_parallel_layers.parallel_layers.testing import WorkerPools
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -176,16 +267,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     layouts = LAYOUTS[:1] if args.quick else LAYOUTS
     with WorkerPools() as pools:
         rows = [row for layout in layouts for row in check_layout(pools.run, *layout)]
-    text = table(rows)
-    print(text)
+        controls = check_controls(pools.run, [2] if args.quick else [2, 4])
+    text, control_text = table(rows), controls_table(controls)
+    print(text + "\n\n" + control_text)
     markdown = (
         "Point-to-point traffic of every schedule, recorded on gloo and replayed under NCCL's "
-        "rule (bench/check_nccl_order.py)\n\n" + text + "\n"
+        "rule (bench/check_nccl_order.py)\n\n" + text + "\n\n"
+        "Controls: the same checker on recorded traffic that must fail and on PyTorch's own "
+        "schedules, which must pass\n\n" + control_text + "\n"
     )
-    write_results(args.out, "nccl_order_cpu", rows, markdown)
-    return rows
+    write_results(args.out, "nccl_order_cpu", {"cases": rows, "controls": controls}, markdown)
+    return {"cases": rows, "controls": controls}
 
 
 if __name__ == "__main__":
-    rows = main()
-    sys.exit(0 if all(r["completes"] for r in rows) else 1)
+    result = main()
+    ok = all(r["completes"] for r in result["cases"]) and all(
+        r["result"] == r["expected"] for r in result["controls"]
+    )
+    sys.exit(0 if ok else 1)

@@ -14,17 +14,22 @@ neither too lax nor too strict.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from triton_parallel_layers.parallel_layers.pipeline.p2p_check import (
     op,
     record_p2p,
     replay_nccl,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import check_nccl_order  # noqa: E402  (the recorded controls, shared with the checker's bench)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,19 +164,8 @@ def test_recorder_logs_each_group_once(dist_run):
     assert dist.isend.__module__ == "torch.distributed.distributed_c10d"
 
 
-def _both_send_first() -> list:
-    """Runs on gloo (it buffers sends); hangs on NCCL for large messages."""
-    peer = 1 - dist.get_rank()
-    out, into = torch.randn(1 << 16), torch.empty(1 << 16)
-    with record_p2p() as log:
-        send = dist.isend(out, dst=peer)
-        dist.irecv(into, src=peer).wait()
-        send.wait()
-    return log.groups
-
-
 def test_recorded_known_bad_order_fails(dist_run):
-    replay = replay_nccl(dist_run(2, _both_send_first))
+    replay = replay_nccl(dist_run(2, check_nccl_order.both_send_first))
     assert not replay.completes
     assert {r: s.group for r, s in replay.stuck.items()} == {0: 0, 1: 0}
     print("\n" + replay.report())
@@ -180,33 +174,12 @@ def test_recorded_known_bad_order_fails(dist_run):
 # ---------------------------------------------------------------------------------------------
 # PyTorch's own schedules pass
 # ---------------------------------------------------------------------------------------------
-def _torch_schedule(name: str, m: int, v: int, steps: int = 2) -> list:
-    from torch.distributed import pipelining
-    from torch.distributed.pipelining import schedules
-
-    pp, rank = dist.get_world_size(), dist.get_rank()
-    torch.manual_seed(0)
-    stages = [
-        pipelining.PipelineStage(nn.Linear(8, 8), s, pp * v, torch.device("cpu"))
-        for s in range(rank, pp * v, pp)
-    ]
-    cls = getattr(schedules, name)
-    single = issubclass(cls, schedules.PipelineScheduleSingle)
-    with record_p2p() as log:
-        schedule = cls(stages[0] if single else stages, m, loss_fn=F.mse_loss)
-        for step in range(steps):
-            gen = torch.Generator().manual_seed(step)
-            x, y = torch.randn(2 * m, 8, generator=gen), torch.randn(2 * m, 8, generator=gen)
-            schedule.step(*((x,) if rank == 0 else ()), target=y if rank == pp - 1 else None)
-    return log.groups
-
-
 @pytest.mark.parametrize("pp", [2, 4])
 @pytest.mark.parametrize("name", ["Schedule1F1B", "ScheduleInterleaved1F1B"])
 def test_torch_pipelining_schedules_pass(dist_run, name, pp):
     v = 2 if "Interleaved" in name else 1
     for m in (pp, 2 * pp):
-        logs = dist_run(pp, _torch_schedule, name, m, v, timeout=120)
+        logs = dist_run(pp, check_nccl_order.torch_schedule, name, m, v, timeout=120)
         assert sum(len(g) for g in logs) > 0
         replay = replay_nccl(logs)
         print(f"\ntorch.distributed.pipelining.{name} pp={pp} m={m} v={v}: {replay.report()}")
