@@ -26,6 +26,7 @@ from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.parallel_layers import ColumnParallelLinear, ParallelDims
 from triton_parallel_layers.parallel_layers.parallelize import parallelize
 from triton_parallel_layers.parallel_layers.pipeline import (
+    ActivationMemoryTracker,
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
@@ -38,6 +39,7 @@ from triton_parallel_layers.parallel_layers.pipeline import (
     pipeline_parameters,
     render_ascii,
 )
+from triton_parallel_layers.parallel_layers.pipeline.schedules import _backward_from, _free_output
 from triton_parallel_layers.parallel_layers.sharding import (
     local_shard,
     param_blocks,
@@ -143,8 +145,11 @@ def _param_errors(stages, ref_layers) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # Parity: pipelined (x data x tensor parallel) training == one device
 # ---------------------------------------------------------------------------------------------
-def _parity(name: str, schedules: list[str], m: int, dp: int = 1, tp: int = 1) -> dict:
-    """Train ``name`` for STEPS steps under each schedule; return the worst errors per schedule."""
+def _parity(
+    name: str, schedules: list[str], m: int, dp: int = 1, tp: int = 1, track_memory: bool = False
+) -> dict:
+    """Train ``name`` for STEPS steps under each schedule (measuring the activation memory of
+    every step with ``track_memory``); return the worst errors per schedule."""
     pp = dist.get_world_size() // (dp * tp)
     dims = ParallelDims(dp=dp, pp=pp, tp=tp)
     batch = 2 * m * dp  # 2 samples per microbatch per replica
@@ -158,7 +163,7 @@ def _parity(name: str, schedules: list[str], m: int, dp: int = 1, tp: int = 1) -
         layers = model.pipeline_layers()
         partition = partition_layers(layers, pp * v, "params")
         stages = build_stages(layers, partition, dims.pp_group, dp_group=dims.dp_group)
-        schedule = cls(stages, m, model.loss)
+        schedule = cls(stages, m, model.loss, track_memory=track_memory)
         opt = torch.optim.SGD(pipeline_parameters(stages), lr=LR)
         ddp_calls = _count_ddp_reductions(stages)
         loss_err, calls = 0.0, []
@@ -444,6 +449,34 @@ def test_activation_memory_1f1b_bounded_gpipe_grows(dist_run):
 # ---------------------------------------------------------------------------------------------
 # Schedules side by side on one machine: printed, for the docs
 # ---------------------------------------------------------------------------------------------
+def test_parity_while_tracking_memory(dist_run):
+    """Measuring the activation memory changes no number: the stages end in a ReLU, whose output
+    autograd saves, and each sent output is freed (``free_outputs``); the memory hooks must keep
+    what autograd saved, not the output object whose data the freeing replaces (they did, and
+    every rank that sends activations got wrong gradients in a tracked step)."""
+    _check(dist_run(2, _parity, "small_cnn", SCHEDULES, 4, track_memory=True), "tracked pp=2")
+
+
+def test_memory_hooks_keep_a_freed_outputs_saved_data():
+    """One process: an output saved by autograd under the tracker's hooks, then freed as the
+    schedule frees a sent output, still gives the backward its data."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(16, 16), nn.ReLU())  # ReLU saves its output
+    x, grad = torch.randn(2, 16), torch.randn(2, 16)
+    tracker = ActivationMemoryTracker(layer.parameters())
+    with tracker.hooks():
+        y = layer(x)
+    assert tracker.current == 2 * 2 * 16 * 4  # the Linear's input and the ReLU's output
+    _free_output(y)
+    assert y.numel() == 1
+    _backward_from(y, grad)
+    tracked = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer(x).backward(grad)
+    for got, want in zip(tracked, (p.grad for p in layer.parameters())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_render_schedules():
     text = ScheduleGPipe.render(2, 4)
     assert text.splitlines()[1].startswith("rank 0 | F0 F1 F2 F3")

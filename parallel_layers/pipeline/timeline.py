@@ -206,8 +206,14 @@ def render_png(timelines: Sequence, path: str, *, title: str = "") -> None:
 # Activation memory
 # ---------------------------------------------------------------------------------------------
 class _Saved:
-    """What the pack hook returns: the tensor, and a finalizer that uncounts it when autograd
-    frees the saved variable (after the backward that used it)."""
+    """What the pack hook returns: an alias of the saved tensor (same storage, its own tensor
+    object), and a finalizer that uncounts it when autograd frees the saved variable (after the
+    backward that used it).
+
+    An alias, not the tensor: the hook is handed a saved *output* as the output object itself, so
+    keeping that object would let a later ``output.data = ..`` (the pipeline's freeing of a sent
+    output) change what the backward reads; autograd without hooks keeps its own alias, whose
+    storage stays alive, and so does this."""
 
     __slots__ = ("tensor", "tracker", "key")
 
@@ -250,7 +256,7 @@ class ActivationMemoryTracker:
             self.current += nbytes
         else:
             entry[1] += 1
-        return _Saved(t, self, key)
+        return _Saved(t.detach(), self, key)
 
     @staticmethod
     def _unpack(saved):
