@@ -5,7 +5,8 @@
    CPU memory allocated while it builds (``torch.profiler``'s memory events, summed in order):
    only this rank's stages are materialized and initialized, so both scale as ``1/pp``.
 2. Activations: the peak bytes a rank holds for the backward during one 1F1B step (what autograd
-   saved, the stage inputs and outputs kept for the backward, send buffers in flight), with and
+   saved, the stage inputs and outputs kept for the backward, send buffers in flight, buffers of
+   receives posted ahead of the action needing them), with and
    without ``free_outputs`` (each sent output's storage freed once its send has completed).
 
     python bench/pipeline_memory.py        # writes bench/results/pipeline_memory_cpu.{md,json}

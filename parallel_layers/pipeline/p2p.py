@@ -123,10 +123,15 @@ def decode_meta(meta: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]
 
 
 class PendingRecv:
-    """A posted receive; :meth:`wait` waits for it and returns the tensor."""
+    """A posted receive; :meth:`wait` waits for it and returns the tensor. ``buffer`` is the
+    tensor it receives into (``None`` for a hand-over in memory at ``p == 1``), allocated when
+    the receive is posted: memory from then on, whether or not the message has arrived."""
 
-    def __init__(self, finish: Callable[[], torch.Tensor]) -> None:
+    def __init__(
+        self, finish: Callable[[], torch.Tensor], buffer: torch.Tensor | None = None
+    ) -> None:
         self._finish = finish
+        self.buffer = buffer
         self.works: list[dist.Work] = []
         self._value: torch.Tensor | None = None
 
@@ -270,7 +275,7 @@ class StageTransport:
             shape, dtype, _ = self._out_meta[msg.stage]
             requires_grad, peer_stage = False, msg.stage + 1
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        pending = PendingRecv(lambda: buf.requires_grad_(requires_grad))
+        pending = PendingRecv(lambda: buf.requires_grad_(requires_grad), buf)
         batch.append(_Op(dist.irecv, buf, peer_stage, msg.stream, msg.stage, pending))
         return pending
 

@@ -103,9 +103,10 @@ class PipelineSchedule:
         record_timeline: time every action and wait (a pipeline barrier starts each step);
             the last step's events are in :attr:`timeline`.
         track_memory: measure the activation bytes held for backward (what autograd saved, the
-            stage outputs kept as roots of their backward, send buffers in flight; each storage
-            once); the last step's peak is in :attr:`peak_activation_bytes` (and the most send
-            buffers held at once in :attr:`peak_pending_sends`).
+            stage outputs kept as roots of their backward, send buffers in flight, the buffers
+            of receives posted ahead of the action needing them; each storage once); the last
+            step's peak is in :attr:`peak_activation_bytes` (and the most send buffers held at
+            once in :attr:`peak_pending_sends`).
         free_outputs: once an output sent to the next stage has arrived, free its storage,
             keeping only what the backward needs (Megatron-LM's ``deallocate_pipeline_outputs``):
             the output tensor stays the root of the stage's backward, with a one-element
@@ -351,12 +352,13 @@ class PipelineSchedule:
 
     def _sample_memory(self, run: _StepState) -> None:
         """Activation bytes now: autograd's saved tensors, the deferred weight-gradient passes',
-        the inputs and outputs kept for their backward (freed outputs: a placeholder) and the
-        send buffers."""
+        the inputs and outputs kept for their backward (freed outputs: a placeholder), the send
+        buffers and the buffers of the receives posted ahead of the actions needing them."""
         held = [t for pair in run.held.values() for t in pair if t.dim() > 0]
+        posted = [r.buffer for r in run.recvs.values() if r.buffer is not None]
         self.memory.sample(
             sum(s.held_bytes for s in run.stores.values()),
-            [*held, *self.transport.send_buffers()],
+            [*held, *self.transport.send_buffers(), *posted],
         )
 
     def _wait(self, msg: Message, run: _StepState) -> torch.Tensor:

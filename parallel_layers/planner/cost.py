@@ -40,7 +40,8 @@ size)`` and a model profile (:mod:`.profile`) on a machine (:mod:`.hardware`):
   dp under FSDP), plus the activations it holds for backward: per (microbatch, chunk) in flight
   (counted from its action list) its stage's saved tensors (each set of elements once; at pp > 1
   with the stage input the schedule keeps), under ZB-H1 the inputs and output gradients each
-  deferred weight-gradient pass keeps, and the output being sent; sharded as above. This is what
+  deferred weight-gradient pass keeps, the output being sent and the buffers of receives posted
+  ahead of the action needing them (counted from the posting plan); sharded as above. This is what
   :class:`~triton_parallel_layers.parallel_layers.pipeline.ActivationMemoryTracker` measures
   (``bench/bench_planner_cpu.py`` compares the two).
 
@@ -55,10 +56,13 @@ import functools
 from dataclasses import dataclass, field
 
 from triton_parallel_layers.parallel_layers.pipeline.actions import (
+    Message,
+    action_messages,
     gpipe_actions,
     ideal_bubble_fraction,
     interleaved_actions,
     one_f_one_b_actions,
+    p2p_plan,
     simulate,
     zb_h1_actions,
 )
@@ -171,6 +175,11 @@ def _actions(schedule: str, pp: int, m: int, v: int):
     raise ValueError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(schedule: str, pp: int, m: int, v: int):
+    return p2p_plan(_actions(schedule, pp, m, v), v)
+
+
 def in_flight_by_rank(schedule: str, pp: int, m: int, v: int = 1) -> list[int]:
     """Per pipeline rank, the most (microbatch, chunk) activations it holds at once.
 
@@ -196,17 +205,38 @@ def in_flight_by_rank(schedule: str, pp: int, m: int, v: int = 1) -> list[int]:
 
 
 def _held_peak(
-    schedule: str, pp: int, m: int, v: int, rank: int, act: list[float], wgt: list[float]
+    schedule: str,
+    pp: int,
+    m: int,
+    v: int,
+    rank: int,
+    act: list[float],
+    wgt: list[float],
+    recv: dict[str, list[float]],
 ) -> float:
-    """Most bytes ``rank`` holds at once: ``act[c]`` per microbatch in flight on its chunk ``c``
-    and, under ZB-H1, ``wgt[c]`` per weight-gradient pass deferred (its layers' inputs and output
-    gradients, kept from ``B`` to ``W``). From the action lists when short, else each count's
-    maximum times the largest chunk's bytes."""
+    """Most bytes ``rank`` holds at once: ``act[c]`` per microbatch in flight on its chunk ``c``,
+    under ZB-H1 ``wgt[c]`` per weight-gradient pass deferred (its layers' inputs and output
+    gradients, kept from ``B`` to ``W``), and the buffers of the receives posted ahead of the
+    action needing them (``recv["act"][c]``: chunk ``c``'s input, ``recv["grad"][c]``: its
+    output's gradient), from their posting (:func:`p2p_plan`) to that action. From the action
+    lists and their plan when short, else each count's maximum times the largest chunk's bytes
+    and one receive buffer."""
     if pp * m * v * 3 > SIMULATE_LIMIT:
         pending = pp - rank if schedule == "zb-h1" else 0
-        return in_flight_by_rank(schedule, pp, m, v)[rank] * max(act) + pending * max(wgt)
+        buffer = max(max(recv["act"]), max(recv["grad"]))
+        return in_flight_by_rank(schedule, pp, m, v)[rank] * max(act) + pending * max(wgt) + buffer
+    plan = _plan(schedule, pp, m, v)[rank]
+
+    def received(msg: Message) -> float:
+        return recv[msg.stream][msg.stage // pp]
+
     now = most = 0.0
-    for a in _actions(schedule, pp, m, v)[rank]:
+    for k, a in enumerate(_actions(schedule, pp, m, v)[rank]):
+        now += sum(received(msg) for kind, msg in plan[k] if kind == "recv")
+        most = max(most, now)
+        needed, _ = action_messages(a, rank, pp, pp * v)
+        if needed is not None:  # its buffer becomes the kept input, or is spent by the backward
+            now -= received(needed)
         c = a.chunk
         sign = {"F": 1, "B": -1}.get(a.kind, 0)
         now += sign * act[c]
@@ -422,8 +452,8 @@ def estimate(
     # Per rank: its state, plus its (microbatch, chunk) pairs in flight, each holding at most its
     # largest stage's activations (with recomputation: its stages' layer inputs, and one stage's
     # activations being recomputed).
-    # At pp > 1 also: the output being sent (kept until its send completes), and under ZB-H1
-    # the deferred weight-gradient passes.
+    # At pp > 1 also: the output being sent (kept until its send completes), the buffers of the
+    # receives posted ahead, and under ZB-H1 the deferred weight-gradient passes.
     peak = 0.0
     for r in range(pp):
         stages = [c * pp + r for c in range(v)]
@@ -444,7 +474,13 @@ def estimate(
             (held(layers[bounds[s][1] - 1].out_bytes) for s in stages if s < pp * v - 1),
             default=0.0,
         )
-        activations = base + _held_peak(layout.schedule, pp, m, v, r, act, wgt) + sending
+        recv = {  # what a receive into chunk c posts a buffer of (nothing at the pipe's ends)
+            "act": [held(layers[bounds[s][0]].in_bytes) if s > 0 else 0.0 for s in stages],
+            "grad": [
+                held(layers[bounds[s][1] - 1].out_bytes) if s < pp * v - 1 else 0.0 for s in stages
+            ],
+        }
+        activations = base + _held_peak(layout.schedule, pp, m, v, r, act, wgt, recv) + sending
         peak = max(peak, params_by_rank[r] * bytes_per_param / shards + activations)
 
     step = span + dp_comm + optimizer
