@@ -34,6 +34,7 @@ few hundredths between sweeps, which is the resolution of these figures.
 
     python bench/bench_tp_layers.py                  # TP=2 on gloo (CPU), the default grid
     python bench/bench_tp_layers.py --tp 4 --iters 50
+    python bench/bench_tp_layers.py --profile 8x128x512   # where our step's time goes (no file)
 
 Results: ``bench/results/tp_layers_<device>.json`` and ``.png``.
 """
@@ -282,6 +283,31 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _profile(shape: tuple[int, int, int], sequence_parallel: bool, threads: int) -> str:
+    """Rank 0's ``torch.profiler`` table (by self CPU time) over 10 of our steps at ``shape``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    dims = ParallelDims(tp=dist.get_world_size())
+    batch, seq, hidden = shape
+    torch.manual_seed(0)
+    ours = _ours(MLP(hidden), dims.tp_group, sequence_parallel)
+    x = torch.randn(batch, seq, hidden)
+    if sequence_parallel:
+        x = x.chunk(dims.tp, 1)[dims.tp_rank].contiguous()
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    for _ in range(3):
+        _step(ours, x, dy)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(10):
+            dist.barrier(dims.tp_group)
+            _step(ours, x, dy)
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=25
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel processes (gloo)")
@@ -299,7 +325,19 @@ def main(argv: list[str] | None = None) -> dict:
         "--shapes", type=str, default=None, help="e.g. '4x64x128,8x128x512' (BxSxE)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--profile",
+        metavar="BxSxE",
+        default=None,
+        help="instead of the benchmark: profile 10 of our steps at this shape (plain TP, or "
+        "sequence parallel with --profile-sp) and print where the time goes; writes nothing",
+    )
+    parser.add_argument("--profile-sp", action="store_true", help="profile sequence parallel")
     args = parser.parse_args(argv)
+    if args.profile:
+        shape = tuple(int(v) for v in args.profile.split("x"))
+        print(run_distributed(_profile, args.tp, shape, args.profile_sp, args.threads)[0])
+        return {}
     load = os.getloadavg()
     shapes = (
         [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -28,3 +28,10 @@ def test_smoke(tmp_path):
         assert row["comms_each_ms"] > 0
         assert len(row["ratio_per_repeat"]) == len(row["overhead_per_repeat"]) == 2
     assert (tmp_path / "tp_layers_cpu.png").stat().st_size > 0
+
+
+def test_profile_prints_where_the_step_goes(tmp_path, capsys):
+    assert bench_tp_layers.main(["--profile", "2x8x16", "--out", str(tmp_path)]) == {}
+    table = capsys.readouterr().out
+    assert "aten::mm" in table and "Self CPU" in table
+    assert not list(tmp_path.iterdir())  # a profile writes no results
