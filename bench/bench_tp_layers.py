@@ -169,22 +169,27 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _setup(batch, seq, hidden, sequence_parallel, dims) -> tuple[MLP, torch.Tensor, torch.Tensor]:
+    """The single-device block from seed 0, this rank's input (its sequence shard under sequence
+    parallelism; it requires grad, as a block's input inside a model) and output gradient."""
+    torch.manual_seed(0)
+    mlp = MLP(hidden)
+    x = torch.randn(batch, seq, hidden)
+    if sequence_parallel:
+        x = x.chunk(dims.tp, 1)[dims.tp_rank].contiguous()
+    x.requires_grad_()
+    return mlp, x, torch.randn_like(x)
+
+
 def _case_times(batch, seq, hidden, sequence_parallel, dims, iters, warmup) -> dict:
     """One configuration's timed runs: ``{name: [seconds per step]}`` for ours, DTensor, the
     floor's GEMMs and collectives, and each collective alone (``comm0``, ``comm1``, ..)."""
-    tp, rank = dims.tp, dims.tp_rank
-    torch.manual_seed(0)
-    mlp = MLP(hidden)
+    mlp, x, dy = _setup(batch, seq, hidden, sequence_parallel, dims)
     ours = _ours(mlp, dims.tp_group, sequence_parallel)
     theirs = _dtensor(mlp, dims.tp_mesh, sequence_parallel)
-    x = torch.randn(batch, seq, hidden)
-    if sequence_parallel:
-        x = x.chunk(tp, 1)[rank].contiguous()
-    x.requires_grad_()
-    dy = torch.randn_like(x)
     # Same numbers first: a benchmark of two different computations would mean nothing.
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-    gemms, comms, each = _floor_ops(batch, seq, hidden, tp, sequence_parallel, dims.tp_group)
+    gemms, comms, each = _floor_ops(batch, seq, hidden, dims.tp, sequence_parallel, dims.tp_group)
     runs = {
         "ours": functools.partial(_step, ours, x, dy),
         "dtensor": functools.partial(_step, theirs, x, dy),
@@ -289,14 +294,8 @@ def _profile(shape: tuple[int, int, int], sequence_parallel: bool, threads: int)
 
     torch.set_num_threads(threads)
     dims = ParallelDims(tp=dist.get_world_size())
-    batch, seq, hidden = shape
-    torch.manual_seed(0)
-    ours = _ours(MLP(hidden), dims.tp_group, sequence_parallel)
-    x = torch.randn(batch, seq, hidden)
-    if sequence_parallel:
-        x = x.chunk(dims.tp, 1)[dims.tp_rank].contiguous()
-    x.requires_grad_()
-    dy = torch.randn_like(x)
+    mlp, x, dy = _setup(*shape, sequence_parallel, dims)
+    ours = _ours(mlp, dims.tp_group, sequence_parallel)
     for _ in range(3):
         _step(ours, x, dy)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
