@@ -34,8 +34,8 @@ Measured, per layout:
 * **peak memory**, the quantity the planner predicts, exactly: on the busiest rank, the bytes of
   its parameters, their gradients and AdamW's state tensors after a step, plus the peak of the
   activation bytes it holds for backward during a step (autograd's saved tensors, each storage
-  once, parameters excluded, and, at ``pp > 1``, the stage inputs/outputs and send buffers the
-  schedule keeps: :class:`~triton_parallel_layers.parallel_layers.pipeline.ActivationMemoryTracker`).
+  once, parameters excluded, and, at ``pp > 1``, the stage inputs/outputs, send buffers and
+  receive buffers posted ahead that the schedule keeps: :class:`~triton_parallel_layers.parallel_layers.pipeline.ActivationMemoryTracker`).
   Not the process RSS (allocator caches, the Python heap, DDP's bucket copies are no part of it).
 
 Reported: per layout the predicted and measured figures and errors; per workload and overall the

@@ -176,9 +176,10 @@ class Engine:
             track_memory: measure the peak bytes held for backward into
                 :attr:`peak_saved_bytes`: what autograd saves (saved-tensor hooks, each storage
                 once, parameters excluded), and at ``pp > 1`` also the stage inputs and outputs
-                the pipeline keeps and its send buffers (:class:`~triton_parallel_layers.
-                parallel_layers.pipeline.ActivationMemoryTracker`). Python hooks on every saved
-                tensor: for a step that is measured, not for every step.
+                the pipeline keeps, its send buffers and the buffers of receives posted ahead
+                (:class:`~triton_parallel_layers.parallel_layers.pipeline.ActivationMemoryTracker`).
+                Python hooks on every saved tensor: for a step that is measured, not for every
+                step.
 
         Returns:
             This replica's mean loss (a 0-dim fp32 tensor), on every rank of its pipeline.

@@ -231,9 +231,10 @@ class ActivationMemoryTracker:
     once (per set of elements: views of the same elements once) until the backward that needs it
     frees it. Parameters are excluded (pass the stages' parameters). ``extra`` bytes (tensors a
     deferred weight-gradient pass keeps) and tensors held outside autograd (the executor passes
-    the stage outputs it keeps for their backward and the send buffers still in flight) are added
-    by the caller through :meth:`sample`. Under FSDP2 a parameter is its local shard: the
-    gathered copy a forward saves for its backward counts as held.
+    the stage outputs it keeps for their backward, the send buffers still in flight and the
+    buffers of receives posted ahead) are added by the caller through :meth:`sample`. Under FSDP2
+    a parameter is its local shard: the gathered copy a forward saves for its backward counts as
+    held.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] = ()) -> None:
@@ -277,8 +278,8 @@ class ActivationMemoryTracker:
 
     def sample(self, extra: int = 0, tensors: Iterable[torch.Tensor] = ()) -> int:
         """Record ``current + extra`` plus the bytes of ``tensors`` (held outside autograd: stage
-        outputs kept for the backward, send buffers in flight; each set of elements once, and not
-        again if autograd saved it) towards the peak; return it."""
+        outputs kept for the backward, send buffers in flight, receive buffers posted ahead; each
+        set of elements once, and not again if autograd saved it) towards the peak; return it."""
         now = self.current + extra
         seen = set(self._live)
         for t in tensors:
