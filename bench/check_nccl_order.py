@@ -168,32 +168,24 @@ def _outcome(replay) -> str:
     return "deadlock" if not replay.completes else "mismatched pairs"
 
 
+def _control_row(control: str, pp: int, m: int, expected: str, replay) -> dict:
+    return {"control": control, "pp": pp, "m": m, "expected": expected,
+            "result": _outcome(replay), "report": replay.report()}  # fmt: skip
+
+
 def check_controls(run, pps: list[int]) -> list[dict]:
     """The known-bad order at 2 ranks and PyTorch's schedules at each of ``pps``, replayed; one
     row each, with the result expected of a checker that is right."""
     replay = replay_nccl(run(2, both_send_first, timeout=120))
     rows = [
-        {
-            "control": "known-bad: lone isend then irecv on both ranks",
-            "pp": 2,
-            "m": 1,
-            "expected": "deadlock",
-            "result": _outcome(replay),
-            "report": replay.report(),
-        }
+        _control_row("known-bad: lone isend then irecv on both ranks", 2, 1, "deadlock", replay)
     ]
     for pp in pps:
         for name, v in TORCH_SCHEDULES:
+            label = f"torch.distributed.pipelining.{name}" + (f" (v={v})" if v > 1 else "")
             for m in (pp, 2 * pp):
                 replay = replay_nccl(run(pp, torch_schedule, name, m, v, timeout=120))
-                rows.append({
-                    "control": f"torch.distributed.pipelining.{name}" + (f" (v={v})" if v > 1 else ""),
-                    "pp": pp,
-                    "m": m,
-                    "expected": "completes",
-                    "result": _outcome(replay),
-                    "report": replay.report(),
-                })  # fmt: skip
+                rows.append(_control_row(label, pp, m, "completes", replay))
     return rows
 
 

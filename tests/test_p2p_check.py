@@ -175,9 +175,8 @@ def test_recorded_known_bad_order_fails(dist_run):
 # PyTorch's own schedules pass
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pp", [2, 4])
-@pytest.mark.parametrize("name", ["Schedule1F1B", "ScheduleInterleaved1F1B"])
-def test_torch_pipelining_schedules_pass(dist_run, name, pp):
-    v = 2 if "Interleaved" in name else 1
+@pytest.mark.parametrize("name, v", check_nccl_order.TORCH_SCHEDULES)
+def test_torch_pipelining_schedules_pass(dist_run, name, v, pp):
     for m in (pp, 2 * pp):
         logs = dist_run(pp, check_nccl_order.torch_schedule, name, m, v, timeout=120)
         assert sum(len(g) for g in logs) > 0
