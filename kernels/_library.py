@@ -26,6 +26,7 @@ function keeps the path in force when it was compiled. Set it before the process
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from triton_parallel_layers.kernels._dispatch import interpreter_enabled
 from triton_parallel_layers.kernels._triton import HAS_TRITON
 
-__all__ = ["NAMESPACE", "kernel_op", "launch"]
+__all__ = ["NAMESPACE", "eager_launches", "kernel_op", "launch"]
 
 NAMESPACE = "triton_parallel_layers"
 
@@ -62,5 +63,26 @@ def kernel_op(
 
 def launch(kernel: Any) -> Any:
     """``kernel`` ready for ``[grid](...)``: wrapped by :func:`torch.library.wrap_triton`, so a
-    trace of a ``triton_op`` records the launch (and eager calls go straight to the kernel)."""
-    return torch.library.wrap_triton(kernel) if HAS_TRITON else kernel
+    trace of a ``triton_op`` records the launch (and eager calls go straight to the kernel).
+    Under the interpreter the op is an opaque ``custom_op`` that is never traced, so the kernel is
+    launched as it is (torch 2.11's ``wrap_triton`` rejects the interpreter's kernel objects)."""
+    if HAS_TRITON and not interpreter_enabled():
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def eager_launches() -> contextlib.AbstractContextManager:
+    """A block in which the kernels given to :func:`launch` run straight on Triton: for launches on
+    real tensors outside a ``triton_op`` (``matmul(..., out=...)``, the collective matmuls' plain
+    custom ops).
+
+    Outside a trace, ``wrap_triton`` otherwise dispatches each launch through its higher-order op,
+    which for an autotuned kernel with a prune function builds a new ``Autotuner`` per call (seen
+    with torch 2.11 on an H200): every call re-tuned (~1 s) and without the tuner's
+    ``restore_value``, so the candidate runs accumulated into an ``out`` that is also ``partial``.
+    A ``triton_op`` body is launched this way by torch itself. Not for use under ``torch.compile``
+    (callers check :func:`torch.compiler.is_compiling`): there the wrapper must record the launch.
+    """
+    from torch._library.triton import set_wrap_triton_enabled  # what triton_op's eager path uses
+
+    return set_wrap_triton_enabled(False)

@@ -99,7 +99,7 @@ from triton_parallel_layers.kernels.collectives import (
     send_recv,
     wait_all,
 )
-from triton_parallel_layers.kernels.matmul import _matmul_impl, matmul
+from triton_parallel_layers.kernels.matmul import _matmul_into, matmul
 
 __all__ = [
     "ALLREDUCE_DGRAD",
@@ -117,7 +117,9 @@ Group = dist.ProcessGroup | None
 
 def _mm(x: torch.Tensor, w: torch.Tensor, *, bias=None, partial=None, out=None) -> torch.Tensor:
     """``x (M, K) @ w (N, K).T (+ bias) (+ partial) -> (M, N)`` on the dispatched path, no autograd."""
-    return _matmul_impl(x, w, bias, partial, out)
+    if out is None:
+        out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    return _matmul_into(x, w, bias, partial, out)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 
 from triton_parallel_layers.kernels._dispatch import use_triton
-from triton_parallel_layers.kernels._library import kernel_op, launch
+from triton_parallel_layers.kernels._library import eager_launches, kernel_op, launch
 from triton_parallel_layers.kernels._tiles import TilesByWidth, grouped_tile
 from triton_parallel_layers.kernels._triton import tl, triton
 
@@ -399,6 +399,22 @@ def _matmul_impl(
     return out
 
 
+def _matmul_into(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    partial: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_matmul_impl` into ``out``, called outside the op (``matmul(..., out=...)``, the
+    collective matmuls): eagerly, the kernel is launched directly (see
+    :func:`~triton_parallel_layers.kernels._library.eager_launches`)."""
+    if torch.compiler.is_compiling():
+        return _matmul_impl(x, weight, bias, partial, out)
+    with eager_launches():
+        return _matmul_impl(x, weight, bias, partial, out)
+
+
 def _fake_matmul(x, weight, bias, partial, use_triton):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -483,6 +499,6 @@ def matmul(
                 "matmul(..., out=...) does not support autograd: call it under torch.no_grad() "
                 "or without out="
             )
-        return _matmul_impl(x, weight, bias, partial, out)
+        return _matmul_into(x, weight, bias, partial, out)
     # The path is chosen here, at call time, and passed into the op (kernels/_library.py).
     return _matmul_op(x, weight, bias, partial, use_triton(x, weight, bias, partial))
