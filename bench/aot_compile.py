@@ -38,6 +38,7 @@ Usage (from the repository root; no GPU needed):
     python bench/aot_compile.py --dtypes fp32 --precisions tf32    # fp32 with TF32 products only
     python bench/aot_compile.py --update --dtypes fp32   # re-compile these rows of the table
     python bench/aot_compile.py --small                  # the CI scope: a few configurations
+    python bench/aot_compile.py --float-args fp64        # float arguments typed as Inductor does
     python bench/aot_compile.py --list                   # the combinations, without compiling
 
 It writes ``<out>.json`` (every combination, the machine and versions) and ``<out>.md`` (the
@@ -159,12 +160,14 @@ class Result:
     spill_loads: int | None = None
     stack: int | None = None
     shared: int | None = None  # dynamic (Triton's allocation) + static shared memory per block
+    fp64_ops: int | None = None  # fp64 arithmetic instructions in the PTX (conversions not counted)
     error: str | None = None
     seconds: float = 0.0
     cached: bool = False
 
     def status(self, target: Target) -> str:
-        """``ok``, or what is wrong: ``compile error``, ``spills``, ``shared memory over limit``."""
+        """``ok``, or what is wrong: ``compile error``, ``spills``, ``shared memory over limit``,
+        ``fp64 arithmetic`` (no kernel computes in fp64; an fp64 float argument must be cast)."""
         if self.error is not None:
             return "compile error"
         problems = []
@@ -172,6 +175,8 @@ class Result:
             problems.append("spills")
         if self.shared is not None and self.shared > target.shared_limit:
             problems.append("shared memory over limit")
+        if self.fp64_ops:
+            problems.append("fp64 arithmetic")
         return ", ".join(problems) or "ok"
 
 
@@ -494,6 +499,8 @@ _PTXAS_FUNCTION = re.compile(
 )
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 _CUOBJDUMP = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)")
+# A PTX instruction on fp64 values other than a conversion, move, load or store (mul.f64, fma.rn.f64)
+_PTX_FP64_OP = re.compile(r"^\s*(?!cvt|mov|ld\.|st\.)[a-z][\w.]*\.f64\b", re.MULTILINE)
 
 
 def _jit_function(combo: Combination):
@@ -584,6 +591,7 @@ def _resource_usage(kernel, ptxas_log: str) -> Result:
         spill_loads=int(spills.group(3)),
         stack=stack,
         shared=int(kernel.metadata.shared) + static_shared,
+        fp64_ops=len(_PTX_FP64_OP.findall(kernel.asm["ptx"])),
     )
 
 
@@ -824,6 +832,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated parts of launch-case names: only the cases whose name contains one "
         "(e.g. 'hd128,stem NCHW'; see --list)",
     )
+    parser.add_argument(
+        "--float-args",
+        choices=("fp32", "fp64"),
+        default="fp32",
+        help="Triton type of the kernels' float arguments (the attention's softmax scales): fp32 "
+        "as Triton's launcher types Python floats (default), or fp64 as Inductor does when "
+        "torch.compile puts the kernel in its graph",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument(
         "--out",
@@ -859,6 +875,9 @@ def main(argv: list[str] | None = None) -> int:
     combos = combinations(
         args.kernels, args.targets, args.dtypes, args.small, args.cases, args.precisions
     )
+    if args.float_args == "fp64":  # scalar floats only: pointers read "*fp32"
+        for combo in combos:
+            combo.signature = {k: "fp64" if v == "fp32" else v for k, v in combo.signature.items()}
     if not combos:
         print("no combination matches these --kernels, --dtypes and --cases", file=sys.stderr)
         return 2
@@ -877,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "targets": {name: asdict(t) for name, t in TARGETS.items() if name in args.targets},
+        "float_args": args.float_args,
     }  # fmt: skip
     cache_dir = None if args.no_cache else str(args.cache_dir)
     rows, runs = _previous_results(args.out, combos) if args.update else ([], [])

@@ -302,6 +302,9 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # The float arguments arrive as fp32 from Triton's launcher but as fp64 from Inductor's
+    # (torch.compile types Python floats fp64), which would promote the softmax to fp64.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # grid = (cdiv(Sq, BLOCK_M), B * Hq): one program per query block per (batch, query head).
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -510,6 +513,9 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
 ):
+    # fp32 whichever launcher typed them (see _attn_fwd_kernel)
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # grid = (cdiv(Sk, BLOCK_N), B * Hkv): one program per key block per (batch, key/value head).
     # It alone writes dK/dV for its keys, summing over every query head of its group: no atomics.
     start_n = tl.program_id(0) * BLOCK_N
@@ -662,6 +668,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per inner step
 ):
+    # fp32 whichever launcher typed them (see _attn_fwd_kernel)
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # grid = (cdiv(Sq, BLOCK_M), B * Hq): one program per query block per (batch, query head);
     # it alone writes dQ for its rows.
     start_m = tl.program_id(0) * BLOCK_M

@@ -82,6 +82,29 @@ def test_small_scope_compiles_without_spills_within_shared_memory(tmp_path):
     assert report["triton"] in md
 
 
+def test_attention_compiles_in_fp32_when_inductor_types_its_scales_fp64(tmp_path):
+    """Inductor types a Python float argument fp64 when ``torch.compile`` puts a Triton kernel in
+    its graph (Triton's own launcher: fp32). Uncast, the softmax scale promoted the forward's
+    accumulator to fp64 (a compile error in ``tl.dot``) and the backward's arithmetic to fp64
+    (seen on an H200: the compiled GPT training step failed). Each kernel must compile with
+    fp64 float arguments and do no fp64 arithmetic."""
+    out = tmp_path / "aot"
+    proc = _run(str(TOOL), "--small", "--kernels", "attn_fwd,attn_dkdv,attn_dq",
+                "--targets", "sm_90", "--dtypes", "bf16,fp32", "--precisions", "ieee",
+                "--float-args", "fp64", "--out", str(out), "--no-cache")  # fmt: skip
+    assert out.with_suffix(".json").exists(), proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = report["results"]
+    assert report["float_args"] == "fp64"
+    assert {(r["kernel"], r["dtype"]) for r in rows} == {
+        (k, d) for k in ("attn_fwd", "attn_dkdv", "attn_dq") for d in ("bf16", "fp32")
+    }
+    failing = _failing(rows)
+    assert not failing, "\n".join(failing)
+    assert all(r["fp64_ops"] == 0 for r in rows)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_fp32_cases_that_spilled_compile_without_spills(tmp_path):
     """fp32 with exact products at head dim 128 (attention forward, dQ and the delta
     preprocessing), the 7x7 RGB stem on NCHW input and the GEMM with its bias: every tile the
