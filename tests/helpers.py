@@ -43,18 +43,20 @@ def assert_close(
 def assert_close_lowp(
     actual: torch.Tensor, expected: torch.Tensor, truth: torch.Tensor, *, what: str = ""
 ) -> None:
-    """The low-precision rule (DESIGN.md, Numerics): against the fp32 ``truth`` computed from the
-    same inputs, ``actual``'s error is at most twice the error of ``expected`` (the single-device
-    module in the same dtype) plus a small ``atol``. Falls back to :func:`assert_close` in fp32."""
-    if expected.dtype == torch.float32:
+    """The low-precision rule (DESIGN.md, Numerics): against the fp32 (or fp64) ``truth`` computed
+    from the same inputs, ``actual``'s error is at most twice the error of ``expected`` (the
+    single-device module in the same dtype) plus a small ``atol``. In fp32 that needs an fp64
+    ``truth``; against an fp32 one it falls back to :func:`assert_close`."""
+    if expected.dtype == torch.float32 and truth.dtype != torch.float64:
         assert_close(actual, expected, what=what)
         return
-    truth = truth.float()
-    ours = (actual.float() - truth).abs().max().item()
-    theirs = (expected.float() - truth).abs().max().item()
+    truth_dtype = "fp64" if truth.dtype == torch.float64 else "fp32"
+    truth = truth.double()
+    ours = (actual.double() - truth).abs().max().item()
+    theirs = (expected.double() - truth).abs().max().item()
     atol = TOLERANCES[expected.dtype]["atol"] * max(1.0, truth.abs().max().item())
     assert ours <= 2 * theirs + atol, (
-        f"{what}: max error {ours:.3g} against fp32 exceeds 2 x the single-device error "
+        f"{what}: max error {ours:.3g} against {truth_dtype} exceeds 2 x the single-device error "
         f"{theirs:.3g} + {atol:.3g}"
     )
 
