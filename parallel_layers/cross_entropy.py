@@ -167,7 +167,9 @@ def vocab_parallel_cross_entropy(
             fp32 logits need no scratch beyond the gradient buffer, so ignore it.
 
     Returns:
-        The loss: a scalar for ``"mean"``/``"sum"``, ``(*)`` for ``"none"``, in the logits' dtype.
+        The loss: a scalar for ``"mean"``/``"sum"``, ``(*)`` for ``"none"``, in the logits' dtype,
+        or fp32 under autocast, as ``F.cross_entropy`` (an autocast fp32 op): a bf16 loss has 2-3
+        significant digits (a loss near 3 moves in steps of 1/64).
         Equal to ``F.cross_entropy(gathered.reshape(-1, V), target.reshape(-1), ...)`` (reshaped
         back for ``"none"``); ``"mean"`` averages over the targets that are not ignored.
     """
@@ -216,9 +218,11 @@ def vocab_parallel_cross_entropy(
         chunk_size,
         need_grad,
     )  # (N,) fp32
+    autocast = torch.is_autocast_enabled(logits_shard.device.type)
+    out_dtype = torch.float32 if autocast else logits_shard.dtype
     if reduction == "none":
-        return loss.reshape(target.shape).to(logits_shard.dtype)
+        return loss.reshape(target.shape).to(out_dtype)
     total = loss.sum()
     if reduction == "sum":
-        return total.to(logits_shard.dtype)
-    return (total / (flat_target != ignore_index).sum()).to(logits_shard.dtype)
+        return total.to(out_dtype)
+    return (total / (flat_target != ignore_index).sum()).to(out_dtype)
