@@ -162,9 +162,10 @@ def make_provider(name: str, shape: ConvShape) -> Callable:
 def time_ms(fn: Callable[[], object], grad_to_none, device: str, warmup: int, rep: int) -> float:
     """Median time of fn() in ms: triton.testing.do_bench on GPU, a perf_counter loop on CPU."""
     if device == "cuda":
+        # return_mode, not quantiles=[0.5]: Triton 3.6 returns one quantile as a bare float
         return triton.testing.do_bench(
-            fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5]
-        )[0]
+            fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"
+        )
     times = []
     for _ in range(3):
         for t in grad_to_none:

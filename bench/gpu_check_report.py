@@ -8,7 +8,8 @@ part's timeout, a lost machine) still leaves a report of everything that finishe
 
 ``OUT_DIR/gpu_check.json``: the machine and versions, then per part its status (``pending``,
 ``ok``, ``failed`` with the exit code, ``timeout``), seconds, log file and the result files it
-wrote. ``OUT_DIR/gpu_check.md``: the same as a table, plus the training step's tokens/s and MFU.
+wrote. ``OUT_DIR/gpu_check.md``: the same as a table, plus the training step's tokens/s and MFU
+and the training command's losses.
 """
 
 from __future__ import annotations
@@ -79,6 +80,29 @@ def _train_summary(report: dict, out_dir: Path) -> list[str]:
     return []
 
 
+def _cli_summary(report: dict, out_dir: Path) -> list[str]:
+    """Markdown lines for the training command's summary.json, if the part wrote one."""
+    part = report["parts"].get("train_cli", {})
+    path = out_dir / "train_cli" / "summary.json"
+    if "train_cli/summary.json" not in part.get("artifacts", []) or not path.is_file():
+        return []
+    s = json.loads(path.read_text())
+    mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a"
+    val = s.get("eval", {}).get("val_loss")
+    peak = max(s["peak_memory_bytes"])  # one figure per rank
+    return [
+        "",
+        f"### Training command: {s['model']}, {s['layout']}, {s['device']} over {s['backend']}, "
+        f"{s['dtype']}",
+        "",
+        "| steps | first loss | last loss | val loss | tokens/s | MFU | peak memory |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {s['steps_run']} | {s['first_loss']:.4f} | {s['last_loss']:.4f} | "
+        + (f"{val:.4f}" if val is not None else "n/a")
+        + f" | {s['items_per_s']:,.0f} | {mfu} | {peak / 2**30:.2f} GiB |",
+    ]
+
+
 def write(report: dict, out_dir: Path) -> None:
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n")
     v = report["versions"]
@@ -98,6 +122,7 @@ def write(report: dict, out_dir: Path) -> None:
         artifacts = ", ".join(part.get("artifacts", []))
         lines.append(f"| {name} | {status} | {seconds} | {part.get('log', '')} | {artifacts} |")
     lines += _train_summary(report, out_dir)
+    lines += _cli_summary(report, out_dir)
     (out_dir / REPORT_MD).write_text("\n".join(lines) + "\n")
 
 

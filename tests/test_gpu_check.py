@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["tests", "attention", "conv", "matmul", "lstm", "train_step"]
+PARTS = ["tests", "attention", "conv", "matmul", "lstm", "train_step", "train_cli"]
 
 
 def test_gpu_check_smoke_writes_the_report(tmp_path):
@@ -38,7 +38,11 @@ def test_gpu_check_smoke_writes_the_report(tmp_path):
     eager, compiled = train["results"]
     assert (eager["mode"], compiled["mode"]) == ("eager", "compiled")
     assert abs(eager["first_loss"] - compiled["first_loss"]) <= 1e-5 * abs(eager["first_loss"])
+    cli = json.loads((tmp_path / "train_cli" / "summary.json").read_text())
+    assert (cli["steps_run"], cli["layout"], cli["backend"]) == (3, "dp=1 pp=1 tp=1", "gloo")
+    assert not (tmp_path / "train_cli" / "checkpoints").exists()  # deleted: 1.5 GB at 125m
     markdown = (tmp_path / "gpu_check.md").read_text()
     for name in PARTS:
         assert f"| {name} | ok |" in markdown
     assert "| compiled |" in markdown
+    assert "### Training command: gpt-tiny, dp=1 pp=1 tp=1, cpu over gloo, fp32" in markdown
