@@ -61,6 +61,9 @@ def measure(
     mode: str, args: argparse.Namespace, preset: dict, device: torch.device, compile_backend: str
 ) -> dict:
     """Warm-up steps (compiling, for ``compiled``), then ``args.steps`` timed steps."""
+    if device.type == "cuda":  # this mode's own peak (the H200 run reported the eager one twice)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model = build(preset, args.seed, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     seq = preset["seq_len"]
