@@ -11,7 +11,8 @@ The rule (DESIGN.md, "Kernel dispatch"):
   precedence over it, the context manager :func:`force_backend`.
 
 Forcing ``triton`` on CPU tensors without the interpreter is an error, not a silent fallback:
-Triton cannot launch a compiled kernel on CPU memory. Without Triton installed (macOS, Windows)
+Triton cannot launch a compiled kernel on CPU memory. So is running the interpreter where it is
+known not to work: Triton 3.6's with NumPy 2.4 or newer (see :func:`interpreter_problem`). Without Triton installed (macOS, Windows)
 every call takes the reference path, and forcing ``triton`` is an error that says how to get it.
 
 Note that Triton reads ``TRITON_INTERPRET`` once, when ``triton`` is first imported; set it before
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 
 import torch
 
-from triton_parallel_layers.kernels._triton import HAS_TRITON, TRITON_MISSING
+from triton_parallel_layers.kernels._triton import HAS_TRITON, TRITON_MISSING, triton
 
 BACKENDS = ("auto", "triton", "ref")
 _ENV_VAR = "TPL_KERNEL_BACKEND"
@@ -36,6 +38,49 @@ _forced: list[str] = []  # stack of force_backend() overrides, innermost last
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter."""
     return HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """``(3, 6)`` for ``"3.6.0"``, ``"3.6.0+git1234"`` or ``"3.6"``."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def interpreter_problem_for(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter of ``triton_version`` cannot run the kernels beside NumPy of
+    ``numpy_version``, or ``None``.
+
+    Triton 3.6's interpreter turns a loop bound into a Python int with ``int()`` of a one-element
+    array, which NumPy 2.4 made an error (Triton 3.7 squeezes it first): every kernel with a
+    ``range`` over a runtime bound fails with "only 0-dimensional arrays can be converted to
+    Python scalars". torch 2.11 pins Triton 3.6, so that pairing is a likely install.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run the kernels "
+            f"with NumPy {numpy_version}: it converts one-element arrays to Python ints, which "
+            "NumPy 2.4 made an error (fixed in Triton 3.7). Install 'numpy<2.4' or Triton >= 3.7, "
+            "or unset TRITON_INTERPRET to run the kernels' torch reference path on the CPU"
+        )
+    return None
+
+
+def _installed_interpreter_problem() -> str | None:
+    if not HAS_TRITON:
+        return None
+    import numpy
+
+    return interpreter_problem_for(triton.__version__, numpy.__version__)
+
+
+# Read once, at import (a module constant, which torch.compile reads without tracing a call).
+_INTERPRETER_PROBLEM = _installed_interpreter_problem()
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with the installed Triton and NumPy (see
+    :func:`interpreter_problem_for`), or ``None``."""
+    return _INTERPRETER_PROBLEM
 
 
 def kernel_backend() -> str:
@@ -77,7 +122,10 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     devices = {t.device.type for t in tensors if t is not None}
     if devices - {"cuda", "cpu"}:
         return False
-    runnable = devices == {"cuda"} or (devices == {"cpu"} and interpreter_enabled())
+    interpreted = devices == {"cpu"} and interpreter_enabled()
+    if interpreted and _INTERPRETER_PROBLEM is not None:
+        raise RuntimeError(_INTERPRETER_PROBLEM)
+    runnable = devices == {"cuda"} or interpreted
     if backend == "triton" and not runnable:
         devices = sorted({str(t.device) for t in tensors if t is not None})
         raise RuntimeError(

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from triton_parallel_layers.kernels import (
+    _dispatch,
     conv2d_bias_relu,
     flash_attention,
     force_backend,
@@ -36,6 +37,30 @@ def test_forcing_triton_on_cpu_without_the_interpreter_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with force_backend("triton"), pytest.raises(RuntimeError, match="Triton needs CUDA tensors"):
         use_triton(torch.ones(1))
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, broken",
+    [("3.6.0", "2.4.1", True), ("3.6.0+git1a2b", "2.3.5", False), ("3.7.0", "2.4.1", False)],
+)
+def test_the_interpreter_refuses_a_known_broken_pairing(triton_version, numpy_version, broken):
+    """Triton 3.6's interpreter fails on every kernel with a runtime loop bound under NumPy 2.4
+    (141 CPU tests with torch 2.11's Triton 3.6): a clear error instead, at the first kernel call,
+    not an InterpreterError inside a kernel."""
+    problem = _dispatch.interpreter_problem_for(triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert f"Triton {triton_version}'s interpreter" in problem
+        assert "Install 'numpy<2.4' or Triton >= 3.7" in problem
+
+
+def test_a_broken_interpreter_is_an_error_at_the_first_kernel_call(triton, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_INTERPRETER_PROBLEM", "Triton 3.6.0's interpreter ...")
+    with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0's interpreter"):
+        use_triton(torch.ones(1))
+    assert use_triton(torch.ones(1, device="meta")) is False  # no interpreter involved
+    monkeypatch.undo()
+    assert use_triton(torch.ones(1))  # the installed pairing works (this suite runs on it)
 
 
 def test_kernels_follow_autocast_like_the_ops_they_replace():

@@ -17,7 +17,11 @@ from typing import Any
 import torch
 
 from triton_parallel_layers import __version__
-from triton_parallel_layers.kernels._dispatch import interpreter_enabled, kernel_backend
+from triton_parallel_layers.kernels._dispatch import (
+    interpreter_enabled,
+    interpreter_problem,
+    kernel_backend,
+)
 from triton_parallel_layers.kernels._triton import HAS_TRITON, triton
 
 KERNELS = ("flash_attention", "conv2d_bias_relu", "matmul", "all_gather_matmul",
@@ -34,6 +38,8 @@ def _path_for(device: str) -> str:
     if device == "cuda":
         return "Triton, compiled"
     if interpreter_enabled():
+        if interpreter_problem() is not None:
+            return "error: this Triton's interpreter cannot run with this NumPy (see kernels._dispatch)"
         return "Triton, interpreted (TRITON_INTERPRET=1)"
     if backend == "triton":
         return "error: the Triton backend is forced but CPU tensors need TRITON_INTERPRET=1"
