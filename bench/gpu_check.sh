@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: everything the package has to show on one GPU (389 s on one H200, 2026-11-30).
+# The GPU check: everything the package has to show on one GPU (389 s on one H200, 2026-11-30,
+# three parts cut at their limits).
 #
 #   part         limit  what
 #   tests        140 s  every GPU test: python3 -m pytest -m gpu tests (one tile configuration per

@@ -12,8 +12,9 @@ The rule (DESIGN.md, "Kernel dispatch"):
 
 Forcing ``triton`` on CPU tensors without the interpreter is an error, not a silent fallback:
 Triton cannot launch a compiled kernel on CPU memory. So is running the interpreter where it is
-known not to work: Triton 3.6's with NumPy 2.4 or newer (see :func:`interpreter_problem`). Without Triton installed (macOS, Windows)
-every call takes the reference path, and forcing ``triton`` is an error that says how to get it.
+known not to work: Triton 3.6's with NumPy 2.4 or newer (see :func:`interpreter_problem_for`).
+Without Triton installed (macOS, Windows) every call takes the reference path, and forcing
+``triton`` is an error that says how to get it.
 
 Note that Triton reads ``TRITON_INTERPRET`` once, when ``triton`` is first imported; set it before
 importing this package.
