@@ -8,10 +8,23 @@ from the same single-device module:
 
 Both run in the same processes, interleaved step by step (so machine noise hits both alike), each
 step a forward, a backward and a gradient reset. Reported: the median step time of each and the
-ratio ours / DTensor (below 1 is faster). Two variants: plain TP (replicated activations) and
-sequence parallel (activations sharded along the sequence between blocks).
+ratio ours / DTensor (below 1 is faster). Three variants of ours:
 
-Also measured in the same loop, interleaved with the two steps: the step's *floor*, its six GEMMs
+* ``tp``: plain TP (replicated activations);
+* ``sp``: sequence parallel (activations sharded along the sequence between blocks), Megatron-LM's
+  schedule: a plain all-gather and reduce-scatter forward, and backward the re-gather of the
+  saved input overlapped with the input-gradient GEMM and the reduce-scatter of the input
+  gradient overlapped with the weight-gradient GEMM;
+* ``sp+overlap``: sequence parallel with ``overlap_comm=True``, the collective matmuls: the
+  forward's all-gather and reduce-scatter too travel chunk by chunk (a ring) while the GEMM
+  computes the chunks already there. Same bytes, same GEMMs, same numbers as ``sp``. DTensor has
+  no eager counterpart, so this row's DTensor step is the ``sp`` one (timed once, in the same loop).
+
+A step ends when its output and input gradient are ready to be read: DTensor hands back its
+last collectives' results as ``AsyncCollectiveTensor`` objects, and the step waits for them, as
+the layers around the block would (see :func:`_complete`).
+
+Also measured in the same loop, interleaved with the steps: the step's *floor*, its six GEMMs
 alone (``torch.mm`` on preallocated tensors of the same shapes: forward fc1 and fc2, backward the
 input and weight gradients of each) plus its collectives alone (``torch.distributed`` on
 preallocated buffers, dim 0, no layout copies): plain TP an all-reduce of ``(B*S, E)`` forward and
@@ -35,6 +48,7 @@ few hundredths between sweeps, which is the resolution of these figures.
     python bench/bench_tp_layers.py                  # TP=2 on gloo (CPU), the default grid
     python bench/bench_tp_layers.py --tp 4 --iters 50
     python bench/bench_tp_layers.py --profile 8x128x512   # where our step's time goes (no file)
+    python bench/bench_tp_layers.py --profile 8x128x512 --profile-variant sp+overlap
 
 Results: ``bench/results/tp_layers_<device>.json`` and ``.png``.
 """
@@ -86,11 +100,16 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def _ours(mlp: MLP, group, sequence_parallel: bool) -> nn.Module:
+# The variants of ours: (name, sequence_parallel, overlap_comm).
+VARIANTS = [("tp", False, False), ("sp", True, False), ("sp+overlap", True, True)]
+
+
+def _ours(mlp: MLP, group, sequence_parallel: bool, overlap_comm: bool = False) -> nn.Module:
     par = MLP.__new__(MLP)
     nn.Module.__init__(par)
-    par.fc1 = ColumnParallelLinear.from_linear(mlp.fc1, group, sequence_parallel=sequence_parallel)
-    par.fc2 = RowParallelLinear.from_linear(mlp.fc2, group, sequence_parallel=sequence_parallel)
+    options = {"sequence_parallel": sequence_parallel, "overlap_comm": overlap_comm}
+    par.fc1 = ColumnParallelLinear.from_linear(mlp.fc1, group, **options)
+    par.fc2 = RowParallelLinear.from_linear(mlp.fc2, group, **options)
     return par
 
 
@@ -114,10 +133,29 @@ def _dtensor(mlp: MLP, mesh, sequence_parallel: bool) -> nn.Module:
     return parallelize_module(copy.deepcopy(mlp), mesh, plan)
 
 
+def _complete(*tensors: torch.Tensor | None) -> None:
+    """Wait for the collectives still in flight behind ``tensors``.
+
+    DTensor returns the output of its last forward collective (and, under sequence parallelism,
+    the input gradient) as an ``AsyncCollectiveTensor``: the collective completes when something
+    reads the tensor. In a model the next layer would; here nothing does, so without this wait the
+    step would stop before its own communication finished, and every unwaited collective would
+    keep its buffer alive in torch's work registry (the process grows by megabytes a step, and
+    every step's allocations, ours included, land on fresh pages). Our layers return finished
+    tensors, for which this does nothing.
+    """
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    for t in tensors:
+        if isinstance(t, AsyncCollectiveTensor):
+            t.wait()
+
+
 def _step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
     start = time.perf_counter()
     y = model(x)
     y.backward(dy)
+    _complete(y, x.grad)  # what the layers around the block would read
     for p in model.parameters():
         p.grad = None
     x.grad = None  # (a real block hands it to the layer before; accumulating it is not the step)
@@ -182,20 +220,26 @@ def _setup(batch, seq, hidden, sequence_parallel, dims) -> tuple[MLP, torch.Tens
 
 
 def _case_times(batch, seq, hidden, sequence_parallel, dims, iters, warmup) -> dict:
-    """One configuration's timed runs: ``{name: [seconds per step]}`` for ours, DTensor, the
-    floor's GEMMs and collectives, and each collective alone (``comm0``, ``comm1``, ..)."""
+    """One configuration's timed runs: ``{name: [seconds per step]}`` for each variant of ours
+    (by its name in :data:`VARIANTS`), DTensor, the floor's GEMMs and collectives, and each
+    collective alone (``comm0``, ``comm1``, ..)."""
     mlp, x, dy = _setup(batch, seq, hidden, sequence_parallel, dims)
-    ours = _ours(mlp, dims.tp_group, sequence_parallel)
+    ours = {
+        name: _ours(mlp, dims.tp_group, sp, overlap)
+        for name, sp, overlap in VARIANTS
+        if sp == sequence_parallel
+    }
     theirs = _dtensor(mlp, dims.tp_mesh, sequence_parallel)
-    # Same numbers first: a benchmark of two different computations would mean nothing.
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # Same numbers first: a benchmark of different computations would mean nothing.
+    for model in ours.values():
+        torch.testing.assert_close(model(x), theirs(x), rtol=1e-5, atol=1e-5)
     gemms, comms, each = _floor_ops(batch, seq, hidden, dims.tp, sequence_parallel, dims.tp_group)
-    runs = {
-        "ours": functools.partial(_step, ours, x, dy),
+    runs = {name: functools.partial(_step, model, x, dy) for name, model in ours.items()}
+    runs.update({
         "dtensor": functools.partial(_step, theirs, x, dy),
         "gemms": functools.partial(_timed, gemms),
         "comms": functools.partial(_timed, comms),
-    }
+    })  # fmt: skip
     runs.update({f"comm{k}": functools.partial(_timed, op) for k, op in enumerate(each)})
     times = {k: [] for k in runs}
     for i in range(warmup + iters):
@@ -207,9 +251,10 @@ def _case_times(batch, seq, hidden, sequence_parallel, dims, iters, warmup) -> d
     return times
 
 
-def _row(batch, seq, hidden, sequence_parallel, times: list[dict]) -> dict:
-    """One configuration's row from its repeats' times: medians over every timed step of every
-    repeat, and each repeat's own ratio and overhead (the spread between repeats)."""
+def _row(batch, seq, hidden, variant: str, times: list[dict]) -> dict:
+    """One variant's row from its configuration's repeats' times: medians over every timed step
+    of every repeat, and each repeat's own ratio and overhead (the spread between repeats)."""
+    _, sequence_parallel, overlap_comm = next(v for v in VARIANTS if v[0] == variant)
     pooled = {k: [t for rep in times for t in rep[k]] for k in times[0]}
     med = {k: statistics.median(v) for k, v in pooled.items()}
     comm_keys = [k for k in med if k.startswith("comm") and k != "comms"]
@@ -223,20 +268,22 @@ def _row(batch, seq, hidden, sequence_parallel, times: list[dict]) -> dict:
         "batch": batch,
         "seq": seq,
         "hidden": hidden,
+        "variant": variant,
         "sequence_parallel": sequence_parallel,
-        "ours_ms": 1e3 * med["ours"],
+        "overlap_comm": overlap_comm,
+        "ours_ms": 1e3 * med[variant],
         "dtensor_ms": 1e3 * med["dtensor"],
-        "ratio": med["ours"] / med["dtensor"],
+        "ratio": med[variant] / med["dtensor"],
         "gemms_ms": 1e3 * med["gemms"],
         "comms_ms": 1e3 * med["comms"],
         "floor_ms": 1e3 * floor,
-        "overhead": med["ours"] / floor,
+        "overhead": med[variant] / floor,
         "dtensor_overhead": med["dtensor"] / floor,
         "comms_each_ms": 1e3 * comms_each,
-        "overhead_comms_each": med["ours"] / (med["gemms"] + comms_each),
-        "ratio_per_repeat": [rep_med(r, "ours") / rep_med(r, "dtensor") for r in times],
+        "overhead_comms_each": med[variant] / (med["gemms"] + comms_each),
+        "ratio_per_repeat": [rep_med(r, variant) / rep_med(r, "dtensor") for r in times],
         "overhead_per_repeat": [
-            rep_med(r, "ours") / (rep_med(r, "gemms") + rep_med(r, "comms")) for r in times
+            rep_med(r, variant) / (rep_med(r, "gemms") + rep_med(r, "comms")) for r in times
         ],
     }
 
@@ -249,7 +296,12 @@ def _worker(shapes, iters: int, warmup: int, threads: int, repeats: int) -> list
     for _ in range(repeats):  # each repeat sweeps every case, so slow drifts hit them all
         for case in cases:
             times[case].append(_case_times(*case, dims, iters, warmup))
-    return [_row(*case, times[case]) for case in cases]
+    return [
+        _row(*case[:3], variant, times[case])
+        for case in cases
+        for variant, sp, _ in VARIANTS
+        if sp == case[3]
+    ]
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -259,19 +311,20 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted({(r["batch"], r["seq"], r["hidden"]) for r in rows})
-    by_key = {(r["batch"], r["seq"], r["hidden"], r["sequence_parallel"]): r for r in rows}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.38
-    for k, sp in enumerate((False, True)):
-        name = "sequence parallel" if sp else "plain TP"
-        xs = [i + (k - 0.5) * width for i in range(len(labels))]
-        left.bar(xs, [by_key[(*lab, sp)]["ratio"] for lab in labels], width, label=name)
-        right.bar(
-            xs, [by_key[(*lab, sp)]["overhead"] for lab in labels], width, label=f"ours, {name}"
-        )
-        right.scatter(xs, [by_key[(*lab, sp)]["dtensor_overhead"] for lab in labels], marker="_",
-                      s=200, color="k", zorder=3, label="DTensor" if sp else None)  # fmt: skip
+    labels = list(dict.fromkeys((r["batch"], r["seq"], r["hidden"]) for r in rows))  # grid order
+    by_key = {(r["batch"], r["seq"], r["hidden"], r["variant"]): r for r in rows}
+    names = {"tp": "plain TP", "sp": "sequence parallel", "sp+overlap": "SP, overlap_comm"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.27
+    for k, (variant, _, _) in enumerate(VARIANTS):
+        name = names[variant]
+        xs = [i + (k - 1) * width for i in range(len(labels))]
+        left.bar(xs, [by_key[(*lab, variant)]["ratio"] for lab in labels], width, label=name)
+        right.bar(xs, [by_key[(*lab, variant)]["overhead"] for lab in labels], width,
+                  label=f"ours, {name}")  # fmt: skip
+        # DTensor's own step / floor (for sp+overlap, its sp step again)
+        right.scatter(xs, [by_key[(*lab, variant)]["dtensor_overhead"] for lab in labels],
+                      marker="_", s=150, color="k", zorder=3, label="DTensor" if k == 0 else None)  # fmt: skip
     ticks = [f"B{b} S{s}\nE{e}" for b, s, e in labels]
     left.axhline(1.0, color="k", lw=0.8)
     left.set_xticks(range(len(labels)), ticks)
@@ -288,14 +341,16 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _profile(shape: tuple[int, int, int], sequence_parallel: bool, threads: int) -> str:
-    """Rank 0's ``torch.profiler`` table (by self CPU time) over 10 of our steps at ``shape``."""
+def _profile(shape: tuple[int, int, int], variant: str, threads: int) -> str:
+    """Rank 0's ``torch.profiler`` table (by self CPU time) over 10 steps of ``variant`` (a name
+    in :data:`VARIANTS`) at ``shape``."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(threads)
     dims = ParallelDims(tp=dist.get_world_size())
+    _, sequence_parallel, overlap_comm = next(v for v in VARIANTS if v[0] == variant)
     mlp, x, dy = _setup(*shape, sequence_parallel, dims)
-    ours = _ours(mlp, dims.tp_group, sequence_parallel)
+    ours = _ours(mlp, dims.tp_group, sequence_parallel, overlap_comm)
     for _ in range(3):
         _step(ours, x, dy)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -328,14 +383,19 @@ def main(argv: list[str] | None = None) -> dict:
         "--profile",
         metavar="BxSxE",
         default=None,
-        help="instead of the benchmark: profile 10 of our steps at this shape (plain TP, or "
-        "sequence parallel with --profile-sp) and print where the time goes; writes nothing",
+        help="instead of the benchmark: profile 10 of our steps at this shape (the variant "
+        "--profile-variant names) and print where the time goes; writes nothing",
     )
-    parser.add_argument("--profile-sp", action="store_true", help="profile sequence parallel")
+    parser.add_argument(
+        "--profile-variant",
+        choices=[v[0] for v in VARIANTS],
+        default="tp",
+        help="which of ours --profile profiles (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.profile:
         shape = tuple(int(v) for v in args.profile.split("x"))
-        print(run_distributed(_profile, args.tp, shape, args.profile_sp, args.threads)[0])
+        print(run_distributed(_profile, args.tp, shape, args.profile_variant, args.threads)[0])
         return {}
     load = os.getloadavg()
     shapes = (
@@ -364,12 +424,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{result['machine']}, torch {torch.__version__}, TP={args.tp} on gloo")
     print(f"load average at start (1, 5, 15 min): {result['load_average_1_5_15min_at_start']}")
-    print(f"{'B':>3} {'S':>5} {'E':>5} {'SP':>3} {'ours ms':>9} {'DTensor ms':>11} {'ratio':>7} "
+    print(f"{'B':>3} {'S':>5} {'E':>5} {'variant':>10} {'ours ms':>9} {'DTensor ms':>11} {'ratio':>7} "
           f"{'GEMMs ms':>9} {'comms ms':>9} {'ours/floor':>10} {'DT/floor':>9} "
           f"{'comms each':>10} {'ours/floor each':>15} {'ours/floor per repeat':>22}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['batch']:>3} {r['seq']:>5} {r['hidden']:>5} {'y' if r['sequence_parallel'] else 'n':>3} "
+            f"{r['batch']:>3} {r['seq']:>5} {r['hidden']:>5} {r['variant']:>10} "
             f"{r['ours_ms']:>9.3f} {r['dtensor_ms']:>11.3f} {r['ratio']:>7.3f} "
             f"{r['gemms_ms']:>9.3f} {r['comms_ms']:>9.3f} {r['overhead']:>10.3f} "
             f"{r['dtensor_overhead']:>9.3f} {r['comms_each_ms']:>10.3f} "

@@ -16,7 +16,12 @@ def test_smoke(tmp_path):
     )  # fmt: skip
     saved = json.loads((tmp_path / "tp_layers_cpu.json").read_text())
     assert saved == json.loads(json.dumps(result))
-    assert [r["sequence_parallel"] for r in saved["rows"]] == [False, True]
+    variants = [(r["variant"], r["sequence_parallel"], r["overlap_comm"]) for r in saved["rows"]]
+    assert variants == [("tp", False, False), ("sp", True, False), ("sp+overlap", True, True)]
+    # the overlapped row shares the sequence-parallel row's DTensor step and floor
+    sp, overlapped = saved["rows"][1:]
+    for key in ("dtensor_ms", "gemms_ms", "comms_ms", "floor_ms"):
+        assert sp[key] == overlapped[key]
     for row in saved["rows"]:
         assert row["ours_ms"] > 0 and row["dtensor_ms"] > 0
         assert abs(row["ratio"] - row["ours_ms"] / row["dtensor_ms"]) < 1e-9
@@ -31,7 +36,35 @@ def test_smoke(tmp_path):
 
 
 def test_profile_prints_where_the_step_goes(tmp_path, capsys):
-    assert bench_tp_layers.main(["--profile", "2x8x16", "--out", str(tmp_path)]) == {}
+    argv = ["--profile", "2x8x16", "--profile-variant", "sp+overlap", "--out", str(tmp_path)]
+    assert bench_tp_layers.main(argv) == {}
     table = capsys.readouterr().out
     assert "aten::mm" in table and "Self CPU" in table
     assert not list(tmp_path.iterdir())  # a profile writes no results
+
+
+def _collectives_in_flight_after_steps(sequence_parallel: bool) -> tuple[int, int]:
+    """``(in flight after a bare DTensor forward+backward, in flight after a bench step)``."""
+    from torch._C._distributed_c10d import _get_work_registry_size
+
+    from triton_parallel_layers.parallel_layers import ParallelDims
+
+    dims = ParallelDims(tp=2)
+    mlp, x, dy = bench_tp_layers._setup(2, 8, 16, sequence_parallel, dims)
+    model = bench_tp_layers._dtensor(mlp, dims.tp_mesh, sequence_parallel)
+    y = model(x)
+    y.backward(dy)
+    bare = _get_work_registry_size()
+    bench_tp_layers._complete(y, x.grad)
+    x.grad = None
+    bench_tp_layers._step(model, x, dy)
+    return bare, _get_work_registry_size()
+
+
+def test_a_dtensor_step_ends_with_its_collectives_done(dist_run):
+    # DTensor hands back its last collectives' results unwaited; a step that never reads them
+    # would stop early and leave them (and their buffers) in torch's work registry
+    for sequence_parallel in (False, True):
+        for bare, after_step in dist_run(2, _collectives_in_flight_after_steps, sequence_parallel):
+            assert bare > 0
+            assert after_step == 0
