@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_close, expect_error
+from triton_parallel_layers.kernels.collectives import record_comm
 from triton_parallel_layers.parallel_layers.pipeline.wavefront import (
     WavefrontPipeline,
     wavefront_bubble_fraction,
@@ -47,8 +48,15 @@ def _case(batch: int, length: int, num_chunks: int) -> None:
     stage = _stage_of(ref, k)
     pipe = WavefrontPipeline(stage, dist.group.WORLD, num_chunks, F.mse_loss)
     xs = x.clone().requires_grad_()
-    loss = pipe.step(xs, target)
+    with record_comm() as ledger:
+        loss = pipe.step(xs, target)
     assert_close(loss, ref_loss.detach(), what="loss")
+    # every stage but the last sends its output (B, T, H) forward, every stage but the first its
+    # input gradient (B, T, H) back, chunk by chunk; the last stage broadcasts the fp32 loss
+    sends = (k < p - 1) + (k > 0)
+    assert ledger.bytes_sent["send"] == sends * batch * length * H * 4
+    assert ledger.calls["send"] == sends * num_chunks
+    assert ledger.bytes_sent["broadcast"] == round(4 * (p - 1) / p)  # the ring figure
     if k == 0:
         assert_close(xs.grad, xr.grad, what="input gradient")
     for name, q in stage.named_parameters():

@@ -29,7 +29,9 @@ through the whole sequence, the same gradients as one device (``tests/test_wavef
 
 The schedule is all forwards, then all backwards (GPipe's order), over blocking point-to-point
 sends and receives along the chain of stages (acyclic: no deadlock, and every receive's shape is
-known from the stage's sizes, so nothing else is exchanged).
+known from the stage's sizes, so nothing else is exchanged). Every send, and the loss broadcast at
+the end, is counted by the active
+:func:`~triton_parallel_layers.kernels.collectives.record_comm` ledgers.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from triton_parallel_layers.kernels.collectives import record
 from triton_parallel_layers.parallel_layers.utils import check_positive_int
 
 __all__ = ["WavefrontPipeline", "wavefront_bubble_fraction"]
@@ -98,7 +101,9 @@ class WavefrontPipeline:
         return self.rank == self.num_stages - 1
 
     def _send(self, t: torch.Tensor, peer: int) -> None:
-        dist.send(t.detach().contiguous(), group_dst=peer, group=self.group)
+        t = t.detach().contiguous()
+        record("send", t)
+        dist.send(t, group_dst=peer, group=self.group)
 
     def _recv(self, shape: tuple[int, ...], like: torch.Tensor, peer: int) -> torch.Tensor:
         t = torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -186,5 +191,6 @@ class WavefrontPipeline:
             grad_x = torch.cat(x_grads[::-1], dim=1)
             x.grad = grad_x if x.grad is None else x.grad + grad_x
         if self.num_stages > 1:
+            record("broadcast", total, self.num_stages)
             dist.broadcast(total, group_src=self.num_stages - 1, group=self.group)
         return total
