@@ -115,13 +115,8 @@ class GPTTask:
         from triton_parallel_layers.models.gpt import GPT_TP_PLAN, GPTConfig
 
         preset = GPT_PRESETS[cfg.model]
-        self.cfg = cfg
-        self.seq_len = cfg.seq_len or preset["seq_len"]
-        self.batch_size = run.batch_size or preset["batch_size"]
-        self.default_lr = preset["lr"]
-        self.default_steps = preset["max_steps"]
+        self._set_run(cfg, run, preset)
         self.plan = GPT_TP_PLAN
-        self.seed = run.seed
         self.config = GPTConfig(
             vocab_size=ByteCorpus.vocab_size,
             n_layers=cfg.n_layers or preset["n_layers"],
@@ -133,6 +128,16 @@ class GPTTask:
             vocab_pad_multiple=ByteCorpus.vocab_size,
         )
         self.name = f"gpt-{cfg.model}"
+
+    def _set_run(self, cfg, run: RunConfig, preset: dict) -> None:
+        """What the byte-level tasks share: the sequence length, batch size, learning rate and
+        step count (the command line's, else the preset's), the seed; the corpus loads later."""
+        self.cfg = cfg
+        self.seq_len = cfg.seq_len or preset["seq_len"]
+        self.batch_size = run.batch_size or preset["batch_size"]
+        self.default_lr = preset["lr"]
+        self.default_steps = preset["max_steps"]
+        self.seed = run.seed
         self.corpus: ByteCorpus | None = None
 
     # -- what the checkpoint must agree on ----------------------------------------------------
@@ -321,13 +326,8 @@ class LSTMTask(GPTTask):
         from triton_parallel_layers.models.lstm import LSTM_TP_PLAN, LSTMConfig
 
         preset = LSTM_PRESETS[cfg.model]
-        self.cfg = cfg
-        self.seq_len = cfg.seq_len or preset["seq_len"]
-        self.batch_size = run.batch_size or preset["batch_size"]
-        self.default_lr = preset["lr"]
-        self.default_steps = preset["max_steps"]
+        self._set_run(cfg, run, preset)
         self.plan = LSTM_TP_PLAN
-        self.seed = run.seed
         self.config = LSTMConfig(
             vocab_size=ByteCorpus.vocab_size,
             n_layers=cfg.n_layers or preset["n_layers"],
@@ -338,7 +338,6 @@ class LSTMTask(GPTTask):
             vocab_pad_multiple=ByteCorpus.vocab_size,
         )
         self.name = f"lstm-{cfg.model}"
-        self.corpus: ByteCorpus | None = None
 
     def validate(self, parallel: ParallelConfig, world_size: int) -> None:
         """Raise ``ValueError`` (one line) if the layout does not fit the model or the world."""
