@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from triton_parallel_layers.kernels.collectives import record
+from triton_parallel_layers.kernels.collectives import broadcast_, record
 from triton_parallel_layers.parallel_layers.utils import check_positive_int
 
 __all__ = ["WavefrontPipeline", "wavefront_bubble_fraction"]
@@ -191,6 +191,5 @@ class WavefrontPipeline:
             grad_x = torch.cat(x_grads[::-1], dim=1)
             x.grad = grad_x if x.grad is None else x.grad + grad_x
         if self.num_stages > 1:
-            record("broadcast", total, self.num_stages)
-            dist.broadcast(total, group_src=self.num_stages - 1, group=self.group)
+            broadcast_(total, dist.get_global_rank(self.group, self.num_stages - 1), self.group)
         return total
