@@ -117,8 +117,6 @@ Group = dist.ProcessGroup | None
 
 def _mm(x: torch.Tensor, w: torch.Tensor, *, bias=None, partial=None, out=None) -> torch.Tensor:
     """``x (M, K) @ w (N, K).T (+ bias) (+ partial) -> (M, N)`` on the dispatched path, no autograd."""
-    if out is None:
-        out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
     return _matmul_into(x, w, bias, partial, out)
 
 

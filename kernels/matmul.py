@@ -404,11 +404,11 @@ def _matmul_into(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     partial: torch.Tensor | None,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """:func:`_matmul_impl` into ``out``, called outside the op (``matmul(..., out=...)``, the
-    collective matmuls): eagerly, the kernel is launched directly (see
-    :func:`~triton_parallel_layers.kernels._library.eager_launches`)."""
+    """:func:`_matmul_impl` (into ``out`` when given), called outside the op
+    (``matmul(..., out=...)``, the collective matmuls): eagerly, the kernel is launched directly
+    (see :func:`~triton_parallel_layers.kernels._library.eager_launches`)."""
     if torch.compiler.is_compiling():
         return _matmul_impl(x, weight, bias, partial, out)
     with eager_launches():
