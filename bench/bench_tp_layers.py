@@ -48,7 +48,14 @@ few hundredths between sweeps, which is the resolution of these figures.
     python bench/bench_tp_layers.py                  # TP=2 on gloo (CPU), the default grid
     python bench/bench_tp_layers.py --tp 4 --iters 50
     python bench/bench_tp_layers.py --profile 8x128x512   # where our step's time goes (no file)
-    python bench/bench_tp_layers.py --profile 8x128x512 --profile-variant sp+overlap
+    python bench/bench_tp_layers.py --profile 8x128x512 --variant sp+overlap
+    python bench/bench_tp_layers.py --breakdown 8x128x512 --variant sp   # phase by phase vs floor
+
+``--breakdown`` times our step phase by phase with wall-clock marks (fc1, GELU, fc2 forward, then
+their backwards, split by autograd hooks), each GEMM and collective of the floor alone after a
+barrier, and prints each phase beside its share of the floor: where the step / floor excess sits.
+Use it for the small operations: the profiler's own bookkeeping inflates them (GELU forward at
+8x128x512: about 1.8 ms a call in ``--profile``, 0.8 ms between wall-clock marks).
 
 Results: ``bench/results/tp_layers_<device>.json`` and ``.png``.
 """
@@ -156,27 +163,28 @@ def _step(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
     y = model(x)
     y.backward(dy)
     _complete(y, x.grad)  # what the layers around the block would read
-    for p in model.parameters():
-        p.grad = None
-    x.grad = None  # (a real block hands it to the layer before; accumulating it is not the step)
+    _clear_grads(model, x)
     return time.perf_counter() - start
 
 
+def _clear_grads(model: nn.Module, x: torch.Tensor) -> None:
+    for p in model.parameters():
+        p.grad = None
+    x.grad = None  # (a real block hands it to the layer before; accumulating it is not the step)
+
+
 def _floor_ops(batch: int, seq: int, hidden: int, tp: int, sequence_parallel: bool, group):
-    """``(gemms, comms, each)``: callables running the step's GEMMs alone, its collectives alone
-    (back to back) and, in ``each``, one per collective, on buffers allocated here (see the
-    module docstring)."""
+    """``(gemms, collectives)``: the step's six GEMMs and its collectives, each a callable running
+    it alone on buffers allocated here (see the module docstring), in the order the step runs
+    them: GEMMs forward fc1 and fc2, then backward fc2's input and weight gradients and fc1's;
+    collectives as the comments below and :data:`PHASES` list them."""
     m, e, f = batch * seq, hidden, 4 * hidden // tp  # tokens, width, FFN width per rank
     r = torch.randn
     # (out, a, b): out = a @ b for the six GEMMs of fc1 (E -> F) and fc2 (F -> E)
     shapes = [((m, f), (m, e), (e, f)), ((m, e), (m, f), (f, e)),  # forward fc1, fc2
               ((m, f), (m, e), (e, f)), ((e, f), (e, m), (m, f)),  # fc2: grad_x, grad_w
               ((m, e), (m, f), (f, e)), ((f, e), (f, m), (m, e))]  # fmt: skip  # fc1
-    mms = [(r(*o), r(*a), r(*b)) for o, a, b in shapes]
-
-    def gemms() -> None:
-        for out, a, b in mms:
-            torch.mm(a, b, out=out)
+    gemms = [functools.partial(torch.mm, r(*a), r(*b), out=r(*o)) for o, a, b in shapes]
 
     full, shard = r(m, e), r(m // tp, e)
     if sequence_parallel:
@@ -194,11 +202,12 @@ def _floor_ops(batch: int, seq: int, hidden: int, tp: int, sequence_parallel: bo
         else:
             _reduce_scatter_base(out, inp, group=group)
 
-    def comms() -> None:
-        for op in ops:
-            collective(*op)
+    return gemms, [functools.partial(collective, *op) for op in ops]
 
-    return gemms, comms, [functools.partial(collective, *op) for op in ops]
+
+def _run_all(ops) -> None:
+    for op in ops:
+        op()
 
 
 def _timed(fn) -> float:
@@ -233,14 +242,14 @@ def _case_times(batch, seq, hidden, sequence_parallel, dims, iters, warmup) -> d
     # Same numbers first: a benchmark of different computations would mean nothing.
     for model in ours.values():
         torch.testing.assert_close(model(x), theirs(x), rtol=1e-5, atol=1e-5)
-    gemms, comms, each = _floor_ops(batch, seq, hidden, dims.tp, sequence_parallel, dims.tp_group)
+    gemms, collectives = _floor_ops(batch, seq, hidden, dims.tp, sequence_parallel, dims.tp_group)
     runs = {name: functools.partial(_step, model, x, dy) for name, model in ours.items()}
     runs.update({
         "dtensor": functools.partial(_step, theirs, x, dy),
-        "gemms": functools.partial(_timed, gemms),
-        "comms": functools.partial(_timed, comms),
+        "gemms": functools.partial(_timed, functools.partial(_run_all, gemms)),
+        "comms": functools.partial(_timed, functools.partial(_run_all, collectives)),
     })  # fmt: skip
-    runs.update({f"comm{k}": functools.partial(_timed, op) for k, op in enumerate(each)})
+    runs.update({f"comm{k}": functools.partial(_timed, op) for k, op in enumerate(collectives)})
     times = {k: [] for k in runs}
     for i in range(warmup + iters):
         for name, run in runs.items():
@@ -362,6 +371,87 @@ def _profile(shape: tuple[int, int, int], variant: str, threads: int) -> str:
     )
 
 
+# The phases of our step that --breakdown times, each with its share of the floor: (name, the
+# floor's GEMMs in it, its collectives under sequence parallelism, without), as indices into
+# what _floor_ops returns.
+PHASES = [
+    ("fc1 forward", [0], [0], []),  # SP: x all-gathered first
+    ("GELU", [], [], []),
+    ("fc2 forward", [1], [1], [0]),  # partial sums reduce-scattered (SP) or all-reduced; the bias
+    ("fc2 backward", [2, 3], [2], []),  # SP: the output gradient all-gathered first
+    ("GELU backward", [], [], []),
+    # SP: x gathered again and dx reduce-scattered, TP: dx all-reduced, beside the GEMMs
+    ("fc1 backward", [4, 5], [3, 4], [1]),
+]
+
+
+def _phase_times(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[float]:
+    """One of our steps (as :func:`_step`), in seconds per phase of :data:`PHASES`: wall-clock
+    marks between the three forward calls, and in the backward when the gradients of GELU's
+    output and input arrive (autograd hooks)."""
+    marks = [time.perf_counter()]
+
+    def mark(_grad: torch.Tensor | None = None) -> None:
+        marks.append(time.perf_counter())
+
+    h = model.fc1(x)
+    mark()
+    a = F.gelu(h)
+    mark()
+    y = model.fc2(a)
+    mark()
+    a.register_hook(mark)  # fc2's backward is done
+    h.register_hook(mark)  # GELU's backward is done
+    y.backward(dy)
+    mark()
+    _clear_grads(model, x)
+    return [end - start for start, end in zip(marks, marks[1:])]
+
+
+def _breakdown(shape, variant: str, threads: int, iters: int, warmup: int) -> dict:
+    """This rank's medians over ``iters`` steps of ``variant`` at ``shape``: seconds per phase
+    (``ours``), and per GEMM and collective of the floor, each timed alone after a barrier."""
+    torch.set_num_threads(threads)
+    dims = ParallelDims(tp=dist.get_world_size())
+    _, sequence_parallel, overlap_comm = next(v for v in VARIANTS if v[0] == variant)
+    mlp, x, dy = _setup(*shape, sequence_parallel, dims)
+    ours = _ours(mlp, dims.tp_group, sequence_parallel, overlap_comm)
+    gemms, comms = _floor_ops(*shape, dims.tp, sequence_parallel, dims.tp_group)
+
+    def alone(op) -> float:
+        dist.barrier(dims.tp_group)
+        return _timed(op)
+
+    times = {"ours": [], "gemms": [], "comms": []}
+    for i in range(warmup + iters):
+        dist.barrier(dims.tp_group)
+        row = {"ours": _phase_times(ours, x, dy)}
+        row["gemms"], row["comms"] = [alone(op) for op in gemms], [alone(op) for op in comms]
+        if i >= warmup:
+            for k, v in row.items():
+                times[k].append(v)
+    return {k: [statistics.median(c) for c in zip(*v)] for k, v in times.items()}
+
+
+def breakdown_table(per_rank: list[dict], sequence_parallel: bool) -> str:
+    """Our step against its floor phase by phase (ms, the mean of the ranks' medians)."""
+
+    def mean(kind: str, k: int) -> float:
+        return 1e3 * statistics.fmean(r[kind][k] for r in per_rank)
+
+    lines = [f"{'phase':<14} {'ours ms':>8} {'floor ms':>9} {'excess ms':>10}"]
+    total_ours = total_floor = 0.0
+    for k, (name, gemm_ids, sp_comms, tp_comms) in enumerate(PHASES):
+        comm_ids = sp_comms if sequence_parallel else tp_comms
+        ours = mean("ours", k)
+        floor = sum(mean("gemms", g) for g in gemm_ids) + sum(mean("comms", c) for c in comm_ids)
+        total_ours, total_floor = total_ours + ours, total_floor + floor
+        lines.append(f"{name:<14} {ours:>8.3f} {floor:>9.3f} {ours - floor:>10.3f}")
+    lines.append(f"{'step':<14} {total_ours:>8.3f} {total_floor:>9.3f} "
+                 f"{total_ours - total_floor:>10.3f}   step / floor {total_ours / total_floor:.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel processes (gloo)")
@@ -384,18 +474,38 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="BxSxE",
         default=None,
         help="instead of the benchmark: profile 10 of our steps at this shape (the variant "
-        "--profile-variant names) and print where the time goes; writes nothing",
+        "--variant names) with torch.profiler and print where the time goes; writes nothing",
     )
     parser.add_argument(
+        "--breakdown",
+        metavar="BxSxE",
+        default=None,
+        help="instead of the benchmark: time our step at this shape (the variant --variant "
+        "names) phase by phase against the floor's share of each phase (--iters steps); "
+        "writes nothing",
+    )
+    parser.add_argument(
+        "--variant",
         "--profile-variant",
+        dest="variant",
         choices=[v[0] for v in VARIANTS],
         default="tp",
-        help="which of ours --profile profiles (default: %(default)s)",
+        help="which of ours --profile and --breakdown look at (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     if args.profile:
         shape = tuple(int(v) for v in args.profile.split("x"))
-        print(run_distributed(_profile, args.tp, shape, args.profile_variant, args.threads)[0])
+        print(run_distributed(_profile, args.tp, shape, args.variant, args.threads)[0])
+        return {}
+    if args.breakdown:
+        shape = tuple(int(v) for v in args.breakdown.split("x"))
+        per_rank = run_distributed(
+            _breakdown, args.tp, shape, args.variant, args.threads, args.iters, args.warmup
+        )
+        sequence_parallel = next(v[1] for v in VARIANTS if v[0] == args.variant)
+        print(f"{machine_name()}, TP={args.tp} on gloo, {args.variant} at {args.breakdown}, "
+              f"medians over {args.iters} steps; the floor's GEMMs and collectives each alone")  # fmt: skip
+        print(breakdown_table(per_rank, sequence_parallel))
         return {}
     load = os.getloadavg()
     shapes = (

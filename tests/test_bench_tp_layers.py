@@ -36,11 +36,47 @@ def test_smoke(tmp_path):
 
 
 def test_profile_prints_where_the_step_goes(tmp_path, capsys):
-    argv = ["--profile", "2x8x16", "--profile-variant", "sp+overlap", "--out", str(tmp_path)]
+    argv = ["--profile", "2x8x16", "--variant", "sp+overlap", "--out", str(tmp_path)]
     assert bench_tp_layers.main(argv) == {}
     table = capsys.readouterr().out
     assert "aten::mm" in table and "Self CPU" in table
     assert not list(tmp_path.iterdir())  # a profile writes no results
+
+
+def test_breakdown_times_each_phase_against_its_share_of_the_floor(tmp_path, capsys):
+    argv = ["--breakdown", "2x8x16", "--variant", "sp", "--iters", "2", "--warmup", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert bench_tp_layers.main(argv) == {}
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:14].strip(): line[14:].split() for line in lines[2:]}
+    assert list(rows) == [name for name, *_ in bench_tp_layers.PHASES] + ["step"]
+    for name in ("GELU", "GELU backward"):  # no GEMM, no collective: all of it is excess
+        ours, floor, excess = map(float, rows[name])
+        assert floor == 0 and ours == excess > 0
+    assert "step / floor" in lines[-1]
+    assert not list(tmp_path.iterdir())  # a breakdown writes no results
+
+
+def test_breakdown_table_sums_each_phases_share_of_the_floor():
+    # two ranks; phases in seconds, then the floor's six GEMMs and five collectives (SP) alone
+    ranks = [
+        {"ours": [0.012, 0.001, 0.015, 0.025, 0.002, 0.027],
+         "gemms": [0.010] * 6, "comms": [0.002, 0.003, 0.002, 0.002, 0.003]},
+        {"ours": [0.014, 0.001, 0.015, 0.025, 0.002, 0.027],
+         "gemms": [0.010] * 6, "comms": [0.002, 0.003, 0.002, 0.002, 0.003]},
+    ]  # fmt: skip
+    table = bench_tp_layers.breakdown_table(ranks, sequence_parallel=True)
+    rows = {line[:14].strip(): [float(v) for v in line[14:].split()[:3]]
+            for line in table.splitlines()[1:]}  # fmt: skip
+    assert rows["fc1 forward"] == [13.0, 12.0, 1.0]  # the ranks' mean; GEMM + all-gather
+    assert rows["fc2 backward"] == [25.0, 22.0, 3.0]  # two GEMMs + the gradient's all-gather
+    assert rows["fc1 backward"] == [27.0, 25.0, 2.0]  # two GEMMs + gather again + scatter
+    assert rows["step"] == [83.0, 72.0, 11.0]
+    # without sequence parallelism the same phases hold the two all-reduces instead
+    plain = bench_tp_layers.breakdown_table(
+        [{**r, "comms": [0.004, 0.005]} for r in ranks], sequence_parallel=False
+    )
+    assert "step             83.000    69.000     14.000" in plain
 
 
 def _collectives_in_flight_after_steps(sequence_parallel: bool) -> tuple[int, int]:
