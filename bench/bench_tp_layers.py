@@ -394,7 +394,7 @@ def _phase_times(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[fl
     def mark(_grad: torch.Tensor | None = None) -> None:
         marks.append(time.perf_counter())
 
-    h = model.fc1(x)
+    h = model.fc1(x)  # MLP.forward, one call at a time
     mark()
     a = F.gelu(h)
     mark()
